@@ -1,0 +1,12 @@
+"""hydrattr: which training samples helped, and which hurt, this prediction?
+
+Training-data attribution for skorch networks: HYDRA hypergradients (fast and exact),
+influence functions and leave-one-out retraining, all returning the same matrix
+``C[i, j] ~ loss_j(trained without i) - loss_j(trained with all)``.
+"""
+from .base import BaseAttributor
+from .hydra import HydraAttributor
+
+__version__ = "0.1.0"
+
+__all__ = ["BaseAttributor", "HydraAttributor", "__version__"]

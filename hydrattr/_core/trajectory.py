@@ -1,0 +1,123 @@
+"""The recorded SGD trajectory: what every HYDRA computation replays.
+
+For each optimizer step ``t`` (0-based) the trajectory holds the parameters *before*
+the step (``theta(t)``), the rows in the batch (indices into the data given to ``fit``),
+the per-sample weight of the batch loss (``1/B`` for a mean loss, ``1`` for a sum),
+the per-group hyperparameters actually used, and optionally the RNG state at the start
+of the batch (to replay dropout masks). Parameters live in memory or in a disk memmap.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from .functional import ParamSpec
+from .optim import SGDHyper
+
+__all__ = ["Trajectory"]
+
+
+class Trajectory:
+    """Append-only record of a training run.
+
+    Parameters
+    ----------
+    spec : ParamSpec
+    n_rows : int
+        Number of rows of the data the training indices refer to.
+    storage : {"memory", "memmap"}
+        Where parameter snapshots live. ``"memmap"`` appends them to a raw file in
+        ``directory`` (a fresh temporary directory when None) and maps it read-only
+        when recording ends, so RAM stays O(P).
+    dtype : torch.dtype
+        Snapshot dtype (the module's parameter dtype).
+    """
+
+    def __init__(self, spec: ParamSpec, n_rows: int, storage="memory", directory=None,
+                 dtype=torch.float32):
+        if storage not in ("memory", "memmap"):
+            raise ValueError(f"trajectory storage must be 'memory' or 'memmap', got {storage!r}")
+        self.spec = spec
+        self.n_rows = int(n_rows)
+        self.storage = storage
+        self.dtype = dtype
+        self.indices = []
+        self.weights = []
+        self.rng_states = []
+        self._hyper_rows = []
+        self._thetas = []
+        self._file = None
+        self._path = None
+        self._tmpdir = None
+        if storage == "memmap":
+            if directory is None:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="hydrattr-traj-")
+                directory = self._tmpdir.name
+            os.makedirs(directory, exist_ok=True)
+            fd, self._path = tempfile.mkstemp(prefix="trajectory-", suffix=".bin", dir=directory)
+            self._file = os.fdopen(fd, "wb")
+        self.theta_final = None
+        self.hyper = None
+
+    # -- recording -------------------------------------------------------------------
+    def append(self, theta, indices, weight, hyper_row, rng_state=None):
+        """Record one step: parameters before it, batch rows, loss weight, hyperparameters."""
+        theta = theta.detach().to("cpu", self.dtype)
+        if self._file is not None:
+            self._file.write(theta.numpy().tobytes())
+        else:
+            self._thetas.append(theta.clone())
+        self.indices.append(np.asarray(indices, dtype=np.int64))
+        self.weights.append(float(weight))
+        self._hyper_rows.append(hyper_row)
+        self.rng_states.append(rng_state)
+
+    def finish(self, theta_final):
+        """Close recording with the trained parameters."""
+        self.theta_final = theta_final.detach().to("cpu", self.dtype).clone()
+        if not self._hyper_rows:
+            raise RuntimeError("no optimizer step was recorded: was the net trained at all?")
+        self.hyper = SGDHyper.from_rows(self._hyper_rows)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+            self._thetas = np.memmap(self._path, dtype=np_dtype, mode="r",
+                                     shape=(len(self.indices), self.spec.n_params))
+        if all(s is None for s in self.rng_states):
+            self.rng_states = [None] * len(self.indices)
+
+    # -- reading ---------------------------------------------------------------------
+    def __len__(self):
+        return len(self.indices)
+
+    def theta(self, t, device=None):
+        """Parameters before step ``t`` as a tensor on ``device``."""
+        th = self._thetas[t]
+        if isinstance(th, np.ndarray):
+            th = torch.from_numpy(np.array(th))
+        return th.to(device) if device is not None else th
+
+    def used_rows(self):
+        """Boolean mask of rows that entered at least one gradient step."""
+        mask = np.zeros(self.n_rows, dtype=bool)
+        for idx in self.indices:
+            mask[idx] = True
+        return mask
+
+    @property
+    def nbytes(self):
+        """Bytes held by parameter snapshots (on disk for memmap storage)."""
+        return len(self.indices) * self.spec.n_params * torch.empty(0, dtype=self.dtype).element_size()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if isinstance(self._thetas, np.memmap):  # pickle the data, not the file handle
+            state["_thetas"] = [torch.from_numpy(np.array(r)) for r in self._thetas]
+            state["storage"] = "memory"
+        state["_tmpdir"] = None
+        state["_file"] = None
+        return state

@@ -1,0 +1,204 @@
+"""BaseAttributor: parameters, validation, cloning and recording the net, the C contract."""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from ._skorch import RecordingDataset, TrajectoryRecorder, make_data_fn, make_loss_fn, \
+    module_flags
+
+__all__ = ["BaseAttributor"]
+
+
+def _check_net(net):
+    from skorch import NeuralNet
+
+    if not isinstance(net, NeuralNet):
+        raise TypeError(f"net must be a skorch NeuralNet (e.g. NeuralNetClassifier), "
+                        f"got {type(net).__name__}.")
+
+
+class BaseAttributor(BaseEstimator):
+    """Shared machinery of every attributor.
+
+    ``fit(X, y)`` clones ``net`` (the caller's object is never touched), seeds torch
+    from ``random_state`` and trains the clone with skorch's own ``fit`` while a
+    :class:`~hydrattr._skorch.TrajectoryRecorder` callback watches.
+    ``attribute(X_test, y_test)`` returns ``C`` of shape ``(n_train, n_test)`` with
+    ``C[i, j] ~ loss_j(trained without i) - loss_j(trained with all)``: positive means
+    sample ``i`` helped test point ``j``.
+
+    Subclasses implement ``_after_fit()`` and ``_attribute(X_test, y_test, objective)``.
+    """
+
+    _record_trajectory = True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = False
+        return tags
+
+    # -- helpers -------------------------------------------------------------------
+    def _progress(self):
+        verbose = getattr(self, "verbose", 0)
+        if not verbose:
+            return None
+        return lambda total, desc: tqdm(total=total, desc=desc, leave=False)
+
+    def _seed_torch(self):
+        rs = self.random_state
+        if rs is None:
+            return None
+        if isinstance(rs, numbers.Integral):
+            seed = int(rs)
+        else:
+            seed = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
+        torch.manual_seed(seed)
+        return seed
+
+    def _validate_xy(self, X, y, reset):
+        X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype=None,
+                             ensure_all_finite=True, y_numeric=False)
+        if X.dtype.kind not in "fiub":
+            raise ValueError(f"X must be numeric, got dtype {X.dtype}.")
+        y = np.asarray(y)
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise ValueError("y contains NaN or infinity.")
+        if not reset and X.shape[1:] != self.input_shape_:
+            raise ValueError(f"X_test must have per-sample shape {self.input_shape_} like the "
+                             f"training data, got {X.shape[1:]}.")
+        return X, y
+
+    def _to_tensors(self, X, y):
+        Xt = torch.as_tensor(np.ascontiguousarray(X), dtype=self.param_dtype_)
+        if y.dtype.kind in "iub":
+            yt = torch.as_tensor(y.astype(np.int64))
+        else:
+            yt = torch.as_tensor(y, dtype=self.param_dtype_)
+        return Xt, yt
+
+    # -- fit -------------------------------------------------------------------------
+    def _fit_net(self, X, y):
+        """Clone, initialise, seed and train the net while recording the trajectory."""
+        _check_net(self.net)
+        with torch.random.fork_rng():  # find the parameter dtype without using the RNG
+            probe = clone(self.net).initialize()
+            self.param_dtype_ = next(probe.module_.parameters()).dtype
+            has_bn, has_dropout = module_flags(probe.module_)
+            del probe
+        np_dtype = torch.empty(0, dtype=self.param_dtype_).numpy().dtype
+        Xc = X.astype(np_dtype, copy=False)
+        yc = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np_dtype, copy=False)
+        net = clone(self.net)
+        rec_ds = RecordingDataset(net.get_dataset(Xc, yc))
+        recorder = None
+        if self._record_trajectory:
+            recorder = TrajectoryRecorder(rec_ds, record_rng=has_dropout,
+                                          storage=getattr(self, "trajectory", "memory"),
+                                          directory=getattr(self, "store_dir", None))
+            callbacks = self.net.callbacks
+            callbacks = [] if callbacks in (None, "disable") else list(callbacks)
+            net.set_params(callbacks=callbacks + [("hydrattr_recorder", recorder)])
+        self._seed_torch()
+        net.fit(rec_ds, yc)
+        self.net_ = net
+        self.module_flags_ = {"batchnorm": has_bn, "dropout": has_dropout}
+        self.input_shape_ = X.shape[1:]
+        self.n_train_ = X.shape[0]
+        self._X, self._y = self._to_tensors(Xc, yc)
+        if recorder is not None:
+            traj = recorder.trajectory_
+            self.spec_ = recorder.spec_
+            self.trajectory_ = traj
+            self.trained_mask_ = traj.used_rows()
+            n_unused = int((~self.trained_mask_).sum())
+            if n_unused:
+                warnings.warn(
+                    f"{n_unused} of {self.n_train_} training rows never entered a gradient "
+                    f"step (skorch's train_split holds out a validation fraction by default); "
+                    f"their contributions are exactly zero. Pass train_split=None to the net "
+                    f"to attribute every row.", UserWarning, stacklevel=3)
+        return net
+
+    def fit(self, X, y):
+        """Train a clone of ``net`` on ``(X, y)`` and prepare attribution.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            Training inputs, cast to the module's parameter dtype.
+        y : array-like of shape (n_samples,)
+            Targets.
+
+        Returns
+        -------
+        self
+        """
+        X, y = self._validate_xy(X, y, reset=True)
+        self._fit_net(X, y)
+        self._after_fit()
+        return self
+
+    def _after_fit(self):
+        pass
+
+    # -- attribute -------------------------------------------------------------------
+    def attribute(self, X_test, y_test, objective="per_sample"):
+        """Contribution of every training sample to each test loss.
+
+        Parameters
+        ----------
+        X_test : array-like of shape (n_test, ...)
+        y_test : array-like of shape (n_test,)
+        objective : {"per_sample", "mean"}, default="per_sample"
+            One column per test point, or a single column for the mean test loss.
+
+        Returns
+        -------
+        C : ndarray of shape (n_train, n_test) or (n_train, 1)
+            ``C[i, j] ~ loss_j(without i) - loss_j(with all)``; positive = helpful.
+        """
+        check_is_fitted(self, "net_")
+        if objective not in ("per_sample", "mean"):
+            raise ValueError(f"objective must be 'per_sample' or 'mean', got {objective!r}.")
+        X_test, y_test = self._validate_xy(X_test, y_test, reset=False)
+        Xt, yt = self._to_tensors(X_test, y_test)
+        return np.asarray(self._attribute(Xt, yt, objective), dtype=np.float64)
+
+    # -- shared torch plumbing -------------------------------------------------------
+    @property
+    def _device(self):
+        return next(self.net_.module_.parameters()).device
+
+    def _loss_fn(self):
+        return make_loss_fn(self.net_, self.spec_)
+
+    def _data_fn(self):
+        return make_data_fn(self._X, self._y, self._device)
+
+    def _test_grads(self, Xt, yt, objective, batch_size=256):
+        """Per-sample test-loss gradients at the trained weights (eval mode), ``(m, P)``."""
+        from ._core.functional import per_sample_grads
+        from ._skorch import flat_params, module_mode
+
+        theta = flat_params(self.net_, self.spec_).to(self._device)
+        loss_fn = self._loss_fn()
+        out = []
+        with module_mode(self.net_.module_, training=False):
+            for s in range(0, len(Xt), batch_size):
+                x = Xt[s:s + batch_size].to(self._device)
+                y = yt[s:s + batch_size].to(self._device)
+                out.append(per_sample_grads(loss_fn, theta, x, y, independent=True).detach())
+        G = torch.cat(out)
+        if objective == "mean":
+            G = G.mean(dim=0, keepdim=True)
+        return G
