@@ -6,6 +6,7 @@ influence functions and leave-one-out retraining, all returning the same matrix
 """
 from .base import BaseAttributor
 from .hydra import HydraAttributor
+from . import datasets, metrics, models, similarity  # noqa: E402  (submodules)
 
 __version__ = "0.1.0"
 
