@@ -36,7 +36,8 @@ def _build(args):
             MLP, module__n_features=64, module__n_classes=10, module__hidden=(64,),
             criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.05,
             optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=32,
-            max_epochs=args.epochs or 30, train_split=None, verbose=0)
+            max_epochs=args.epochs or 30, train_split=None, verbose=0,
+            iterator_train__shuffle=True)
         shape = (8, 8)
     else:
         data = datasets.load_mnist_split(args.dataset, data_dir=args.data_dir,
@@ -46,7 +47,7 @@ def _build(args):
         net = NeuralNetClassifier(
             LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD,
             lr=0.01, optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
-            max_epochs=args.epochs or 3, train_split=None, verbose=0,
+            max_epochs=args.epochs or 3, train_split=None, verbose=0, iterator_train__shuffle=True,
             callbacks=[("lr", LRScheduler(StepLR, step_size=5, gamma=0.1))])
         shape = (28, 28)
     if args.n_valid:

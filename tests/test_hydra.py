@@ -37,7 +37,7 @@ def _net(module=MLP, **kw):
                   module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
                   optimizer=torch.optim.SGD, lr=LR, optimizer__momentum=MOM,
                   optimizer__dampening=DAMP, optimizer__weight_decay=WD, batch_size=BS,
-                  max_epochs=EPOCHS, train_split=None, verbose=0,
+                  max_epochs=EPOCHS, train_split=None, verbose=0, iterator_train__shuffle=True,
                   callbacks=[("sched", LRScheduler(StepLR, step_size=STEP, gamma=GAMMA))])
     if module is MLP:
         params["module__hidden"] = (10,)
