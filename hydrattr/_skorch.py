@@ -28,7 +28,7 @@ from ._core.trajectory import Trajectory
 __all__ = ["RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
            "module_flags", "module_mode", "per_sample_reduction"]
 
-_SUPPORTED = (torch.optim.SGD,)
+_SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class RecordingDataset(torch.utils.data.Dataset):
@@ -83,14 +83,68 @@ def flat_params(net, spec):
 
 def check_optimizer(optimizer):
     """Raise a clear error for optimizers whose step hydrattr cannot differentiate."""
+    name = type(optimizer).__name__
     if type(optimizer) not in _SUPPORTED:
         raise TypeError(
             f"net.optimizer: HydraAttributor supports torch.optim.SGD (with momentum, "
-            f"dampening, Nesterov, weight decay, several param groups and any LR schedule); "
-            f"got {type(optimizer).__module__}.{type(optimizer).__name__}.")
+            f"dampening, Nesterov, weight decay, several param groups and any LR schedule) "
+            f"and torch.optim.Adam / torch.optim.AdamW (betas, eps, coupled or decoupled "
+            f"weight decay, bias correction); got {type(optimizer).__module__}.{name}.")
     for g in optimizer.param_groups:
         if g.get("maximize", False):
-            raise ValueError("net.optimizer: SGD with maximize=True is not supported.")
+            raise ValueError(f"net.optimizer: {name} with maximize=True is not supported.")
+        if g.get("amsgrad", False):
+            raise ValueError(
+                f"net.optimizer: {name} with amsgrad=True is not supported (the running "
+                f"maximum of the second moment is not differentiable); use amsgrad=False.")
+
+
+def _is_adam(optimizer):
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def optimizer_hyper_row(optimizer):
+    """Per-group hyperparameters of the next step as used by the optimizer (one dict of lists).
+
+    SGD: lr, momentum, dampening, weight_decay, nesterov, first (buffer not yet created).
+    Adam/AdamW: lr, beta1, beta2, eps, weight_decay, decoupled (AdamW), step (the bias
+    correction count of the coming step, i.e. after torch's increment).
+    """
+    adam = _is_adam(optimizer)
+    keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step") if adam else \
+        ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first")
+    row = {k: [] for k in keys}
+    for g in optimizer.param_groups:
+        ps = [p for p in g["params"] if p.requires_grad]
+        state = optimizer.state.get(ps[0], {}) if ps else {}
+        if adam:
+            b1, b2 = g["betas"]
+            row["lr"].append(float(g["lr"]))
+            row["beta1"].append(float(b1))
+            row["beta2"].append(float(b2))
+            row["eps"].append(float(g["eps"]))
+            row["weight_decay"].append(float(g["weight_decay"]))
+            row["decoupled"].append(bool(g.get("decoupled_weight_decay", False))
+                                    or isinstance(optimizer, torch.optim.AdamW))
+            step = state.get("step")
+            row["step"].append(1.0 + (0.0 if step is None else float(step)))
+        else:
+            for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"):
+                row[k].append(float(g[k]) if k != "nesterov" else bool(g[k]))
+            row["first"].append(state.get("momentum_buffer") is None)
+    return row
+
+
+def optimizer_state_vectors(optimizer, params):
+    """Adam/AdamW: flat ``(exp_avg, exp_avg_sq)`` over ``params`` (zeros before the first
+    step); None for optimizers whose step needs no recorded state (SGD)."""
+    if not _is_adam(optimizer):
+        return None
+    out = []
+    for key in ("exp_avg", "exp_avg_sq"):
+        out.append(torch.cat([optimizer.state.get(p, {}).get(key, torch.zeros_like(p))
+                              .detach().reshape(-1) for p in params]))
+    return tuple(out)
 
 
 def module_flags(module):
@@ -220,13 +274,8 @@ class TrajectoryRecorder(Callback):
         n = get_len(batch[0]) if isinstance(batch, (tuple, list)) else get_len(batch)
         rows = self.dataset.take(n)
         opt = net.optimizer_
-        row = {k: [] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first")}
-        for g in opt.param_groups:
-            for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"):
-                row[k].append(float(g[k]) if k != "nesterov" else bool(g[k]))
-            ps = [p for p in g["params"] if p.requires_grad]
-            state = opt.state.get(ps[0], {}) if ps else {}
-            row["first"].append(state.get("momentum_buffer") is None)
+        row = optimizer_hyper_row(opt)
+        opt_state = optimizer_state_vectors(opt, self._params)
         theta = torch.cat([p.detach().reshape(-1) for p in self._params])
         rng = None
         if self.record_rng:
@@ -235,7 +284,7 @@ class TrajectoryRecorder(Callback):
                 cuda = torch.cuda.get_rng_state(theta.device)
             rng = (torch.get_rng_state(), cuda)
         weight = 1.0 / n if self.reduction_ == "mean" else 1.0
-        self.trajectory_.append(theta, rows, weight, row, rng)
+        self.trajectory_.append(theta, rows, weight, row, rng, opt_state=opt_state)
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         theta = torch.cat([p.detach().reshape(-1) for p in self._params])

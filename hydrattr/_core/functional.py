@@ -91,6 +91,15 @@ def rng_context(rng_state, device=None):
         yield
 
 
+def _unsqueeze(x):
+    """Add a leading batch axis to a tensor or to every tensor of a dict/tuple (dict inputs)."""
+    if isinstance(x, dict):
+        return {k: _unsqueeze(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_unsqueeze(v) for v in x)
+    return x.unsqueeze(0)
+
+
 def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None):
     """Gradients of every sample's loss, shape ``(batch, n_params)``.
 
@@ -114,7 +123,7 @@ def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None):
     """
     if independent:
         def one(t, xi, yi):
-            return loss_fn(t, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
+            return loss_fn(t, _unsqueeze(xi), _unsqueeze(yi)).sum()
 
         return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
     with rng_context(rng_state, theta.device if theta.is_cuda else None):

@@ -12,14 +12,14 @@ import torch
 from torch.func import grad
 
 from .functional import rng_context
-from .optim import sgd_step
+from .steps import steps_for
 
 __all__ = ["replay_training"]
 
 
 def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, device=None,
                     n_steps=None):
-    """Re-run the recorded SGD steps; returns the final flat parameters.
+    """Re-run the recorded optimizer steps (SGD or Adam/AdamW); returns the final flat parameters.
 
     Parameters
     ----------
@@ -38,7 +38,7 @@ def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, devic
     theta = (traj.theta(0, device) if theta0 is None else theta0.to(device)).clone()
     mult = None if multipliers is None else torch.as_tensor(np.asarray(multipliers),
                                                              dtype=theta.dtype)
-    expand = traj.spec.expand
+    alg = steps_for(traj)  # SGD or Adam/AdamW: the one primal step
     v = None
     steps = len(traj) if n_steps is None else int(n_steps)
     for t in range(steps):
@@ -50,8 +50,5 @@ def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, devic
         w = w.to(theta.device)
         with rng_context(traj.rng_states[t], theta.device if theta.is_cuda else None):
             g = grad(lambda th: (w * loss_fn(th, x, y)).sum())(theta)
-        h = traj.hyper.at(t)
-        if v is None and not bool(h["first"].all()):
-            v = torch.zeros_like(theta)
-        theta, v = sgd_step(theta, v, g, h, expand)
+        theta, v = alg.primal(t, theta, v, g)
     return theta

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .functional import per_sample_dots_and_hvp, per_sample_grads
-from .optim import adjoint_step, fast_coefficients, tangent_step
+from .steps import batch_grad, steps_for
 
 __all__ = ["build_fast_store", "fast_replay", "exact_adjoint", "exact_forward"]
 
@@ -37,30 +37,71 @@ def _bar(progress, total, desc):
     return progress(total=total, desc=desc)
 
 
+def _take(x, mask):
+    """Rows ``mask`` (bool tensor) of a batch: a tensor, or a dict/tuple of tensors."""
+    if isinstance(x, dict):
+        return {k: _take(v, mask) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(v, mask) for v in x)
+    return x[mask.to(x.device)]
+
+
+def _batch_grad(traj, t, loss_fn, theta, x, y):
+    """Step ``t``'s batch gradient at ``theta`` (the recorded weights and RNG state)."""
+    w = torch.full((len(traj.indices[t]),), traj.weights[t], dtype=theta.dtype,
+                   device=theta.device)
+    return batch_grad(loss_fn, theta, x, y, w, traj.rng_states[t])
+
+
+def _step_context(steps, traj, t, loss_fn, data_fn, device):
+    """The step's linearisation point (None for SGD; Adam needs ``g_t``, ``m_t``, ``v_t``)."""
+    if not steps.needs_grad:
+        return None
+    x, y = data_fn(traj.indices[t])
+    theta = traj.theta(t, device)
+    return steps.context(t, theta, _batch_grad(traj, t, loss_fn, theta, x, y))
+
+
+def _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent, need_batch, device):
+    """``(theta_t, g, g_batch)``: tracked rows' per-sample gradients (None if no row is
+    tracked) and, when ``need_batch``, the batch gradient (from the per-sample rows when
+    the whole batch was computed, else by a separate backward pass)."""
+    x, y = data_fn(traj.indices[t])
+    theta = traj.theta(t, device)
+    g = g_batch = None
+    if sel.any():
+        if independent and not sel.all():
+            m = torch.as_tensor(sel)
+            g = per_sample_grads(loss_fn, theta, _take(x, m), _take(y, m), independent=True)
+        else:
+            g = per_sample_grads(loss_fn, theta, x, y, independent=independent,
+                                 rng_state=traj.rng_states[t])
+            if need_batch:
+                g_batch = traj.weights[t] * g.sum(0)
+            g = g[torch.as_tensor(sel, device=g.device)]
+    if need_batch and g_batch is None:
+        g_batch = _batch_grad(traj, t, loss_fn, theta, x, y)
+    return theta, g, g_batch
+
+
 def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=True,
                      device=None, progress=None):
     """Accumulate ``S[slot(i)] = sum_t w_t * coef_t * g_{t,i}`` into ``store``.
 
-    ``rows_map`` maps data rows to store slots (-1 = not tracked).
+    ``rows_map`` maps data rows to store slots (-1 = not tracked). ``coef_t`` is the
+    fast-mode adjoint coefficient of step ``t`` (per group for SGD, per coordinate for
+    Adam, see :mod:`~hydrattr._core.steps`); Adam's are computed last step first.
     """
-    coef = fast_coefficients(traj.hyper)
-    spec = traj.spec
+    fast = steps_for(traj).fast()
     bar = _bar(progress, len(traj), "HYDRA fast: per-sample gradients")
-    for t in range(len(traj)):
-        idx = traj.indices[t]
-        sel, slots = _tracked(rows_map, idx)
-        if sel.any():
-            x, y = data_fn(idx)
-            theta = traj.theta(t, device)
-            if independent and not sel.all():
-                m = torch.as_tensor(sel, device=x.device)
-                g = per_sample_grads(loss_fn, theta, x[m], y[m], independent=True)
-            else:
-                g = per_sample_grads(loss_fn, theta, x, y, independent=independent,
-                                     rng_state=traj.rng_states[t])
-                g = g[torch.as_tensor(sel, device=g.device)]
-            scale = traj.weights[t] * spec.expand(coef[t]).to(g.device, g.dtype)
-            store.add(slots[sel], g * scale)
+    for t in fast.order:
+        sel, slots = _tracked(rows_map, traj.indices[t])
+        if sel.any() or fast.needs_grad:
+            theta, g, g_batch = _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent,
+                                                 fast.needs_grad, device)
+            coef = fast.coef_at(t, theta, g_batch)
+            if g is not None:
+                store.add(slots[sel], g * (traj.weights[t] * coef).to(g.device, g.dtype))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -71,21 +112,20 @@ def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=Tru
 def fast_replay(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                 independent=True, device=None, progress=None):
     """Fast mode without a store: ``D = S @ test_grads.T`` by replaying the trajectory."""
-    coef = fast_coefficients(traj.hyper)
-    spec = traj.spec
+    fast = steps_for(traj).fast()
     G = test_grads.to(device)
     out = torch.zeros(n_tracked, G.shape[0], dtype=torch.float64)
     bar = _bar(progress, len(traj), "HYDRA fast: replay")
-    for t in range(len(traj)):
-        idx = traj.indices[t]
-        sel, slots = _tracked(rows_map, idx)
-        if sel.any():
-            x, y = data_fn(idx)
-            g = per_sample_grads(loss_fn, traj.theta(t, device), x, y, independent=independent,
-                                 rng_state=traj.rng_states[t])
-            g = g[torch.as_tensor(sel, device=g.device)]
-            d_bar = spec.expand(coef[t]).to(G.device, G.dtype) * G
-            out[torch.as_tensor(slots[sel])] += traj.weights[t] * (g @ d_bar.T).double().cpu()
+    for t in fast.order:
+        sel, slots = _tracked(rows_map, traj.indices[t])
+        if sel.any() or fast.needs_grad:
+            theta, g, g_batch = _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent,
+                                                 fast.needs_grad, device)
+            coef = fast.coef_at(t, theta, g_batch)
+            if g is not None:
+                d_bar = coef.to(G.device, G.dtype) * G
+                out[torch.as_tensor(slots[sel])] += \
+                    traj.weights[t] * (g @ d_bar.T).double().cpu()
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -101,13 +141,14 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     at each step the batch's forward-over-reverse product gives the per-sample dots
     ``d_bar . g_{t,i}`` and, when ``hessian``, ``H_t d_bar`` for the next adjoint.
     """
-    spec = traj.spec
+    steps = steps_for(traj)
     theta_bar = test_grads.to(device).clone()
-    v_bar = torch.zeros_like(theta_bar)
+    v_bar = steps.adjoint_state(theta_bar)
     out = torch.zeros(n_tracked, theta_bar.shape[0], dtype=torch.float64)
     bar = _bar(progress, len(traj), "HYDRA exact: adjoint sweep")
     for t in range(len(traj) - 1, -1, -1):
-        d_bar, theta_bar, v_bar = adjoint_step(theta_bar, v_bar, traj.hyper.at(t), spec.expand)
+        ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
+        d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
         idx = traj.indices[t]
         sel, slots = _tracked(rows_map, idx)
         if hessian or sel.any():
@@ -136,10 +177,11 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
     ``D = tangents @ test_grads.T``.
     """
     spec = traj.spec
+    steps = steps_for(traj)
     rows = np.asarray(rows, dtype=np.int64)
     theta0 = traj.theta(0, device)
     dtheta = torch.zeros(len(rows), spec.n_params, dtype=theta0.dtype, device=theta0.device)
-    dv = torch.zeros_like(dtheta)
+    dv = steps.tangent_state(dtheta)
     pos = {int(r): k for k, r in enumerate(rows)}
     bar = _bar(progress, len(traj), "HYDRA forward recurrence")
     for t in range(len(traj)):
@@ -158,7 +200,9 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
                                  rng_state=traj.rng_states[t])
             for b, k in hit:
                 dgrad[k] += traj.weights[t] * g[b]
-        dtheta, dv = tangent_step(dtheta, dv, dgrad, traj.hyper.at(t), spec.expand)
+        ctx = steps.context(t, theta, _batch_grad(traj, t, loss_fn, theta, x, y)) \
+            if steps.needs_grad else None
+        dtheta, dv = steps.tangent(t, dtheta, dv, dgrad, ctx)
         if bar is not None:
             bar.update(1)
     if bar is not None:

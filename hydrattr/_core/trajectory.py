@@ -15,9 +15,60 @@ import numpy as np
 import torch
 
 from .functional import ParamSpec
+from .adam import AdamHyper
 from .optim import SGDHyper
 
-__all__ = ["Trajectory"]
+__all__ = ["Trajectory", "hyper_from_rows"]
+
+
+def hyper_from_rows(rows):
+    """The recorded per-step hyperparameter rows as :class:`SGDHyper` or :class:`AdamHyper`."""
+    if rows and "beta1" in rows[0]:
+        return AdamHyper.from_rows(rows)
+    return SGDHyper.from_rows(rows)
+
+
+class _Series:
+    """A growing sequence of ``(n_params,)`` snapshots in memory or in a raw disk file."""
+
+    def __init__(self, n_params, dtype, directory=None, prefix="series-"):
+        self.n_params = int(n_params)
+        self.dtype = dtype
+        self._rows = []
+        self._file = None
+        self._path = None
+        if directory is not None:
+            fd, self._path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=directory)
+            self._file = os.fdopen(fd, "wb")
+
+    def append(self, vec):
+        vec = vec.detach().to("cpu", self.dtype)
+        if self._file is not None:
+            self._file.write(vec.numpy().tobytes())
+        else:
+            self._rows.append(vec.clone())
+
+    def finish(self, n_rows):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+            self._rows = np.memmap(self._path, dtype=np_dtype, mode="r",
+                                   shape=(int(n_rows), self.n_params))
+
+    def __getitem__(self, t):
+        row = self._rows[t]
+        return torch.from_numpy(np.array(row)) if isinstance(row, np.ndarray) else row
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if isinstance(self._rows, np.memmap):
+            state["_rows"] = [torch.from_numpy(np.array(r)) for r in self._rows]
+        state["_file"] = None
+        return state
 
 
 class Trajectory:
@@ -59,12 +110,25 @@ class Trajectory:
             os.makedirs(directory, exist_ok=True)
             fd, self._path = tempfile.mkstemp(prefix="trajectory-", suffix=".bin", dir=directory)
             self._file = os.fdopen(fd, "wb")
+        self._directory = directory
+        self._opt_series = None  # optimizer state snapshots (Adam: exp_avg, exp_avg_sq)
         self.theta_final = None
         self.hyper = None
 
     # -- recording -------------------------------------------------------------------
-    def append(self, theta, indices, weight, hyper_row, rng_state=None):
-        """Record one step: parameters before it, batch rows, loss weight, hyperparameters."""
+    def append(self, theta, indices, weight, hyper_row, rng_state=None, opt_state=None):
+        """Record one step: parameters before it, batch rows, loss weight, hyperparameters.
+
+        ``opt_state`` is an optional tuple of flat optimizer-state vectors before the step
+        (Adam: ``(exp_avg, exp_avg_sq)``), stored like the parameters.
+        """
+        if opt_state is not None:
+            if self._opt_series is None:
+                self._opt_series = [_Series(self.spec.n_params, self.dtype, self._directory,
+                                            prefix=f"optstate{k}-")
+                                    for k in range(len(opt_state))]
+            for series, vec in zip(self._opt_series, opt_state):
+                series.append(vec)
         theta = theta.detach().to("cpu", self.dtype)
         if self._file is not None:
             self._file.write(theta.numpy().tobytes())
@@ -80,7 +144,10 @@ class Trajectory:
         self.theta_final = theta_final.detach().to("cpu", self.dtype).clone()
         if not self._hyper_rows:
             raise RuntimeError("no optimizer step was recorded: was the net trained at all?")
-        self.hyper = SGDHyper.from_rows(self._hyper_rows)
+        self.hyper = hyper_from_rows(self._hyper_rows)
+        if self._opt_series is not None:
+            for series in self._opt_series:
+                series.finish(len(self.indices))
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -101,6 +168,12 @@ class Trajectory:
             th = torch.from_numpy(np.array(th))
         return th.to(device) if device is not None else th
 
+    def opt_state(self, t, device=None):
+        """Optimizer state before step ``t`` (tuple of flat tensors), or None if not recorded."""
+        if self._opt_series is None:
+            return None
+        return tuple(s[t].to(device) if device is not None else s[t] for s in self._opt_series)
+
     def used_rows(self):
         """Boolean mask of rows that entered at least one gradient step."""
         mask = np.zeros(self.n_rows, dtype=bool)
@@ -111,7 +184,9 @@ class Trajectory:
     @property
     def nbytes(self):
         """Bytes held by parameter snapshots (on disk for memmap storage)."""
-        return len(self.indices) * self.spec.n_params * torch.empty(0, dtype=self.dtype).element_size()
+        n_series = 1 + (len(self._opt_series) if self._opt_series is not None else 0)
+        return (n_series * len(self.indices) * self.spec.n_params
+                * torch.empty(0, dtype=self.dtype).element_size())
 
     def __getstate__(self):
         state = self.__dict__.copy()
