@@ -227,10 +227,12 @@ def make_loss_fn(net, spec):
 
 
 def make_data_fn(X, y, device):
-    """``data_fn(rows) -> (x, y)`` tensors on ``device`` (X, y are torch tensors)."""
+    """``data_fn(rows) -> (x, y)`` tensors on ``device`` (X a tensor or a dict of tensors)."""
+    from ._inputs import take_rows, to_device
+
     def data_fn(rows):
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-        return X[rows].to(device), y[rows].to(device)
+        return to_device(take_rows(X, rows), device), y[rows].to(device)
 
     return data_fn
 

@@ -11,6 +11,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
+from ._inputs import cast_inputs, check_dataset, check_mapping, collate_all, collate_fn_of, \
+    dataset_data_fn, input_kind, input_shape, n_rows, slice_rows, to_device
 from ._skorch import RecordingDataset, TrajectoryRecorder, make_data_fn, make_loss_fn, \
     module_flags
 
@@ -66,6 +68,15 @@ class BaseAttributor(BaseEstimator):
         return seed
 
     def _validate_xy(self, X, y, reset):
+        # X: numpy array, torch tensor, dict / skorch SliceDict, or torch Dataset
+        # (hydrattr/_inputs.py); tensors are treated exactly like their numpy copies
+        kind = input_kind(X)
+        if kind == "tensor":
+            X = X.detach().cpu().numpy()
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        if kind in ("dict", "dataset"):
+            return self._validate_other_inputs(X, y, reset, kind)
         X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype=None,
                              ensure_all_finite=True, y_numeric=False)
         if X.dtype.kind not in "fiub":
@@ -73,18 +84,41 @@ class BaseAttributor(BaseEstimator):
         y = np.asarray(y)
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
             raise ValueError("y contains NaN or infinity.")
-        if not reset and X.shape[1:] != self.input_shape_:
+        if not reset and isinstance(self.input_shape_, tuple) \
+                and X.shape[1:] != self.input_shape_:
             raise ValueError(f"X_test must have per-sample shape {self.input_shape_} like the "
                              f"training data, got {X.shape[1:]}.")
         return X, y
 
-    def _to_tensors(self, X, y):
-        Xt = torch.as_tensor(np.ascontiguousarray(X), dtype=self.param_dtype_)
-        if y.dtype.kind in "iub":
-            yt = torch.as_tensor(y.astype(np.int64))
+    def _validate_other_inputs(self, X, y, reset, kind):
+        if kind == "dict":
+            X, y = check_mapping(X, y)
+            shape = input_shape(X)
+            if not reset and isinstance(self.input_shape_, dict) and shape != self.input_shape_:
+                raise ValueError(f"X_test must have the keys and per-sample shapes "
+                                 f"{self.input_shape_} like the training data, got {shape}.")
         else:
-            yt = torch.as_tensor(y, dtype=self.param_dtype_)
-        return Xt, yt
+            X, y = check_dataset(X, y)
+        if reset and hasattr(self, "n_features_in_"):
+            del self.n_features_in_
+        return X, y
+
+    def _to_tensors(self, X, y):
+        kind = input_kind(X)
+        if kind == "dataset":  # targets come from the dataset (skorch's convention)
+            return collate_all(X, collate_fn_of(self.net_))
+        if kind == "dict":
+            Xt = {k: torch.as_tensor(np.ascontiguousarray(v),
+                                     dtype=self.param_dtype_ if v.dtype.kind == "f" else None)
+                  for k, v in X.items()}
+            return Xt, self._y_tensor(y)
+        Xt = torch.as_tensor(np.ascontiguousarray(X), dtype=self.param_dtype_)
+        return Xt, self._y_tensor(y)
+
+    def _y_tensor(self, y):
+        if y.dtype.kind in "iub":
+            return torch.as_tensor(y.astype(np.int64))
+        return torch.as_tensor(y, dtype=self.param_dtype_)
 
     # -- fit -------------------------------------------------------------------------
     def _fit_net(self, X, y):
@@ -96,8 +130,11 @@ class BaseAttributor(BaseEstimator):
             has_bn, has_dropout = module_flags(probe.module_)
             del probe
         np_dtype = torch.empty(0, dtype=self.param_dtype_).numpy().dtype
-        Xc = X.astype(np_dtype, copy=False)
-        yc = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np_dtype, copy=False)
+        Xc = cast_inputs(X, np_dtype)
+        if y is None:
+            yc = None
+        else:
+            yc = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np_dtype, copy=False)
         net = clone(self.net)
         rec_ds = RecordingDataset(net.get_dataset(Xc, yc))
         recorder = None
@@ -112,9 +149,12 @@ class BaseAttributor(BaseEstimator):
         net.fit(rec_ds, yc)
         self.net_ = net
         self.module_flags_ = {"batchnorm": has_bn, "dropout": has_dropout}
-        self.input_shape_ = X.shape[1:]
-        self.n_train_ = X.shape[0]
-        self._X, self._y = self._to_tensors(Xc, yc)
+        self.input_shape_ = input_shape(X)
+        self.n_train_ = n_rows(X)
+        if input_kind(X) == "dataset":  # batches are collated from it on demand
+            self._X, self._y = X, None
+        else:
+            self._X, self._y = self._to_tensors(Xc, yc)
         if recorder is not None:
             traj = recorder.trajectory_
             self.spec_ = recorder.spec_
@@ -183,6 +223,8 @@ class BaseAttributor(BaseEstimator):
         return make_loss_fn(self.net_, self.spec_)
 
     def _data_fn(self):
+        if input_kind(self._X) == "dataset":
+            return dataset_data_fn(self._X, collate_fn_of(self.net_), self._device)
         return make_data_fn(self._X, self._y, self._device)
 
     def _test_grads(self, Xt, yt, objective, batch_size=256):
@@ -194,8 +236,8 @@ class BaseAttributor(BaseEstimator):
         loss_fn = self._loss_fn()
         out = []
         with module_mode(self.net_.module_, training=False):
-            for s in range(0, len(Xt), batch_size):
-                x = Xt[s:s + batch_size].to(self._device)
+            for s in range(0, n_rows(Xt), batch_size):
+                x = to_device(slice_rows(Xt, s, s + batch_size), self._device)
                 y = yt[s:s + batch_size].to(self._device)
                 out.append(per_sample_grads(loss_fn, theta, x, y, independent=True).detach())
         G = torch.cat(out)
