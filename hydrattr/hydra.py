@@ -29,9 +29,17 @@ class HydraAttributor(BaseAttributor):
     net : skorch.NeuralNet
         The network as you would train it (unfitted or fitted; it is cloned). Its
         optimizer must be ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight
-        decay, param groups and LR schedulers are all followed).
+        decay, param groups and LR schedulers are all followed) or ``torch.optim.Adam``
+        / ``torch.optim.AdamW`` (betas, eps, bias correction, coupled or decoupled weight
+        decay, param groups, LR schedulers; not ``amsgrad``). With Adam the optimizer
+        state ``(m, v)`` is part of the differentiated state. Everything runs on the
+        net's ``device``; the trajectory and the per-sample store stay on the CPU.
     mode : {"fast", "exact"}, default="fast"
-        ``"fast"`` drops the Hessian term of the recurrence (the paper's approximation);
+        ``"fast"`` drops the Hessian term of the recurrence (the paper's approximation;
+        with Adam/AdamW only the Hessian is dropped: the sample's effect on the moments
+        and on the preconditioner ``1 / (sqrt(v_hat) + eps)`` is kept, which is elementwise,
+        so the fast coefficients become per-coordinate vectors computed in a backward
+        pass over the trajectory instead of per-group scalars);
         ``"exact"`` keeps it by running the adjoint of the whole training run backward:
         the exact first-order derivative, at the cost of one batch forward-over-reverse
         product per step and objective at ``attribute`` time.
