@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.sparse
 import torch
 
 __all__ = ["input_kind", "check_mapping", "check_dataset", "n_rows", "input_shape",
@@ -31,6 +32,8 @@ __all__ = ["input_kind", "check_mapping", "check_dataset", "n_rows", "input_shap
 
 def input_kind(X):
     """``"dataset"``, ``"dict"``, ``"tensor"`` or ``"array"``."""
+    if scipy.sparse.issparse(X):  # a DOK matrix is a dict subclass: let sklearn's
+        return "array"  # validation reject sparse input with its usual message
     if isinstance(X, torch.utils.data.Dataset):
         return "dataset"
     if isinstance(X, Mapping):

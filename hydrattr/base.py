@@ -77,7 +77,7 @@ class BaseAttributor(BaseEstimator):
             y = y.detach().cpu().numpy()
         if kind in ("dict", "dataset"):
             return self._validate_other_inputs(X, y, reset, kind)
-        X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype=None,
+        X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype="numeric",
                              ensure_all_finite=True, y_numeric=False)
         if X.dtype.kind not in "fiub":
             raise ValueError(f"X must be numeric, got dtype {X.dtype}.")
