@@ -15,6 +15,8 @@ import tempfile
 import numpy as np
 import torch
 
+from .outofcore import touch
+
 __all__ = ["SampleStore", "STORE_KINDS"]
 
 STORE_KINDS = ("dense", "half", "memmap")
@@ -61,6 +63,7 @@ class SampleStore:
         if self.kind == "memmap":
             rows = np.asarray(rows)
             self.data[rows] += values.to(self.dtype).numpy()
+            touch(self.data, 2 * values.numel() * self.data.itemsize)  # keep RSS bounded
         elif self.kind == "half":
             rows = torch.as_tensor(rows)
             self.data[rows] = (self.data[rows].to(torch.float32) + values.float()).half()
@@ -71,12 +74,16 @@ class SampleStore:
         """``store @ other.T`` computed in row chunks; ``other`` is ``(m, n_params)``."""
         other = other.detach().to("cpu", self.dtype)
         out = torch.empty(self.shape[0], other.shape[0], dtype=self.dtype)
+        if isinstance(self.data, np.memmap):  # read at most ~256 MiB of the file at a time
+            row_bytes = self.shape[1] * self.data.itemsize
+            chunk_rows = max(1, min(chunk_rows, (256 * 2**20) // max(row_bytes, 1)))
         for start in range(0, self.shape[0], chunk_rows):
             stop = min(start + chunk_rows, self.shape[0])
             block = self.data[start:stop]
             if isinstance(block, np.ndarray):
                 block = torch.from_numpy(np.asarray(block))
             out[start:stop] = block.to(self.dtype) @ other.T
+            touch(self.data, block.numel() * block.element_size())
             if progress is not None:
                 progress.update(stop - start)
         return out

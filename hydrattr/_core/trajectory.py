@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .functional import ParamSpec
+from .outofcore import touch
 from .adam import AdamHyper
 from .optim import SGDHyper
 
@@ -58,7 +59,10 @@ class _Series:
 
     def __getitem__(self, t):
         row = self._rows[t]
-        return torch.from_numpy(np.array(row)) if isinstance(row, np.ndarray) else row
+        if isinstance(row, np.ndarray):
+            touch(self._rows, row.nbytes)
+            return torch.from_numpy(np.array(row))
+        return row
 
     def __len__(self):
         return len(self._rows)
@@ -165,6 +169,7 @@ class Trajectory:
         """Parameters before step ``t`` as a tensor on ``device``."""
         th = self._thetas[t]
         if isinstance(th, np.ndarray):
+            touch(self._thetas, th.nbytes)  # memmap: keep RSS bounded on long passes
             th = torch.from_numpy(np.array(th))
         return th.to(device) if device is not None else th
 

@@ -1,0 +1,238 @@
+"""Out of core: fast-mode HYDRA with the per-sample store and the trajectory on disk.
+
+LeNet-5 (61,706 parameters) on MNIST, SGD (momentum 0.9, batch 64, lr 0.01, weight
+decay 2e-5), every training sample tracked. Each configuration runs in its own
+subprocess, which reports its own peak resident set size (``ru_maxrss``, the kernel's
+high-water mark) and, sampled every 0.1 s from ``/proc/self/status``, the peak anonymous
+and file-backed parts of it:
+
+1. ``baseline``: ``storage="dense", trajectory="memory"`` (in RAM) on ``--n-baseline`` rows;
+2. ``disk-same-n``: ``storage="memmap", trajectory="memmap"`` on the same rows: the
+   slowdown of the disk store is ``fit`` (training + recording + store build) and
+   ``attribute`` time against (1), measured in the same run;
+3. ``disk-full``: ``storage="memmap", trajectory="memmap"`` on ``--n-train`` rows (50,000
+   by default: a 12.3 GB float32 store on disk), checked against ``--ram-limit-gib``.
+
+The disk store's pages are released from the process after every ~256 MiB touched
+(``hydrattr._core.outofcore``), so RSS measures what the process really needs.
+
+Usage::
+
+    python benchmarks/bench_memory.py                      # 50,000 tracked, 1 epoch
+    python benchmarks/bench_memory.py --quick              # 5,000 / 2,000 rows, 1 epoch
+    python benchmarks/bench_memory.py --n-train 20000 --n-baseline 5000 --epochs 1
+
+Results: ``benchmarks/results/bench_memory[_TAG].json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- child: one configuration ---------------------------------------------------------------
+class _Sampler(threading.Thread):
+    """Peak RssAnon / RssFile of this process, sampled from /proc/self/status."""
+
+    def __init__(self, interval=0.1):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self._halt = threading.Event()
+
+    def read(self):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]))  # kB
+        except OSError:
+            pass
+
+    def run(self):
+        while not self._halt.is_set():
+            self.read()
+            time.sleep(self.interval)
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+        self.read()
+
+
+def _child(cfg):
+    import numpy as np
+    import torch
+    from skorch import NeuralNetClassifier
+
+    from hydrattr import HydraAttributor
+    from hydrattr.datasets import load_mnist_split
+    from hydrattr.models import LeNet5
+
+    torch.set_num_threads(cfg["threads"])
+    sampler = _Sampler()
+    sampler.start()
+    n = cfg["n_train"]
+    data = load_mnist_split("mnist", data_dir=cfg["data_dir"], random_state=0, n_train=n,
+                            n_valid=min(10000, 60000 - n))
+    X, y = data.X_train, data.y_train
+    Xt, yt = data.X_test[:cfg["n_test"]], data.y_test[:cfg["n_test"]]
+    net = NeuralNetClassifier(
+        LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.01,
+        optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
+        max_epochs=cfg["epochs"], train_split=None, iterator_train__shuffle=True, verbose=0)
+    store_dir = tempfile.mkdtemp(prefix="bench-memory-", dir=cfg["store_dir"])
+    try:
+        att = HydraAttributor(net, mode="fast", storage=cfg["storage"],
+                              trajectory=cfg["trajectory"], store_dir=store_dir,
+                              random_state=0, verbose=0)
+        t0 = time.perf_counter()
+        att.fit(X, y)
+        t_fit = time.perf_counter() - t0
+        rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        C = att.attribute(Xt, yt)
+        t_attr = time.perf_counter() - t0
+        store_bytes = att.store_.nbytes
+        checksum = float(np.nansum(np.abs(C[:200])))
+        del att, C
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+    sampler.stop()
+    return {**cfg, "fit_s": t_fit, "attribute_s": t_attr,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_after_fit_gib": rss_after_fit / 2**20,
+            "peak_rss_anon_gib": sampler.peak["RssAnon"] / 2**20,
+            "peak_rss_file_gib": sampler.peak["RssFile"] / 2**20,
+            "store_gib": store_bytes / 2**30, "checksum_first_200_rows": checksum}
+
+
+# -- parent ---------------------------------------------------------------------------------
+def _run(cfg):
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"configuration {cfg['name']} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=50000, help="rows tracked on disk")
+    p.add_argument("--n-baseline", type=int, default=10000,
+                   help="rows for the in-memory vs disk comparison (must fit in RAM)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ram-limit-gib", type=float, default=4.0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--store-dir", default=None, help="where the memmap files go (tmp)")
+    p.add_argument("--quick", action="store_true", help="5,000 / 2,000 rows, 1 epoch")
+    p.add_argument("--skip-full", action="store_true", help="only the same-n comparison")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--tag", default="")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run baseline and disk-same-n this many times, interleaved; times "
+                        "are the minimum (the machine is shared), RSS the maximum")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+    if args.quick:
+        args.n_train, args.n_baseline, args.epochs, args.n_test = 5000, 2000, 1, 100
+    common = dict(epochs=args.epochs, n_test=args.n_test, threads=args.threads,
+                  data_dir=args.data_dir, store_dir=args.store_dir)
+    configs = [
+        dict(name="baseline", storage="dense", trajectory="memory", n_train=args.n_baseline),
+        dict(name="disk-same-n", storage="memmap", trajectory="memmap", n_train=args.n_baseline),
+    ]
+    if not args.skip_full:
+        configs.append(dict(name="disk-full", storage="memmap", trajectory="memmap",
+                            n_train=args.n_train))
+    runs = {c["name"]: [] for c in configs}
+    order = [c for _ in range(max(1, args.repeat)) for c in configs[:2]] + configs[2:]
+    for cfg in order:
+        print(f"running {cfg['name']}: {cfg['n_train']} rows, storage={cfg['storage']}, "
+              f"trajectory={cfg['trajectory']} ...", flush=True)
+        r = _run({**common, **cfg})
+        print(f"  fit {r['fit_s']:.1f} s, attribute {r['attribute_s']:.1f} s, peak RSS "
+              f"{r['peak_rss_gib']:.2f} GiB (anon {r['peak_rss_anon_gib']:.2f}, file "
+              f"{r['peak_rss_file_gib']:.2f}), store {r['store_gib']:.2f} GiB", flush=True)
+        runs[cfg["name"]].append(r)
+    results = []
+    for cfg in configs:
+        rs = runs[cfg["name"]]
+        best = dict(rs[0])
+        for k in ("fit_s", "attribute_s"):
+            best[k] = min(r[k] for r in rs)
+        for k in ("peak_rss_gib", "peak_rss_after_fit_gib", "peak_rss_anon_gib",
+                  "peak_rss_file_gib"):
+            best[k] = max(r[k] for r in rs)
+        best["repeats"] = len(rs)
+        best["all_fit_s"] = [r["fit_s"] for r in rs]
+        best["all_attribute_s"] = [r["attribute_s"] for r in rs]
+        results.append(best)
+    base, disk = results[0], results[1]
+    same = abs(base["checksum_first_200_rows"] - disk["checksum_first_200_rows"]) <= \
+        1e-4 * abs(base["checksum_first_200_rows"])
+    summary = {
+        "slowdown_fit": disk["fit_s"] / base["fit_s"],
+        "slowdown_attribute": disk["attribute_s"] / base["attribute_s"],
+        "disk_equals_memory_store": bool(same),
+    }
+    if len(results) > 2:
+        summary["full_peak_rss_gib"] = results[2]["peak_rss_gib"]
+        summary["full_within_ram_limit"] = results[2]["peak_rss_gib"] <= args.ram_limit_gib
+    import torch
+
+    meta = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": args.threads,
+            "ram_limit_gib": args.ram_limit_gib, "command": " ".join(sys.argv),
+            "load_avg_at_end": os.getloadavg()}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_memory" + (f"_{args.tag}" if args.tag else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results, "summary": summary}, f, indent=2)
+    lines = [f"# bench_memory: fast mode with the per-sample store and trajectory on disk",
+             "", f"`{meta['command']}` (times: min over {max(1, args.repeat)} interleaved "
+             f"run(s)) - LeNet-5, MNIST, {args.epochs} epoch(s), "
+             f"{args.threads} threads, {meta['cpu']}, torch {meta['torch']}; load average "
+             f"at end {meta['load_avg_at_end'][0]:.1f} (shared machine)", "",
+             "| config | rows | storage | trajectory | fit (s) | attribute (s) | peak RSS (GiB) "
+             "| anon / file (GiB) | store (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['n_train']} | {r['storage']} | {r['trajectory']} | "
+                     f"{r['fit_s']:.1f} | {r['attribute_s']:.2f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['peak_rss_anon_gib']:.2f} / {r['peak_rss_file_gib']:.2f} | "
+                     f"{r['store_gib']:.2f} |")
+    lines += ["", f"Slowdown of the disk store at equal size: fit x{summary['slowdown_fit']:.2f}, "
+              f"attribute x{summary['slowdown_attribute']:.2f}; same contributions: "
+              f"{summary['disk_equals_memory_store']}."]
+    if "full_peak_rss_gib" in summary:
+        lines.append(f"Full run peak RSS {summary['full_peak_rss_gib']:.2f} GiB "
+                     f"(limit {args.ram_limit_gib} GiB): "
+                     f"{'within' if summary['full_within_ram_limit'] else 'OVER'} the limit.")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
