@@ -442,3 +442,9 @@ def make_logistic_toy(n_samples=200, centers=((-2.0, -2.0), (2.0, 2.0)), cluster
         cluster=np.append(cluster, -1).astype(np.int64),
         proba=np.append(proba, out_p),
     )
+
+
+# CIFAR-10 from torchvision's python batches (implemented in hydrattr/_cifar.py)
+from ._cifar import load_cifar10  # noqa: E402
+
+__all__.append("load_cifar10")
