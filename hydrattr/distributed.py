@@ -1,0 +1,270 @@
+"""Exact-mode sweeps over many test chunks as parallel tasks (joblib; dask via its backend).
+
+Exact mode costs one reverse sweep over the whole trajectory per block of test points,
+and the blocks are independent: :func:`parallel_attribute` splits the test points into
+chunks and runs one ``attribute`` call per chunk as a joblib task. Any joblib backend
+works; with ``joblib.parallel_config(backend="dask")`` the chunks are ``dask.distributed``
+tasks on the current client's workers.
+
+Nothing large travels with the tasks. The recorded trajectory (parameter snapshots and,
+for Adam, optimizer-state snapshots) and the training data are written **once** to
+``shared_dir`` as ``.npy`` files; the attributor itself is pickled there without them
+(a few hundred kB: the trained net and the bookkeeping). Each task gets the directory
+name and its chunk of test points; a worker loads the attributor once per thread
+(cached), maps the ``.npy`` files read-only (``mmap_mode``), and computes its chunk. On a
+real cluster ``shared_dir`` must be a filesystem every worker sees (NFS, Lustre, a
+mounted bucket)::
+
+    from dask.distributed import Client
+    import joblib
+    from hydrattr.distributed import parallel_attribute
+
+    client = Client("tcp://scheduler:8786")          # or LocalCluster() for one machine
+    with joblib.parallel_config(backend="dask"):
+        C = parallel_attribute(att, X_test, y_test, chunk_size=64,
+                               shared_dir="/shared/scratch/hydrattr-run-1")
+
+Parallelism comes from worker **processes** (dask's default ``LocalCluster``, a real
+cluster, or joblib's ``loky`` backend): torch's forward-mode AD, used by every exact
+sweep, keeps global state, so tasks that share a process (thread-based workers, e.g.
+``LocalCluster(processes=False)``) take a lock and run one at a time; they still give
+the right result. Each worker thread gets its own copy of the net (torch's
+``functional_call`` swaps parameters into the module in place), and the memory maps are
+shared through the page cache. The result is the same matrix as
+``att.attribute(X_test, y_test)`` (the same code runs per chunk).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import tempfile
+import threading
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from ._core.trajectory import Trajectory, _Series
+from ._inputs import input_kind, n_rows, slice_rows
+
+__all__ = ["parallel_attribute", "share_attributor", "load_shared"]
+
+_VERSION = 1
+_local = threading.local()
+# torch's forward-mode AD levels are process-global: one sweep per process at a time
+_SWEEP_LOCK = threading.Lock()
+
+
+# -- trajectory <-> .npy files -------------------------------------------------------------
+def _np_dtype(dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _write_rows(path, n, p, dtype, get_row):
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_np_dtype(dtype), shape=(n, p))
+    for t in range(n):
+        arr[t] = get_row(t).numpy()
+    arr.flush()
+    del arr
+
+
+def save_trajectory(traj, directory):
+    """Write ``traj`` to ``directory``: ``thetas.npy`` (+ ``optstate{k}.npy``) and ``meta.pkl``."""
+    os.makedirs(directory, exist_ok=True)
+    n, p = len(traj), traj.spec.n_params
+    _write_rows(os.path.join(directory, "thetas.npy"), n, p, traj.dtype, traj.theta)
+    series = getattr(traj, "_opt_series", None) or []
+    for k, s in enumerate(series):
+        _write_rows(os.path.join(directory, f"optstate{k}.npy"), n, p, traj.dtype,
+                    lambda t, s=s: s[t])
+    meta = {k: v for k, v in traj.__dict__.items()
+            if k not in ("_thetas", "_opt_series", "_file", "_tmpdir", "_path")}
+    meta["_n_opt_series"] = len(series)
+    with open(os.path.join(directory, "meta.pkl"), "wb") as f:
+        pickle.dump(meta, f)
+
+
+def load_trajectory(directory):
+    """A :class:`Trajectory` whose snapshots are read-only memory maps of ``directory``."""
+    with open(os.path.join(directory, "meta.pkl"), "rb") as f:
+        meta = pickle.load(f)
+    n_series = meta.pop("_n_opt_series")
+    traj = Trajectory.__new__(Trajectory)
+    traj.__dict__.update(meta)
+    traj._file = traj._tmpdir = traj._path = None
+    traj.storage = "memmap"
+    traj._thetas = np.load(os.path.join(directory, "thetas.npy"), mmap_mode="r")
+    traj._opt_series = None
+    if n_series:
+        traj._opt_series = []
+        for k in range(n_series):
+            s = _Series.__new__(_Series)
+            s.n_params, s.dtype, s._file = traj.spec.n_params, traj.dtype, None
+            s._path = os.path.join(directory, f"optstate{k}.npy")
+            s._rows = np.load(s._path, mmap_mode="r")
+            traj._opt_series.append(s)
+    return traj
+
+
+# -- training data <-> files ---------------------------------------------------------------
+def _save_data(X, y, directory):
+    os.makedirs(directory, exist_ok=True)
+    kind = input_kind(X)
+    if kind == "dataset":
+        with open(os.path.join(directory, "dataset.pkl"), "wb") as f:
+            pickle.dump(X, f)
+    elif kind == "dict":
+        for k, v in X.items():
+            np.save(os.path.join(directory, f"X__{k}.npy"), v.numpy())
+    else:
+        np.save(os.path.join(directory, "X.npy"), X.numpy())
+    if y is not None:
+        np.save(os.path.join(directory, "y.npy"), y.numpy())
+    with open(os.path.join(directory, "kind.pkl"), "wb") as f:
+        pickle.dump({"kind": kind, "keys": list(X) if kind == "dict" else None}, f)
+
+
+def _load_data(directory):
+    def arr(name):  # copy-on-write map: lazily read, writable for torch, file untouched
+        return torch.from_numpy(np.load(os.path.join(directory, name), mmap_mode="c"))
+
+    with open(os.path.join(directory, "kind.pkl"), "rb") as f:
+        info = pickle.load(f)
+    if info["kind"] == "dataset":
+        with open(os.path.join(directory, "dataset.pkl"), "rb") as f:
+            X = pickle.load(f)
+    elif info["kind"] == "dict":
+        X = {k: arr(f"X__{k}.npy") for k in info["keys"]}
+    else:
+        X = arr("X.npy")
+    y = arr("y.npy") if os.path.exists(os.path.join(directory, "y.npy")) else None
+    return X, y
+
+
+# -- the attributor ------------------------------------------------------------------------
+def share_attributor(att, directory):
+    """Write a fitted attributor to ``directory`` once: trajectory and training data as
+    ``.npy`` files, the rest (trained net, bookkeeping) pickled without them.
+
+    Returns ``directory``. :func:`load_shared` reads it back (memory-mapped).
+    """
+    check_is_fitted(att, "net_")
+    os.makedirs(directory, exist_ok=True)
+    traj = getattr(att, "trajectory_", None)
+    if traj is not None:
+        save_trajectory(traj, os.path.join(directory, "trajectory"))
+    _save_data(att._X, att._y, os.path.join(directory, "data"))
+    shell = copy.copy(att)
+    shell.trajectory_ = None
+    shell._X = shell._y = None
+    recorder = dict(getattr(att.net_, "callbacks_", [])).get("hydrattr_recorder")
+    saved = None
+    if recorder is not None:  # the callback holds the trajectory and the dataset
+        saved = (getattr(recorder, "trajectory_", None), getattr(recorder, "dataset", None))
+        recorder.trajectory_, recorder.dataset = None, None
+    try:
+        with open(os.path.join(directory, "attributor.pkl"), "wb") as f:
+            pickle.dump({"version": _VERSION, "attributor": shell,
+                         "has_trajectory": traj is not None}, f)
+    finally:
+        if recorder is not None:
+            recorder.trajectory_, recorder.dataset = saved
+    return directory
+
+
+def load_shared(directory):
+    """The attributor written by :func:`share_attributor`, with memory-mapped arrays."""
+    with open(os.path.join(directory, "attributor.pkl"), "rb") as f:
+        payload = pickle.load(f)
+    att = payload["attributor"]
+    if payload["has_trajectory"]:
+        att.trajectory_ = load_trajectory(os.path.join(directory, "trajectory"))
+    att._X, att._y = _load_data(os.path.join(directory, "data"))
+    return att
+
+
+def _cached(directory):
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    if directory not in cache:
+        cache[directory] = load_shared(directory)
+    return cache[directory]
+
+
+def _chunk_task(directory, X_chunk, y_chunk, objective):
+    """One task: load (once per worker thread) and attribute one chunk of test points."""
+    att = _cached(directory)
+    with _SWEEP_LOCK:
+        return att.attribute(X_chunk, y_chunk, objective=objective)
+
+
+def _chunks(X, y, size):
+    n = n_rows(X)
+    kind = input_kind(X)
+    for s in range(0, n, size):
+        e = min(s + size, n)
+        if kind == "dataset":
+            Xc = torch.utils.data.Subset(X, range(s, e))
+            yield Xc, (None if y is None else y[s:e]), e - s
+        else:
+            yield slice_rows(X, s, e), y[s:e], e - s
+
+
+def parallel_attribute(att, X_test, y_test, objective="per_sample", *, chunk_size=64,
+                       n_jobs=None, shared_dir=None):
+    """``att.attribute(X_test, y_test, objective)`` with test chunks as parallel tasks.
+
+    Parameters
+    ----------
+    att : BaseAttributor
+        A fitted attributor; exact-mode (or ``storage="replay"``) :class:`HydraAttributor`
+        is where this pays: one trajectory sweep per chunk.
+    X_test, y_test : array-like, tensor, dict or Dataset (as for ``attribute``)
+    objective : {"per_sample", "mean"}
+    chunk_size : int, default=64
+        Test points per task.
+    n_jobs : int or None
+        Passed to ``joblib.Parallel`` (None: the active ``joblib.parallel_config``; under
+        the dask backend, as many tasks in flight as the cluster takes).
+    shared_dir : str or None
+        Where the trajectory, training data and attributor are written once (a fresh
+        temporary directory when None; must be visible to all workers on a cluster).
+        Reused if it already holds a shared attributor.
+
+    Returns
+    -------
+    C : ndarray of shape (n_train, n_test) or (n_train, 1)
+    """
+    from joblib import Parallel, delayed
+
+    check_is_fitted(att, "net_")
+    if objective not in ("per_sample", "mean"):
+        raise ValueError(f"objective must be 'per_sample' or 'mean', got {objective!r}.")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    if input_kind(X_test) == "tensor":
+        X_test = X_test.detach().cpu().numpy()
+    if isinstance(y_test, torch.Tensor):
+        y_test = y_test.detach().cpu().numpy()
+    if y_test is not None and input_kind(X_test) != "dataset":
+        y_test = np.asarray(y_test)
+    tmp = None
+    if shared_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hydrattr-shared-")
+        shared_dir = tmp.name
+    try:
+        if not os.path.exists(os.path.join(shared_dir, "attributor.pkl")):
+            share_attributor(att, shared_dir)
+        parts = list(_chunks(X_test, y_test, int(chunk_size)))
+        outs = Parallel(n_jobs=n_jobs)(
+            delayed(_chunk_task)(shared_dir, Xc, yc, objective) for Xc, yc, _ in parts)
+    finally:
+        if tmp is not None:
+            _local.__dict__.get("cache", {}).pop(shared_dir, None)
+            tmp.cleanup()
+    if objective == "mean":  # C is linear in the test gradient: weight chunk means by size
+        n = sum(m for *_, m in parts)
+        return sum(C * (m / n) for C, (*_, m) in zip(outs, parts))
+    return np.concatenate(outs, axis=1)
