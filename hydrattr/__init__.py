@@ -7,8 +7,10 @@ influence functions and leave-one-out retraining, all returning the same matrix
 from .base import BaseAttributor
 from .hydra import HydraAttributor
 from .influence import InfluenceFunctionAttributor
+from .distributed import parallel_attribute
 from . import datasets, metrics, models, similarity  # noqa: E402  (submodules)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor", "__version__"]
+__all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor", "__version__",
+           "parallel_attribute"]
