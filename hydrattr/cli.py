@@ -36,7 +36,7 @@ def _build(args):
             MLP, module__n_features=64, module__n_classes=10, module__hidden=(64,),
             criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.05,
             optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=32,
-            max_epochs=args.epochs or 30, train_split=None, verbose=0,
+            max_epochs=args.epochs or 10, train_split=None, verbose=0,
             iterator_train__shuffle=True)
         shape = (8, 8)
     else:

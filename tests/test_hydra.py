@@ -213,3 +213,26 @@ def test_errors_name_the_problem():
         att.attribute(X[:, :3], y)
     with pytest.raises(ValueError, match="objective"):
         att.attribute(X, y, objective="sum")
+
+
+def test_recorded_hyperparameters_are_those_used_param_groups_plateau_nesterov():
+    """Two param groups, Nesterov, ReduceLROnPlateau: replaying the recorded steps with
+    our SGD algebra reproduces skorch's trained weights, so every recorded lr/momentum/
+    first-step flag was the one actually used (a wrong lr would move the weights)."""
+    from skorch.callbacks import LRScheduler as Sched
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    X, y = _data(96)
+    net = _net(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=6,
+               optimizer__param_groups=[("net.1.*", {"lr": 0.2, "weight_decay": 0.0})],
+               callbacks=[("plateau", Sched(ReduceLROnPlateau, monitor="train_loss",
+                                            mode="max", patience=0, factor=0.5))])
+    att = HydraAttributor(net, storage="replay", random_state=0, verbose=0).fit(X, y)
+    lrs = att.trajectory_.hyper.lr.numpy()
+    assert att.spec_.n_groups == 2
+    # mode="max" on a falling loss: a plateau after every epoch but the first
+    assert all(len(np.unique(lrs[:, k])) >= 4 for k in range(2))
+    assert sorted(lrs[0]) == sorted([LR, 0.2])
+    with module_mode(att.net_.module_, training=True):
+        theta = replay_training(att.trajectory_, att._loss_fn(), att._data_fn())
+    torch.testing.assert_close(theta, att.trajectory_.theta_final, rtol=1e-12, atol=1e-13)
