@@ -76,8 +76,10 @@ class InfluenceFunctionAttributor(BaseAttributor):
     Parameters
     ----------
     net : skorch.NeuralNet
-        The network as you would train it (it is cloned). Its optimizer must be
-        ``torch.optim.SGD`` (the recorder shared with HYDRA checks it).
+        The network as you would train it (it is cloned), with an optimizer the
+        recorder shared with HYDRA accepts (``torch.optim.SGD``, ``Adam``, ``AdamW``).
+        Coupled weight decay (SGD, Adam) is an L2 term of the objective and enters
+        ``H``; AdamW's decoupled decay is not and is left out (with a warning).
     solver : {"direct", "cg", "lissa"}, default="direct"
         How ``H^{-1} g_test`` is obtained.
 
@@ -209,8 +211,18 @@ class InfluenceFunctionAttributor(BaseAttributor):
         traj = self.trajectory_
         self._rows = np.flatnonzero(self.trained_mask_)
         self.n_trained_ = int(len(self._rows))
-        groups = self.net_.optimizer_.param_groups
+        opt = self.net_.optimizer_
+        groups = opt.param_groups
         wd = np.array([float(g.get("weight_decay", 0.0) or 0.0) for g in groups])
+        decoupled = np.array([isinstance(opt, torch.optim.AdamW)
+                              or bool(g.get("decoupled_weight_decay", False)) for g in groups])
+        if np.any(decoupled & (wd > 0)):
+            warnings.warn(
+                "The optimizer's weight decay is decoupled (AdamW): it shrinks the weights "
+                "outside the gradient, so it is no L2 term of the training objective and "
+                "is left out of the Hessian. The trained weights then need not be a "
+                "stationary point of the loss; consider damping.", UserWarning, stacklevel=3)
+            wd = np.where(decoupled, 0.0, wd)
         if per_sample_reduction(self.net_) == "sum":
             # per epoch: sum_k g_k + n_batches * lambda * theta = 0 -> lambda / mean(B)
             n_rows_seen = sum(len(ix) for ix in traj.indices)
