@@ -9,8 +9,13 @@ from .hydra import HydraAttributor
 from .influence import InfluenceFunctionAttributor
 from .distributed import parallel_attribute
 from . import datasets, metrics, models, similarity  # noqa: E402  (submodules)
+from .cleaning import CleanedClassifier, LabelNoiseCleaner
+from .detection import SignClusterDetector
+from . import plotting  # noqa: E402  (submodule)
 
 __version__ = "0.1.0"
 
 __all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor", "__version__",
            "parallel_attribute"]
+
+__all__ += ["CleanedClassifier", "LabelNoiseCleaner", "SignClusterDetector"]

@@ -1,0 +1,216 @@
+"""Unsupervised detection of mislabeled training samples from contribution signs.
+
+:class:`SignClusterDetector` is the detector of the HYDRA paper (Chen et al., AAAI
+2021, "Debugging Training Data", Table 4): every training sample gets a feature vector
+of its contributions to ``n_reference`` randomly drawn validation points, discretized to
+signs; within each class the sign vectors are split into two groups by k-means, and the
+group that hurts the validation points more is called mislabeled. It is also a sampler
+(``fit_resample`` drops the flagged rows), so it can replace
+:class:`~hydrattr.cleaning.LabelNoiseCleaner` in an imbalanced-learn pipeline or in
+:class:`~hydrattr.cleaning.CleanedClassifier`.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from .cleaning import _ContributionSampler
+
+__all__ = ["SignClusterDetector"]
+
+_SIGN_STORAGE = ("int8", "packed")
+
+
+class SignClusterDetector(_ContributionSampler):
+    """Flag mislabeled samples by clustering the signs of their contributions.
+
+    The data given to :meth:`fit_resample` is split into a training part and a
+    validation part exactly as in :class:`~hydrattr.cleaning.LabelNoiseCleaner`
+    (or ``validation_data`` is used). A clone of ``attributor`` is trained on the
+    training part; ``n_reference`` validation points are drawn at random and each
+    training sample's contributions to them (``C[i, j] ~ loss_j(without i) -
+    loss_j(with all)``) are reduced to signs: ``+1`` helps reference ``j``, ``-1``
+    hurts it. For each class (by the given, possibly wrong, label) the sign vectors
+    are clustered into two groups with k-means (seeded); the group whose samples hurt
+    the references more, i.e. whose mean contribution to them (``scores_``) is lower,
+    is flagged. (The mean *sign* is a poorer referee: the mislabeled group is a mix of
+    samples from every other true class, and its members help their given class's
+    references about as often as the clean ones do, only by less.)
+
+    Note that every class with at least two distinct sign vectors is split in two, so
+    a clean class also has a flagged group; the method assumes noisy classes.
+
+    Parameters
+    ----------
+    attributor : attributor or skorch.NeuralNet
+        E.g. ``HydraAttributor(net, verbose=0)``; cloned at fit. A bare skorch net is
+        wrapped as ``HydraAttributor(net, random_state=random_state, verbose=0)``. Its
+        net should use ``train_split=None``.
+    n_reference : int, default=1000
+        Number of validation points whose contributions form the feature vector (all
+        validation points when fewer).
+    validation_size : float in (0, 1) or int, default=0.2
+        Held-out part when ``validation_data`` is None (stratified, seeded).
+    validation_data : tuple (X_val, y_val) or None, default=None
+        An explicit validation set; then every row of ``X`` is a training row.
+    n_init : int, default=10
+        k-means restarts per class.
+    sign_storage : {"int8", "packed"}, default="int8"
+        How ``sign_vectors_`` is kept: an int8 matrix of -1/0/+1 (one byte per entry),
+        or bit-packed along the references with ``numpy.packbits`` (bit set = positive
+        contribution; 8 times smaller). :meth:`sign_matrix` unpacks either.
+    reference_batch_size : int or None, default=None
+        Ask the attributor for this many reference columns at a time, so only an
+        ``(n_train, reference_batch_size)`` float block is ever held (None: all at once).
+        Each block may cost the attributor one pass over its data.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the validation split, the choice of references and k-means.
+
+    Attributes
+    ----------
+    attributor_ : attributor
+        The fitted clone.
+    classes_ : ndarray
+    label_issues_ : ndarray of bool, shape (n_samples,)
+        True for rows in a flagged group (never a validation row).
+    cluster_labels_ : ndarray of int, shape (n_samples,)
+        1 = flagged group, 0 = the other group, -1 = not clustered (validation rows and
+        rows without a score).
+    scores_ : ndarray of shape (n_samples,)
+        Mean contribution to the references (positive = helpful); NaN for validation
+        rows and unscored rows.
+    sign_vectors_ : ndarray
+        int8 of shape (n_train, n_reference_) or uint8 of shape
+        (n_train, ceil(n_reference_ / 8)); row ``k`` belongs to sample
+        ``train_indices_[k]``.
+    reference_indices_ : ndarray of int
+        The references: rows of ``X`` (validation split) or of ``X_val``.
+    n_reference_ : int
+    train_indices_, validation_indices_ : ndarray of int
+    removed_mask_ : ndarray of bool
+        Same as ``label_issues_``; ``sample_indices_`` are the kept rows.
+    n_removed_ : int
+    n_features_in_ : int
+    """
+
+    def __init__(self, attributor=None, n_reference=1000, validation_size=0.2,
+                 validation_data=None, n_init=10, sign_storage="int8",
+                 reference_batch_size=None, random_state=None):
+        self.attributor = attributor
+        self.n_reference = n_reference
+        self.validation_size = validation_size
+        self.validation_data = validation_data
+        self.n_init = n_init
+        self.sign_storage = sign_storage
+        self.reference_batch_size = reference_batch_size
+        self.random_state = random_state
+
+    def _check_params(self, n):
+        for name in ("n_reference", "n_init"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}.")
+        rbs = self.reference_batch_size
+        if rbs is not None and (isinstance(rbs, bool) or not isinstance(rbs, numbers.Integral)
+                                or rbs < 1):
+            raise ValueError(f"reference_batch_size must be None or a positive int, got {rbs!r}.")
+        if self.sign_storage not in _SIGN_STORAGE:
+            raise ValueError(f"sign_storage must be one of {_SIGN_STORAGE}, got "
+                             f"{self.sign_storage!r}.")
+
+    # -- signs -----------------------------------------------------------------------
+    def _store(self, S):
+        if self.sign_storage == "packed":
+            return np.packbits(S > 0, axis=1)
+        return S
+
+    def sign_matrix(self, rows=None):
+        """Dense int8 sign vectors (-1/+1; 0 for exactly-zero contributions when stored
+        as int8; packed storage keeps only positive vs not).
+
+        Parameters
+        ----------
+        rows : array-like of int or None
+            Positions in ``train_indices_`` (None: all).
+
+        Returns
+        -------
+        S : ndarray of int8, shape (n_rows, n_reference_)
+        """
+        check_is_fitted(self, "sign_vectors_")
+        V = self.sign_vectors_ if rows is None else self.sign_vectors_[np.asarray(rows)]
+        if self.sign_storage == "packed":
+            bits = np.unpackbits(V, axis=1, count=self.n_reference_)
+            return (2 * bits.astype(np.int8) - 1).astype(np.int8)
+        return np.asarray(V, dtype=np.int8)
+
+    def _contributions(self, X_val, y_val, n_train):
+        """Stored signs and mean contributions, one reference block at a time.
+
+        With packed storage the block size is rounded up to a multiple of 8 so that each
+        block packs into whole bytes and only packed bits are kept between blocks.
+        """
+        m = len(X_val)
+        bs = m if self.reference_batch_size is None else int(self.reference_batch_size)
+        if self.sign_storage == "packed":
+            bs = -(-bs // 8) * 8
+        blocks, total = [], np.zeros(n_train)
+        finite = np.ones(n_train, dtype=bool)
+        for s in range(0, m, bs):
+            C = np.asarray(self.attributor_.attribute(X_val[s:s + bs], y_val[s:s + bs],
+                                                      objective="per_sample"),
+                           dtype=np.float64)
+            finite &= np.isfinite(C).all(axis=1)
+            C = np.nan_to_num(C, nan=0.0)
+            total += C.sum(axis=1)
+            blocks.append(self._store(np.sign(C).astype(np.int8)))
+            del C
+        return np.concatenate(blocks, axis=1), total / m, finite
+
+    # -- fit -------------------------------------------------------------------------
+    def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
+        rs = check_random_state(self.random_state)
+        n_val = len(X_val)
+        n_ref = min(int(self.n_reference), n_val)
+        ref = np.sort(rs.choice(n_val, size=n_ref, replace=False))
+        self.n_reference_ = n_ref
+        val_rows = self.validation_indices_
+        self.reference_indices_ = val_rows[ref] if len(val_rows) else ref
+        V, mean_c, finite = self._contributions(X_val[ref], y_val[ref], len(train_rows))
+        self.sign_vectors_ = V
+        trained = self._trained_rows(self.attributor_, len(train_rows)) & finite
+        scores = np.full(n_samples, np.nan)
+        scores[train_rows] = np.where(trained, mean_c, np.nan)
+        self.scores_ = scores
+        clusters = np.full(len(train_rows), -1, dtype=np.int64)
+        for c in np.unique(y_train):
+            pos = np.flatnonzero((y_train == c) & trained)
+            if len(pos) < 2:
+                clusters[pos] = 0
+                continue
+            S = self.sign_matrix(pos).astype(np.float32)
+            if len(np.unique(S, axis=0)) < 2:  # nothing to split
+                clusters[pos] = 0
+                continue
+            km = KMeans(n_clusters=2, n_init=int(self.n_init),
+                        random_state=rs.randint(np.iinfo(np.int32).max))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                lab = km.fit_predict(S)
+            # the group that hurts the references more: lower mean contribution
+            s_c = mean_c[pos]
+            helps = np.array([s_c[lab == k].mean() if np.any(lab == k) else np.inf
+                              for k in (0, 1)])
+            flagged = int(np.argmin(helps))
+            clusters[pos] = (lab == flagged).astype(np.int64)
+        cluster_labels = np.full(n_samples, -1, dtype=np.int64)
+        cluster_labels[train_rows] = clusters
+        self.cluster_labels_ = cluster_labels
+        self.label_issues_ = cluster_labels == 1
+        return clusters == 1

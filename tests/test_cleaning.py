@@ -1,0 +1,272 @@
+"""LabelNoiseCleaner and CleanedClassifier: scores, removal rules, real noisy data,
+imbalanced-learn and scikit-learn composition."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from skorch import NeuralNetClassifier
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from hydrattr import HydraAttributor
+from hydrattr.cleaning import CleanedClassifier, LabelNoiseCleaner
+from hydrattr.datasets import load_digits_split, make_label_noise
+from hydrattr.models import MLP
+
+
+class ColumnScores(BaseEstimator):
+    """Stub attributor: the score of training row i is its first feature (known exactly)."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def fit(self, X, y):
+        self.X_ = np.asarray(X, dtype=float)
+        self.n_fit_ = len(X)
+        return self
+
+    def attribute(self, X_test, y_test, objective="per_sample"):
+        s = self.scale * self.X_[:, 0]
+        if objective == "mean":
+            return s[:, None]
+        # per-sample columns whose median is s (s - 1, s, s + 5)
+        return np.stack([s - 1, s, s + 5], axis=1)
+
+
+def _stub_data(n=20):
+    X = np.zeros((n, 2))
+    X[:, 0] = np.arange(n) - 5.5  # scores -5.5 .. 13.5, 6 negative
+    return X, np.arange(n) % 2
+
+
+def mlp_net(epochs=20, train_split=None, **kw):
+    return NeuralNetClassifier(
+        MLP, module__n_features=64, module__n_classes=10, module__hidden=(32,),
+        module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD, lr=0.1, optimizer__momentum=0.9, max_epochs=epochs,
+        batch_size=32, train_split=train_split, iterator_train__shuffle=True, verbose=0, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CPU is shared: one torch thread is faster than two oversubscribed ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits_split(random_state=0)
+    X, Xv = d.X_train.astype(np.float64), d.X_valid.astype(np.float64)
+    y_noisy, flipped = make_label_noise(d.y_train, 0.2, n_classes=10, random_state=0)
+    return X, y_noisy, flipped, Xv, d.y_valid
+
+
+# ------------------------------------------------------------------ removal rules
+
+def test_fraction_removes_exactly_the_lowest_scores():
+    X, y = _stub_data()
+    c = LabelNoiseCleaner(ColumnScores(), validation_data=(X[:4], y[:4]), fraction=0.25)
+    Xk, yk = c.fit_resample(X, y)
+    np.testing.assert_array_equal(c.scores_, X[:, 0])
+    np.testing.assert_array_equal(np.flatnonzero(c.removed_mask_), np.arange(5))  # 20*0.25
+    np.testing.assert_array_equal(c.sample_indices_, np.arange(5, 20))
+    np.testing.assert_array_equal(Xk, X[5:])
+    np.testing.assert_array_equal(yk, y[5:])
+    assert c.n_removed_ == 5 and c.threshold_ == X[4, 0]
+
+
+def test_threshold_and_default_threshold_zero():
+    X, y = _stub_data()
+    c = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y), threshold=2.0).fit(X, y)
+    np.testing.assert_array_equal(c.removed_mask_, X[:, 0] < 2.0)
+    c = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y)).fit(X, y)
+    np.testing.assert_array_equal(c.removed_mask_, X[:, 0] < 0)  # harmful rows only
+    assert c.n_removed_ == 6
+
+
+def test_median_objective_uses_per_sample_columns():
+    X, y = _stub_data()
+    c = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y), objective="median",
+                          fraction=0.1).fit(X, y)
+    np.testing.assert_array_equal(c.scores_, X[:, 0])  # median of (s-1, s, s+5)
+
+
+def test_split_is_stratified_seeded_and_validation_rows_are_kept():
+    X, y = _stub_data(40)
+    c = LabelNoiseCleaner(ColumnScores(), validation_size=0.25, fraction=0.5,
+                          random_state=3).fit(X, y)
+    tr, va = c.train_indices_, c.validation_indices_
+    assert len(va) == 10 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 40
+    assert np.bincount(y[va]).tolist() == [5, 5]  # stratified
+    assert c.attributor_.n_fit_ == 30
+    assert np.isnan(c.scores_[va]).all() and not c.removed_mask_[va].any()
+    assert c.n_removed_ == 15  # half of the 30 scored rows
+    c2 = LabelNoiseCleaner(ColumnScores(), validation_size=0.25, fraction=0.5,
+                           random_state=3).fit(X, y)
+    np.testing.assert_array_equal(c2.validation_indices_, va)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(fraction=0.2, threshold=0.0), "either fraction or threshold"),
+    (dict(fraction=1.0), "fraction"),
+    (dict(threshold=np.nan), "threshold"),
+    (dict(objective="sum"), "objective"),
+    (dict(validation_size=1.5), "validation_size"),
+    (dict(validation_size=0), "validation_size"),
+])
+def test_parameter_errors_name_the_parameter(kw, match):
+    X, y = _stub_data()
+    with pytest.raises(ValueError, match=match):
+        LabelNoiseCleaner(ColumnScores(), **kw).fit(X, y)
+
+
+def test_attributor_errors_and_validation_data_errors():
+    X, y = _stub_data()
+    with pytest.raises(TypeError, match="attributor is required"):
+        LabelNoiseCleaner().fit(X, y)
+    with pytest.raises(TypeError, match="attributor must be"):
+        LabelNoiseCleaner(LogisticRegression()).fit(X, y)
+    with pytest.raises(ValueError, match="labels not seen"):
+        LabelNoiseCleaner(ColumnScores(), validation_data=(X, y + 5)).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        LabelNoiseCleaner(ColumnScores(), validation_data=(X[:, :1], y)).fit(X, y)
+
+
+def test_string_labels_and_pandas_round_trip():
+    X, y = _stub_data()
+    labels = np.array(["cat", "dog"])[y]
+    df = pd.DataFrame(X, columns=["a", "b"], index=np.arange(100, 120))
+    c = LabelNoiseCleaner(ColumnScores(), validation_data=(df, labels), fraction=0.25)
+    Xk, yk = c.fit_resample(df, pd.Series(labels, index=df.index))
+    assert list(c.classes_) == ["cat", "dog"]
+    assert isinstance(Xk, pd.DataFrame) and list(Xk.index) == list(range(105, 120))
+    assert list(yk) == list(labels[5:])
+
+
+# ------------------------------------------------------------ real attributor runs
+
+def test_scores_equal_a_direct_attribution_on_the_same_split():
+    """The cleaner's scores are exactly the attributor's mean column on its split."""
+    d = load_digits_split(random_state=1)
+    X, y = d.X_train[:200].astype(np.float64), d.y_train[:200]
+    attr = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0)
+    c = LabelNoiseCleaner(attr, validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
+    tr, va = c.train_indices_, c.validation_indices_
+    ref = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0).fit(X[tr], y[tr])
+    expected = ref.attribute(X[va], y[va], objective="mean")[:, 0]
+    # same seed, same rows, same operations: identical up to float summation order
+    np.testing.assert_allclose(c.scores_[tr], expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_digits_noise_cleaner_removes_flipped_rows(digits, mode):
+    """20% of the digits labels flipped; scoring on the clean validation set must find
+    them. Measured precision of the removed 20%: 0.68 (fast), far above the 0.20 that
+    a random removal gets; the bound 0.45 leaves room for platform float noise while a
+    sign error or a wrong column (precision <= 0.2) fails."""
+    X, y, flipped, Xv, yv = digits
+    attr = HydraAttributor(mlp_net(), mode=mode, storage="replay", random_state=0, verbose=0)
+    c = LabelNoiseCleaner(attr, validation_data=(Xv, yv), fraction=0.2, random_state=0)
+    Xk, yk = c.fit_resample(X, y)
+    removed = c.removed_mask_
+    precision = flipped[removed].mean()
+    assert removed.sum() == round(0.2 * len(X))
+    assert precision > 0.45, precision
+    assert len(Xk) == len(X) - removed.sum()
+    # the kept set is cleaner: kept noise rate = 0.25 (1 - precision) < 0.1375 here
+    assert flipped[c.sample_indices_].mean() < 0.75 * flipped.mean()
+
+
+def test_net_with_train_split_warns_and_held_out_rows_are_kept():
+    d = load_digits_split(random_state=0)
+    X, y = d.X_train[:150].astype(np.float64), d.y_train[:150]
+    from skorch.dataset import ValidSplit
+
+    attr = HydraAttributor(mlp_net(epochs=1, train_split=ValidSplit(5)), random_state=0,
+                           verbose=0)
+    c = LabelNoiseCleaner(attr, validation_size=30, threshold=np.inf, random_state=0)
+    with pytest.warns(UserWarning, match="train_split"):
+        c.fit(X, y)
+    held_out = ~c.attributor_.trained_mask_
+    assert held_out.sum() > 0
+    rows = c.train_indices_[held_out]
+    assert np.isnan(c.scores_[rows]).all() and not c.removed_mask_[rows].any()
+    # threshold=inf removes every scored row and nothing else
+    assert c.n_removed_ == len(c.train_indices_) - held_out.sum()
+
+
+# -------------------------------------------------------------- composition
+
+def test_imblearn_pipeline_fits_the_final_step_on_the_kept_rows():
+    imblearn_pipeline = pytest.importorskip("imblearn.pipeline")
+    X, y = _stub_data(40)
+    X[:, 1] = np.random.RandomState(0).randn(40) + y
+    pipe = imblearn_pipeline.Pipeline([
+        ("clean", LabelNoiseCleaner(ColumnScores(), validation_size=0.2, fraction=0.3,
+                                    random_state=0)),
+        ("clf", LogisticRegression())]).fit(X, y)
+    kept = pipe.named_steps["clean"].sample_indices_
+    assert len(kept) < len(X)
+    ref = LogisticRegression().fit(X[kept], y[kept])
+    np.testing.assert_allclose(pipe.predict_proba(X), ref.predict_proba(X), rtol=1e-12)
+
+
+def test_cleaned_classifier_forwards_and_matches_manual_fit():
+    X, y = _stub_data(40)
+    X[:, 1] = np.random.RandomState(0).randn(40) + y
+    clf = CleanedClassifier(LabelNoiseCleaner(ColumnScores(), validation_size=0.2,
+                                              fraction=0.3, random_state=0),
+                            LogisticRegression()).fit(X, y)
+    kept = clf.sample_indices_
+    ref = LogisticRegression().fit(X[kept], y[kept])
+    np.testing.assert_array_equal(clf.classes_, [0, 1])
+    np.testing.assert_allclose(clf.predict_proba(X), ref.predict_proba(X), rtol=1e-12)
+    np.testing.assert_array_equal(clf.predict(X), ref.predict(X))
+    np.testing.assert_allclose(clf.decision_function(X), ref.decision_function(X))
+    assert clf.score(X, y) == ref.score(X, y)
+    assert clf.n_features_in_ == 2
+
+
+def test_grid_search_tunes_the_fraction_in_a_plain_pipeline(digits):
+    X, y, flipped, Xv, yv = digits
+    X, y = X[:300], y[:300]
+    attr = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0)
+    pipe = make_pipeline(StandardScaler(), CleanedClassifier(
+        LabelNoiseCleaner(attr, random_state=0), LogisticRegression(max_iter=200)))
+    grid = GridSearchCV(pipe, {"cleanedclassifier__cleaner__fraction": [0.0, 0.2],
+                               "cleanedclassifier__cleaner__attributor__net__lr": [0.1]},
+                        cv=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        grid.fit(X, y)
+    fracs = [p["cleanedclassifier__cleaner__fraction"] for p in grid.cv_results_["params"]]
+    assert fracs == [0.0, 0.2]
+    best = grid.best_estimator_[-1]
+    n_scored = len(best.cleaner_.train_indices_)
+    assert best.cleaner_.n_removed_ == round(grid.best_params_[
+        "cleanedclassifier__cleaner__fraction"] * n_scored)
+    # fraction 0 removes nothing: identical to the plain classifier on all rows
+    scores = cross_val_score(pipe.set_params(cleanedclassifier__cleaner__fraction=0.0),
+                             X, y, cv=2)
+    plain = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=200)),
+                            X, y, cv=2)
+    np.testing.assert_allclose(scores, plain)
+
+
+def test_hydrattr_imports_without_imbalanced_learn():
+    code = ("import sys; sys.modules['imblearn'] = None\n"
+            "import hydrattr, hydrattr.cleaning, hydrattr.detection\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
