@@ -7,6 +7,7 @@ influence functions and leave-one-out retraining, all returning the same matrix
 from .base import BaseAttributor
 from .hydra import HydraAttributor
 from .influence import InfluenceFunctionAttributor
+from .loo import LeaveOneOutAttributor
 from .distributed import parallel_attribute
 from . import datasets, metrics, models, similarity  # noqa: E402  (submodules)
 from .cleaning import CleanedClassifier, LabelNoiseCleaner
@@ -15,7 +16,8 @@ from . import plotting  # noqa: E402  (submodule)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor", "__version__",
+__all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor",
+           "LeaveOneOutAttributor", "__version__",
            "parallel_attribute"]
 
 __all__ += ["CleanedClassifier", "LabelNoiseCleaner", "SignClusterDetector"]

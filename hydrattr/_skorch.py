@@ -266,6 +266,10 @@ class TrajectoryRecorder(Callback):
         dtype = next(net.module_.parameters()).dtype
         self.trajectory_ = Trajectory(self.spec_, len(self.dataset), storage=self.storage,
                                       directory=self.directory, dtype=dtype)
+        # module buffers before the first step (BatchNorm running statistics), so that
+        # replays can rebuild the running statistics along the trajectory
+        self.trajectory_.buffers0 = {n: b.detach().to("cpu").clone()
+                                     for n, b in net.module_.named_buffers()}
         self._params = [p for g in net.optimizer_.param_groups for p in g["params"]
                         if p.requires_grad]
         self.dataset.fetched = []

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from sklearn.utils import check_random_state
 
+from ._core.running_stats import BatchNormStats
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
 from ._skorch import module_mode
@@ -42,7 +43,13 @@ class HydraAttributor(BaseAttributor):
         pass over the trajectory instead of per-group scalars);
         ``"exact"`` keeps it by running the adjoint of the whole training run backward:
         the exact first-order derivative, at the cost of one batch forward-over-reverse
-        product per step and objective at ``attribute`` time.
+        product per step and objective at ``attribute`` time. Test losses are taken in
+        eval mode; with BatchNorm they use the running statistics, which are moving
+        averages of the batch statistics along the trajectory and so depend on every
+        ``eps_i`` through the parameters. Exact mode differentiates that path too (in
+        the same forward-over-reverse pass), so it equals finite differences of
+        retraining in which the running statistics are recomputed; fast mode holds them
+        at their trained values.
     storage : {"dense", "half", "memmap", "replay"}, default="dense"
         Fast mode only. Where the per-sample state ``S_i`` (one parameter-sized vector per
         tracked sample) lives: float32 in RAM, float16 in RAM, float32 in a disk memmap
@@ -170,14 +177,65 @@ class HydraAttributor(BaseAttributor):
         for s in range(0, G.shape[0], bs):
             yield G[s:s + bs]
 
+    def _batchnorm_stats(self):
+        """BatchNorm running statistics of the trained net (None without such layers)."""
+        bn = BatchNormStats(self.net_.module_)
+        return bn if len(bn) else None
+
+    def _exact_test_grads(self, Xt, yt, objective):
+        """Test gradients w.r.t. the parameters and, with BatchNorm, the running statistics.
+
+        Returns ``(G, G_R)``; ``G_R`` is None without BatchNorm layers. Eval-mode
+        BatchNorm outputs are recomputed from the running statistics so that they are
+        differentiable (same values as torch's kernel).
+        """
+        bn = self._batchnorm_stats()
+        if bn is None:
+            return self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size), None
+        from torch.func import grad, vmap
+
+        from ._core.functional import _unsqueeze
+        from ._inputs import n_rows, slice_rows, to_device
+        from ._skorch import flat_params
+
+        theta = flat_params(self.net_, self.spec_).to(self._device)
+        R = bn.flat().to(self._device, theta.dtype)
+        f = bn.eval_loss(self._loss_fn())
+
+        def one(th, r, xi, yi):
+            return f(th, r, _unsqueeze(xi), _unsqueeze(yi)).sum()
+
+        gs, grs = [], []
+        bs = self.test_batch_size
+        with module_mode(self.net_.module_, training=False):
+            for s in range(0, n_rows(Xt), bs):
+                x = to_device(slice_rows(Xt, s, s + bs), self._device)
+                y = yt[s:s + bs].to(self._device)
+                g, gr = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
+                    theta, R, x, y)
+                gs.append(g.detach())
+                grs.append(gr.detach())
+        G, GR = torch.cat(gs), torch.cat(grs)
+        if objective == "mean":
+            G, GR = G.mean(dim=0, keepdim=True), GR.mean(dim=0, keepdim=True)
+        return G, GR
+
     def _attribute(self, Xt, yt, objective):
-        G = self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size)
+        GR = None
+        if self.mode == "exact":
+            # exact mode also differentiates the eval-mode test loss through the
+            # BatchNorm running statistics accumulated along the trajectory
+            G, GR = self._exact_test_grads(Xt, yt, objective)
+        else:
+            G = self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size)
         progress = self._progress()
         if self.store_ is not None:
             D = self.store_.matmul_t(G).double()
         else:
             loss_fn, data_fn = self._loss_fn(), self._data_fn()
+            bn = self._batchnorm_stats() if GR is not None else None
             parts = []
+            start = 0
             with module_mode(self.net_.module_, training=True):
                 for block in self._blocks(G):
                     if self.mode == "fast":
@@ -186,10 +244,13 @@ class HydraAttributor(BaseAttributor):
                             len(self.rows_), independent=self._independent, device=self._device,
                             progress=progress))
                     else:
+                        sl = slice(start, start + block.shape[0])
                         parts.append(exact_adjoint(
                             self.trajectory_, loss_fn, data_fn, block, self._rows_map,
                             len(self.rows_), hessian=True, device=self._device,
-                            progress=progress, vectorize=not self.module_flags_["dropout"]))
+                            progress=progress, bn=bn,
+                            stats_grads=None if GR is None else GR[sl]))
+                    start += block.shape[0]
             D = torch.cat(parts, dim=1)
         C = np.full((self.n_train_, G.shape[0]), np.nan)
         C[self.rows_] = -D.cpu().numpy()
@@ -221,11 +282,18 @@ class HydraAttributor(BaseAttributor):
                              "mode='exact' or storage='replay'.")
         X_test, y_test = self._validate_xy(X_test, y_test, reset=False)
         Xt, yt = self._to_tensors(X_test, y_test)
-        G = self._test_grads(Xt, yt, "per_sample", batch_size=self.test_batch_size)
         hessian = (self.mode == "exact") if hessian is None else bool(hessian)
+        GR = None
+        if hessian:  # the exact derivative, through BatchNorm running statistics too
+            G, GR = self._exact_test_grads(Xt, yt, "per_sample")
+        else:
+            G = self._test_grads(Xt, yt, "per_sample", batch_size=self.test_batch_size)
+        bn = self._batchnorm_stats() if GR is not None else None
         with module_mode(self.net_.module_, training=True):
-            tangents = exact_forward(self.trajectory_, self._loss_fn(), self._data_fn(),
-                                     np.asarray(rows), hessian=hessian, device=self._device,
-                                     progress=self._progress(),
-                                     vectorize=not self.module_flags_["dropout"])
-        return -(tangents @ G.T).double().cpu().numpy()
+            out = exact_forward(self.trajectory_, self._loss_fn(), self._data_fn(),
+                                np.asarray(rows), hessian=hessian, device=self._device,
+                                progress=self._progress(), bn=bn)
+        if bn is not None:
+            tangents, dR = out
+            return -(tangents @ G.T + dR @ GR.T).double().cpu().numpy()
+        return -(out @ G.T).double().cpu().numpy()

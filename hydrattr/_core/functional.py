@@ -16,6 +16,7 @@ __all__ = [
     "ParamSpec",
     "per_sample_grads",
     "per_sample_dots_and_hvp",
+    "batch_products",
     "rng_context",
 ]
 
@@ -145,43 +146,119 @@ def per_sample_dots_and_hvp(loss_fn, theta, x, y, weights, vectors, *, hessian=T
         Shape ``(m, n_params)``.
     hessian : bool
         If False only the dots are computed (``hvp`` is None).
+    rng_state : tuple or None
+        RNG state replayed for the forward pass (dropout masks).
     vectorize : bool
-        Use ``vmap`` over the vectors; set False when the forward pass is random
-        (dropout), so each vector replays the same masks from ``rng_state``.
+        Use ``vmap`` over the vectors. With ``rng_state`` the map runs with
+        ``randomness="same"``, so every vector sees the masks that one unbatched forward
+        pass from ``rng_state`` draws; False loops over the vectors instead, replaying
+        ``rng_state`` for each (the reference).
 
     Returns
     -------
     dots : torch.Tensor, shape ``(m, batch)``
     hvp : torch.Tensor or None, shape ``(m, n_params)``
     """
-    def losses(t):
-        return loss_fn(t, x, y)
+    dots, hv, _ = batch_products(loss_fn, theta, x, y, weights, vectors, hessian=hessian,
+                                 rng_state=rng_state, vectorize=vectorize)
+    return dots, hv
+
+
+def batch_products(loss_fn, theta, x, y, weights, vectors, *, hessian=True, stats_fn=None,
+                   stats_cotangents=None, rng_state=None, vectorize=True):
+    """Forward-over-reverse products of one training batch, for a stack of vectors.
+
+    For every vector ``v_m`` (one forward-over-reverse pass each, or one vmapped pass
+    for all) returns the per-sample dots ``J_l v_m`` (JVP of the per-sample losses),
+    the batch Hessian-vector product ``H v_m`` of ``sum_k weights[k] * l_k`` and,
+    with BatchNorm running statistics (``stats_fn``), the JVP of the batch statistics
+    ``J_S v_m``; with ``stats_cotangents`` ``rho_m`` the VJP ``J_S^T rho_m`` is added to
+    the HVP in the same pass. The trick: the gradient of
+    ``sum_k w_k l_k(u) + alpha * rho . S(u)`` is pushed forward along
+    ``(v, d alpha = 1)`` at ``alpha = 0``, whose tangent is exactly ``H v + J_S^T rho``.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(theta, x, y) -> (batch,)`` per-sample losses (train mode).
+    vectors : torch.Tensor, shape ``(m, n_params)``
+    hessian : bool
+        Compute the HVP (otherwise only dots and stats JVPs).
+    stats_fn : callable or None
+        ``stats_fn(theta, x, y) -> (losses, S)``, used instead of ``loss_fn`` when given
+        (see :class:`~hydrattr._core.running_stats.BatchNormStats.loss_and_stats`).
+    stats_cotangents : torch.Tensor or None, shape ``(m, n_stats)``
+        ``rho_m``; requires ``stats_fn`` and ``hessian``.
+    rng_state, vectorize : see :func:`per_sample_dots_and_hvp`.
+
+    Returns
+    -------
+    dots : torch.Tensor, shape ``(m, batch)``
+    hvp : torch.Tensor or None, shape ``(m, n_params)``
+        ``H v_m`` (+ ``J_S^T rho_m`` with ``stats_cotangents``); None without ``hessian``.
+    dstats : torch.Tensor or None, shape ``(m, n_stats)``
+        ``J_S v_m`` when ``stats_fn`` is given.
+    """
+    has_stats = stats_fn is not None
+    with_rho = stats_cotangents is not None
+    if with_rho and not (has_stats and hessian):
+        raise ValueError("stats_cotangents needs stats_fn and hessian=True")
+
+    def fwd(t):  # (losses,) or (losses, S): tensors only, for the transforms
+        if has_stats:
+            return tuple(stats_fn(t, x, y))
+        return (loss_fn(t, x, y),)
+
+    def split(aux):
+        return aux[0], (aux[1] if has_stats else None)
 
     if hessian:
-        def f(t):
-            g, lv = grad(lambda u: _weighted_with_aux(losses, u, weights), has_aux=True)(t)
-            return lv, g
+        def f(t, alpha, rho):
+            def obj(u):
+                out = fwd(u)
+                val = (weights * out[0]).sum()
+                if rho is not None:
+                    val = val + alpha * (rho * out[1]).sum()
+                return val, out
 
-        def one(v):
-            with rng_context(rng_state, theta.device if theta.is_cuda else None):
-                _, (dots, hv) = jvp(f, (theta,), (v,))
-            return dots, hv
+            g, aux = grad(obj, has_aux=True)(t)
+            return aux, g
+
+        def one(v, rho):
+            zero = torch.zeros((), dtype=theta.dtype, device=theta.device)
+            _, (daux, hv) = jvp(lambda t, a: f(t, a, rho), (theta, zero),
+                                (v, torch.ones_like(zero)))
+            dl, ds = split(daux)
+            return dl, hv, ds
     else:
-        def one(v):
-            with rng_context(rng_state, theta.device if theta.is_cuda else None):
-                _, dots = jvp(losses, (theta,), (v,))
-            return dots, None
+        def one(v, rho):
+            _, daux = jvp(fwd, (theta,), (v,))
+            dl, ds = split(daux)
+            return dl, None, ds
 
-    if vectorize and rng_state is None:
-        if hessian:
-            dots, hv = vmap(lambda v: one(v))(vectors)
-            return dots, hv
-        dots = vmap(lambda v: one(v)[0])(vectors)
-        return dots, None
-    outs = [one(v) for v in vectors]
-    dots = torch.stack([o[0] for o in outs])
-    hv = torch.stack([o[1] for o in outs]) if hessian else None
-    return dots, hv
+    device = theta.device if theta.is_cuda else None
+    rhos = stats_cotangents
+    if vectorize:
+        def mapped(v, rho):
+            dl, hv, ds = one(v, rho)
+            return tuple(o for o in (dl, hv, ds) if o is not None)
+
+        in_dims = (0, 0) if with_rho else (0, None)
+        randomness = "same" if rng_state is not None else "error"
+        with rng_context(rng_state, device):
+            outs = list(vmap(mapped, in_dims=in_dims, randomness=randomness)(vectors, rhos))
+        dots = outs.pop(0)
+        hv = outs.pop(0) if hessian else None
+        ds = outs.pop(0) if has_stats else None
+        return dots, hv, ds
+    res = []
+    for m in range(vectors.shape[0]):
+        with rng_context(rng_state, device):
+            res.append(one(vectors[m], None if rhos is None else rhos[m]))
+    dots = torch.stack([r[0] for r in res])
+    hv = torch.stack([r[1] for r in res]) if hessian else None
+    ds = torch.stack([r[2] for r in res]) if has_stats else None
+    return dots, hv, ds
 
 
 def _weighted_with_aux(losses, t, weights):

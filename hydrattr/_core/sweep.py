@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .functional import per_sample_dots_and_hvp, per_sample_grads
+from .functional import batch_products, per_sample_dots_and_hvp, per_sample_grads
 from .steps import batch_grad, steps_for
 
-__all__ = ["build_fast_store", "fast_replay", "exact_adjoint", "exact_forward"]
+__all__ = ["build_fast_store", "fast_replay", "exact_adjoint", "exact_forward",
+           "running_coefficients"]
 
 
 def _tracked(rows_map, idx):
@@ -133,18 +134,47 @@ def fast_replay(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     return out
 
 
+def running_coefficients(traj, bn):
+    """Per-step, per-layer coefficients ``c`` of ``R_T = a R_0 + sum_t c_t S_t`` (float64).
+
+    The layers' ``num_batches_tracked`` before training come from the trajectory's
+    ``buffers0`` when recorded, otherwise from the trained modules minus the number of
+    steps (one update per step).
+    """
+    buffers0 = getattr(traj, "buffers0", None)
+    if buffers0 is not None:
+        counts0 = bn.counts(buffers0)
+    else:
+        counts0 = [c - len(traj) for c in bn.counts()]
+    _, c = bn.coefficients(bn.factors(len(traj), counts0))
+    return c
+
+
 def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
-                  hessian=True, device=None, progress=None, vectorize=True):
+                  hessian=True, device=None, progress=None, vectorize=True, bn=None,
+                  stats_grads=None):
     """Reverse-mode sweep: ``D`` for a block of objectives ``test_grads`` (m, P).
 
     Runs the transposed optimizer step backward from ``theta_bar_T = test_grads``;
     at each step the batch's forward-over-reverse product gives the per-sample dots
     ``d_bar . g_{t,i}`` and, when ``hessian``, ``H_t d_bar`` for the next adjoint.
+
+    With BatchNorm running statistics (``bn``, a
+    :class:`~hydrattr._core.running_stats.BatchNormStats`, and ``stats_grads`` (m, n_stats),
+    the objectives' gradients with respect to the final running statistics ``R_T``),
+    each step also adds ``J_{S_t}^T (c_t * stats_grads)`` to the parameter adjoint, in
+    the same forward-over-reverse pass, so ``D`` includes the path
+    ``eps -> theta_t -> batch statistics -> R_T -> eval-mode test loss``.
     """
     steps = steps_for(traj)
     theta_bar = test_grads.to(device).clone()
     v_bar = steps.adjoint_state(theta_bar)
     out = torch.zeros(n_tracked, theta_bar.shape[0], dtype=torch.float64)
+    use_stats = bn is not None and len(bn) > 0 and stats_grads is not None and hessian
+    if use_stats:
+        coef = running_coefficients(traj, bn)
+        r_bar = stats_grads.to(theta_bar.device, theta_bar.dtype)
+        stats_fn = bn.loss_and_stats(loss_fn)
     bar = _bar(progress, len(traj), "HYDRA exact: adjoint sweep")
     for t in range(len(traj) - 1, -1, -1):
         ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
@@ -154,9 +184,16 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
         if hessian or sel.any():
             x, y = data_fn(idx)
             w = torch.full((len(idx),), traj.weights[t], dtype=d_bar.dtype, device=d_bar.device)
-            dots, hv = per_sample_dots_and_hvp(
-                loss_fn, traj.theta(t, device), x, y, w, d_bar, hessian=hessian,
-                rng_state=traj.rng_states[t], vectorize=vectorize)
+            if use_stats:
+                rho = bn.expand(coef[t]).to(r_bar.device, r_bar.dtype) * r_bar
+                dots, hv, _ = batch_products(
+                    loss_fn, traj.theta(t, device), x, y, w, d_bar, hessian=True,
+                    stats_fn=stats_fn, stats_cotangents=rho, rng_state=traj.rng_states[t],
+                    vectorize=vectorize)
+            else:
+                dots, hv = per_sample_dots_and_hvp(
+                    loss_fn, traj.theta(t, device), x, y, w, d_bar, hessian=hessian,
+                    rng_state=traj.rng_states[t], vectorize=vectorize)
             if hessian:
                 theta_bar = theta_bar + hv
             if sel.any():
@@ -170,11 +207,13 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
 
 
 def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
-                  progress=None, vectorize=True):
+                  progress=None, vectorize=True, bn=None):
     """The paper's forward recurrence for the data rows ``rows``.
 
     Returns the tangents ``(1/N) d theta_T / d eps_i`` stacked ``(len(rows), P)``;
-    ``D = tangents @ test_grads.T``.
+    ``D = tangents @ test_grads.T``. With ``bn`` (BatchNorm running statistics) returns
+    ``(tangents, stats_tangents)``, the second ``(len(rows), n_stats)`` holding
+    ``(1/N) d R_T / d eps_i``; then ``D = tangents @ G.T + stats_tangents @ G_R.T``.
     """
     spec = traj.spec
     steps = steps_for(traj)
@@ -182,6 +221,11 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
     theta0 = traj.theta(0, device)
     dtheta = torch.zeros(len(rows), spec.n_params, dtype=theta0.dtype, device=theta0.device)
     dv = steps.tangent_state(dtheta)
+    use_stats = bn is not None and len(bn) > 0
+    if use_stats:
+        coef = running_coefficients(traj, bn)
+        stats_fn = bn.loss_and_stats(loss_fn)
+        dR = torch.zeros(len(rows), bn.n_stats, dtype=theta0.dtype, device=theta0.device)
     pos = {int(r): k for k, r in enumerate(rows)}
     bar = _bar(progress, len(traj), "HYDRA forward recurrence")
     for t in range(len(traj)):
@@ -189,11 +233,15 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
         x, y = data_fn(idx)
         theta = traj.theta(t, device)
         dgrad = torch.zeros_like(dtheta)
-        if hessian:
+        if hessian or use_stats:
             w = torch.full((len(idx),), traj.weights[t], dtype=theta.dtype, device=theta.device)
-            _, hv = per_sample_dots_and_hvp(loss_fn, theta, x, y, w, dtheta, hessian=True,
-                                            rng_state=traj.rng_states[t], vectorize=vectorize)
-            dgrad = dgrad + hv
+            _, hv, ds = batch_products(loss_fn, theta, x, y, w, dtheta, hessian=hessian,
+                                       stats_fn=stats_fn if use_stats else None,
+                                       rng_state=traj.rng_states[t], vectorize=vectorize)
+            if hessian:
+                dgrad = dgrad + hv
+            if use_stats:
+                dR = dR + bn.expand(coef[t]).to(dR.device, dR.dtype) * ds
         hit = [(b, pos[int(r)]) for b, r in enumerate(idx) if int(r) in pos]
         if hit:
             g = per_sample_grads(loss_fn, theta, x, y, independent=False,
@@ -207,4 +255,6 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
             bar.update(1)
     if bar is not None:
         bar.close()
+    if use_stats:
+        return dtheta, dR
     return dtheta

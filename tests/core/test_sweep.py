@@ -1,0 +1,187 @@
+"""Exact-mode building blocks: BatchNorm running statistics, stats-aware products, sweeps.
+
+* ``batch_products`` (the alpha trick) against plain autograd: ``J_l v``, ``H v + J_S^T rho``
+  and ``J_S v``.
+* Running statistics rebuilt by ``replay_training`` equal torch's own buffers after a
+  skorch fit (momentum and cumulative ``momentum=None`` layers).
+* With dropout, the vmapped adjoint (``randomness="same"``) equals the per-vector loop
+  that replays the RNG state for each vector.
+* ``exact_adjoint(hessian=False)`` equals the fast-mode store: the two modes differ by
+  the Hessian term only.
+"""
+import numpy as np
+import pytest
+import torch
+from skorch import NeuralNetClassifier
+from skorch.callbacks import LRScheduler
+from torch.func import functional_call
+from torch.optim.lr_scheduler import StepLR
+
+from hydrattr import HydraAttributor
+from hydrattr._core.functional import batch_products
+from hydrattr._core.replay import replay_training
+from hydrattr._core.running_stats import BatchNormStats
+from hydrattr._core.store import SampleStore
+from hydrattr._core.sweep import build_fast_store, exact_adjoint
+from hydrattr._skorch import module_mode
+from hydrattr.models import MLP
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny float64 models: one thread avoids oversubscription on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6, dtype=torch.float64),
+                            torch.nn.BatchNorm1d(6, dtype=torch.float64), torch.nn.Tanh(),
+                            torch.nn.Dropout(0.3), torch.nn.Linear(6, 3, dtype=torch.float64))
+    names = [n for n, _ in m.named_parameters()]
+    from hydrattr._core.functional import ParamSpec
+
+    spec = ParamSpec(names, [p.shape for p in m.parameters()],
+                     [sum(p.numel() for p in m.parameters())])
+    theta = spec.flatten(dict(m.named_parameters())).detach()
+
+    def loss_fn(t, x, y):
+        out = functional_call(m, spec.unflatten(t), (x,))
+        return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    return m, spec, theta, loss_fn
+
+
+def test_batch_products_alpha_trick_matches_autograd():
+    m, spec, theta, loss_fn = _bn_model()
+    bn = BatchNormStats(m)
+    stats_fn = bn.loss_and_stats(loss_fn)
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2, 1])
+    w = torch.full((7,), 1 / 7, dtype=torch.float64)
+    V = torch.randn(3, spec.n_params, dtype=torch.float64)
+    rho = torch.randn(3, bn.n_stats, dtype=torch.float64)
+    rng = (torch.get_rng_state(), None)
+    with module_mode(m, training=True):
+        dots, hv, ds = batch_products(loss_fn, theta, x, y, w, V, stats_fn=stats_fn,
+                                      stats_cotangents=rho, rng_state=rng)
+        dots2, _, ds2 = batch_products(loss_fn, theta, x, y, w, V, hessian=False,
+                                       stats_fn=stats_fn, rng_state=rng)
+
+        def run(t):  # reference: plain autograd with the same dropout masks
+            torch.set_rng_state(rng[0])
+            return stats_fn(t, x, y)
+
+        for k in range(3):
+            t = theta.clone().requires_grad_(True)
+            lv, S = run(t)
+            (g,) = torch.autograd.grad((w * lv).sum(), t, create_graph=True)
+            (h,) = torch.autograd.grad(g @ V[k], t, retain_graph=True)
+            (jts,) = torch.autograd.grad(S @ rho[k], t, retain_graph=True)
+            J = torch.stack([torch.autograd.grad(lv[b], t, retain_graph=True)[0]
+                             for b in range(7)])
+            JS = torch.stack([torch.autograd.grad(S[s], t, retain_graph=True)[0]
+                              for s in range(bn.n_stats)])
+            # float64, a handful of ops: agreement to rounding
+            torch.testing.assert_close(dots[k], J @ V[k], rtol=1e-11, atol=1e-13)
+            torch.testing.assert_close(hv[k], h + jts, rtol=1e-11, atol=1e-13)
+            torch.testing.assert_close(ds[k], JS @ V[k], rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(dots2, dots, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ds2, ds, rtol=1e-12, atol=1e-14)
+
+
+def test_evaluate_with_matches_torch_eval_batchnorm():
+    m, spec, theta, loss_fn = _bn_model()
+    bn = BatchNormStats(m)
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    with module_mode(m, training=False):
+        ref = loss_fn(theta, x, y)
+        got = bn.eval_loss(loss_fn)(theta, bn.flat(), x, y)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-14)
+
+
+def _data(n=60, seed=0):
+    rs = np.random.RandomState(seed)
+    X = rs.randn(n, 4)
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64) + (X[:, 2] > 0.8).astype(np.int64)
+    return X, y
+
+
+def _net(**kw):
+    params = dict(module=MLP, module__n_features=4, module__n_classes=3, module__hidden=(6,),
+                  module__activation="tanh", module__dropout=0.25, module__batchnorm=True,
+                  module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
+                  optimizer=torch.optim.SGD, lr=0.1, optimizer__momentum=0.9,
+                  optimizer__weight_decay=1e-3, batch_size=15, max_epochs=2, train_split=None,
+                  verbose=0, iterator_train__shuffle=True,
+                  callbacks=[("lr", LRScheduler(StepLR, step_size=1, gamma=0.5))])
+    params.update(kw)
+    return NeuralNetClassifier(**params)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = _data()
+    att = HydraAttributor(_net(), mode="exact", random_state=0, verbose=0).fit(X, y)
+    return att, X, y
+
+
+class _CumulativeMLP(MLP):
+    """BatchNorm with ``momentum=None``: cumulative average, ``f_t = 1 / num_batches_tracked``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        for mod in self.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.momentum = None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_replayed_running_stats_equal_torch_buffers(momentum):
+    X, y = _data()
+    module = MLP if momentum == 0.1 else _CumulativeMLP
+    att = HydraAttributor(_net(module=module), mode="exact", random_state=0, verbose=0)
+    att.fit(X, y)
+    bn = BatchNormStats(att.net_.module_)
+    with module_mode(att.net_.module_, training=True):
+        theta, R = replay_training(att.trajectory_, att._loss_fn(), att._data_fn(), bn=bn)
+    # float64, 8 steps: our moving average vs torch's kernel, rounding only
+    torch.testing.assert_close(R, bn.flat(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(theta, att.trajectory_.theta_final, rtol=1e-12, atol=1e-13)
+    # and the statistics moved: the check is not vacuous
+    assert (R - bn.flat(att.trajectory_.buffers0)).abs().max() > 1e-2
+
+
+def test_vectorized_adjoint_with_dropout_equals_per_vector_loop(fitted):
+    att, X, y = fitted
+    Xt, yt = att._to_tensors(*_data(5, seed=1))
+    G, GR = att._exact_test_grads(Xt, yt, "per_sample")
+    bn = BatchNormStats(att.net_.module_)
+    rows_map = np.arange(len(X))
+    with module_mode(att.net_.module_, training=True):
+        args = (att.trajectory_, att._loss_fn(), att._data_fn(), G, rows_map, len(X))
+        a = exact_adjoint(*args, bn=bn, stats_grads=GR, vectorize=True)
+        b = exact_adjoint(*args, bn=bn, stats_grads=GR, vectorize=False)
+    # same masks, same math, different batching of the vectors: rounding only
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13 * a.abs().max().item())
+
+
+def test_adjoint_without_hessian_is_fast_mode(fitted):
+    att, X, y = fitted
+    Xt, yt = att._to_tensors(*_data(5, seed=1))
+    G = att._test_grads(Xt, yt, "per_sample")
+    rows_map = np.arange(len(X))
+    with module_mode(att.net_.module_, training=True):
+        D = exact_adjoint(att.trajectory_, att._loss_fn(), att._data_fn(), G, rows_map,
+                          len(X), hessian=False)
+        store = SampleStore(len(X), att.spec_.n_params, dtype=torch.float64)
+        build_fast_store(att.trajectory_, att._loss_fn(), att._data_fn(), store, rows_map,
+                         independent=False)
+    # both drop the Hessian; they differ only in summation order
+    np.testing.assert_allclose(D.numpy(), store.matmul_t(G).numpy(), rtol=1e-9,
+                               atol=1e-12 * D.abs().max().item())
