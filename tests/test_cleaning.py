@@ -270,3 +270,14 @@ def test_hydrattr_imports_without_imbalanced_learn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_bare_net_is_wrapped_in_a_seeded_hydra_attributor():
+    d = load_digits_split(random_state=0)
+    X, y = d.X_train[:120].astype(np.float64), d.y_train[:120]
+    net = mlp_net(epochs=1)
+    c = LabelNoiseCleaner(net, validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
+    assert isinstance(c.attributor_, HydraAttributor)
+    assert c.attributor_.random_state == 0 and c.attributor_.verbose == 0
+    assert c.attributor_.net is not net and not hasattr(net, "module_")  # caller's net untouched
+    assert c.n_removed_ == round(0.1 * 90)
