@@ -25,6 +25,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import hydrattr  # noqa: E402
+import torch  # noqa: E402
+
+# the examples and figures use tiny models: more threads only add contention
+torch.set_num_threads(int(os.environ.get("HYDRATTR_DOCS_THREADS", "1")))
 
 # -- project -------------------------------------------------------------------------
 project = "hydrattr"

@@ -1,0 +1,883 @@
+"""hydrattr side by side with Captum, pyDVL and dattri: one script, one run.
+
+The same MNIST subset, the same two networks (multinomial logistic regression and a
+small MLP, both trained with SGD + momentum + weight decay and a cosine learning-rate
+schedule) and the same ground truth for every method:
+
+* correlation with leave-one-out on ``--n-loo`` sampled training points, against
+  same-order LOO (replaying the recorded batches without the sample: what HYDRA
+  differentiates) and from-scratch LOO (a fresh training run with the same seed on the
+  data without the sample);
+* linear datamodeling score (LDS) on ``--n-lds`` random half-subsets, each retrained
+  from scratch with the same seed;
+* mislabel-detection AUC with 10% flipped labels: every method is rerun on the noisy
+  training set and a sample's score is its summed contribution to the (clean) test set;
+* wall time (from raw data to ``C``, including every training run the method needs)
+  and the peak RSS increase during the method, measured in the same run, with
+  the time also given as a ratio to one plain training run timed in this run.
+
+Peers are imported from a separate folder (``--peers-dir``, default
+``benchmarks/_work/peers``, git-ignored), installed there with
+``pip install --no-deps --target benchmarks/_work/peers captum==0.9.0 dattri==0.3.0
+pydvl==0.10.0 pyDeprecate "zarr<3" "numcodecs<0.16" asciitree fasteners more-itertools
+deprecated wrapt`` so they never touch the project environment. A peer that cannot
+be imported or fails gets a row saying why.
+
+Every score is converted to hydrattr's convention (``C[i, j] > 0``: sample ``i``
+helped test point ``j``); the conversion used for each peer is recorded in the JSON.
+
+Usage::
+
+    nice python benchmarks/bench_peers.py --quick          # 1,000 / 100, minutes
+    nice python benchmarks/bench_peers.py                  # 5,000 / 500 (long on CPU)
+
+Writes ``benchmarks/results/bench_peers[_quick].{json,md}`` and scatter plots
+``bench_peers[_quick]_scatter_{lr,mlp}.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Published reference points (MNIST-10, 5,000 train / 500 test; dattri's benchmark,
+# Deng et al., "dattri: A Library for Efficient Data Attribution", NeurIPS 2024 D&B).
+REFERENCE = {
+    ("lr", "loo"): {"IF": 0.87, "TracIn": 0.28, "TRAK-50": 0.78},
+    ("lr", "lds"): {"IF": 0.80, "TracIn": 0.33, "TRAK-50": 0.68},
+    ("mlp", "lds"): {"IF-CG": 0.26, "TRAK-50": 0.45},
+    ("lr", "auc"): {"(all methods, best)": 0.98},
+}
+
+
+# --------------------------------------------------------------------------- utils
+class Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise :class:`Timeout` in the main thread after ``seconds`` (0: no limit)."""
+    if not seconds:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Timeout(f"timed out after {seconds} s (--method-timeout)")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(int(seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim():
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak RSS increase over the start of the block, sampled every 5 ms."""
+
+    def __enter__(self):
+        _trim()
+        self.start = _rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.delta_mb = (self.peak - self.start) / 2**20
+        return False
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="1,000 train / 100 test, 50 LOO points, 20 LDS subsets, 5 epochs, "
+                        "TRAK-5, 600 s per method")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--n-loo", type=int, help="training points with LOO ground truth (100)")
+    p.add_argument("--n-lds", type=int, help="random half-subsets for LDS (50)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--models", default="lr,mlp")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated method names (see --list) or 'all'")
+    p.add_argument("--skip", default="", help="comma-separated method names to skip")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--trak-models", type=int, help="TRAK ensemble size (50; quick: 5)")
+    p.add_argument("--no-noisy", action="store_true", help="skip the mislabel experiment")
+    p.add_argument("--no-scratch-loo", action="store_true",
+                   help="skip from-scratch LOO retraining")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--method-timeout", type=int, default=None,
+                   help="seconds per method run before it is given up (0: none; "
+                        "default 600 with --quick, else none)")
+    p.add_argument("--peers-dir", default=str(HERE / "_work" / "peers"))
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--tag", default=None, help="output file stem (default bench_peers[_quick])")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    q = args.quick
+    for name, full, quick in (("n_train", 5000, 1000), ("n_test", 500, 100),
+                              ("n_loo", 100, 50), ("n_lds", 50, 20), ("epochs", 10, 5),
+                              ("trak_models", 50, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    if args.method_timeout is None:
+        args.method_timeout = 600 if q else 0
+    if args.tag is None:
+        args.tag = "bench_peers_quick" if q else "bench_peers"
+    return args
+
+
+def load_data(args):
+    from hydrattr.datasets import load_mnist_split, make_label_noise
+
+    split = load_mnist_split("mnist", n_train=args.n_train, n_valid=0,
+                             random_state=args.seed)
+    rs = np.random.RandomState(args.seed + 1)
+    te = rs.choice(len(split.X_test), size=args.n_test, replace=False)
+    X = split.X_train.reshape(len(split.X_train), -1).astype(np.float32)
+    Xt = split.X_test[te].reshape(args.n_test, -1).astype(np.float32)
+    y, yt = split.y_train.astype(np.int64), split.y_test[te].astype(np.int64)
+    y_noisy, flipped = make_label_noise(y, 0.1, n_classes=10, random_state=args.seed + 2)
+    return dict(X=X, y=y, Xt=Xt, yt=yt, y_noisy=y_noisy, flipped=flipped,
+                train_index=split.train_index, test_index=te)
+
+
+MODEL_CFG = {
+    # small learning rates are deliberate: LOO effects are tiny and must rise above
+    # the SGD noise floor; weight decay makes the objective strongly convex (LR)
+    "lr": dict(hidden=None, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
+    "mlp": dict(hidden=(64,), lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
+}
+
+
+def make_module(kind):
+    from hydrattr.models import MLP, LogisticRegression
+
+    if kind == "lr":
+        return LogisticRegression(n_features=784, n_classes=10)
+    return MLP(n_features=784, n_classes=10, hidden=MODEL_CFG[kind]["hidden"])
+
+
+class EpochSnapshots:
+    """skorch callback keeping the module's state_dict and mean lr of every epoch."""
+
+    def __new__(cls, *a, **k):
+        from skorch.callbacks import Callback
+
+        class _Snap(Callback):
+            def initialize(self):
+                self.states, self.lrs, self._lr = [], [], []
+                return self
+
+            def on_batch_end(self, net, training=False, **kw):
+                if training:
+                    self._lr.append(net.optimizer_.param_groups[0]["lr"])
+
+            def on_epoch_end(self, net, **kw):
+                self.states.append(copy.deepcopy(net.module_.state_dict()))
+                self.lrs.append(float(np.mean(self._lr)) if self._lr else 0.0)
+                self._lr = []
+
+        return _Snap()
+
+
+def make_net(kind, n_rows, args, extra_callbacks=()):
+    import torch
+    from skorch import NeuralNetClassifier
+    from skorch.callbacks import LRScheduler
+    from torch import nn
+
+    cfg = MODEL_CFG[kind]
+    steps = args.epochs * int(np.ceil(n_rows / cfg["batch_size"]))
+    sched = LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR, T_max=steps,
+                        step_every="batch")
+    if kind == "lr":
+        from hydrattr.models import LogisticRegression as M
+        kw = dict(module__n_features=784, module__n_classes=10)
+    else:
+        from hydrattr.models import MLP as M
+        kw = dict(module__n_features=784, module__n_classes=10,
+                  module__hidden=cfg["hidden"])
+    return NeuralNetClassifier(
+        M, **kw, criterion=nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=cfg["lr"],
+        optimizer__momentum=cfg["momentum"], optimizer__weight_decay=cfg["weight_decay"],
+        batch_size=cfg["batch_size"], max_epochs=args.epochs, train_split=None,
+        iterator_train__shuffle=True, verbose=0,
+        callbacks=[("lr_sched", sched)] + list(extra_callbacks))
+
+
+def fit_net(kind, X, y, args, seed=None, extra_callbacks=()):
+    import torch
+
+    net = make_net(kind, len(X), args, extra_callbacks)
+    torch.manual_seed(args.seed if seed is None else seed)
+    return net.fit(X, y)
+
+
+def test_losses(module, Xt, yt):
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        out = module(torch.as_tensor(Xt))
+        return torch.nn.functional.cross_entropy(out, torch.as_tensor(yt),
+                                                 reduction="none").double().numpy()
+
+
+# ------------------------------------------------------------------ ground truth
+def same_order_loo(kind, X, y, Xt, yt, rows, args):
+    """Same-order LOO: hydrattr's LeaveOneOutAttributor(order="same") when it exists,
+    else a replay of the recorded batches with the row's loss multiplier set to 0."""
+    try:
+        from hydrattr.loo import LeaveOneOutAttributor
+    except ImportError:
+        LeaveOneOutAttributor = None
+    if LeaveOneOutAttributor is not None:
+        loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="same",
+                                    indices=np.asarray(rows), random_state=args.seed,
+                                    verbose=0)
+        loo.fit(X, y)
+        C = loo.attribute(Xt, yt)
+        return C[rows], "hydrattr.loo.LeaveOneOutAttributor(order='same')"
+    import torch
+
+    from hydrattr import HydraAttributor
+    from hydrattr._core.replay import replay_training
+    from hydrattr._skorch import module_mode
+
+    h = HydraAttributor(make_net(kind, len(X), args), mode="exact", random_state=args.seed,
+                        verbose=0).fit(X, y)
+    loss_fn, data_fn = h._loss_fn(), h._data_fn()
+    Xtt, ytt = torch.as_tensor(Xt), torch.as_tensor(yt)
+
+    def losses(theta):
+        with module_mode(h.net_.module_, training=False):
+            return loss_fn(theta, Xtt, ytt).double().numpy()
+
+    with module_mode(h.net_.module_, training=True):
+        base = losses(replay_training(h.trajectory_, loss_fn, data_fn))
+        out = []
+        for i in rows:
+            m = np.ones(len(X))
+            m[i] = 0.0
+            out.append(losses(replay_training(h.trajectory_, loss_fn, data_fn, multipliers=m))
+                       - base)
+    return np.array(out), "hydrattr._core.replay.replay_training (multiplier 0)"
+
+
+def scratch_loo(kind, X, y, Xt, yt, rows, base, args):
+    """From-scratch LOO: LeaveOneOutAttributor(order="reshuffle") (a fresh skorch
+    training with the same seed on the data without the row), else the same by hand."""
+    try:
+        from hydrattr.loo import LeaveOneOutAttributor
+    except ImportError:
+        LeaveOneOutAttributor = None
+    if LeaveOneOutAttributor is not None:
+        loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="reshuffle",
+                                    indices=np.asarray(rows), random_state=args.seed,
+                                    verbose=0)
+        loo.fit(X, y)
+        return loo.attribute(Xt, yt)[rows], \
+            "hydrattr.loo.LeaveOneOutAttributor(order='reshuffle')"
+    masks = []
+    for i in rows:
+        m = np.ones(len(X), bool)
+        m[i] = False
+        masks.append(m)
+    return (scratch_retrain(kind, X, y, Xt, yt, masks, args) - base,
+            "skorch fit without the row, same torch seed")
+
+
+def scratch_retrain(kind, X, y, Xt, yt, keep_masks, args):
+    """Test losses after training from scratch (same seed) on each boolean mask."""
+    out = []
+    for m in keep_masks:
+        net = fit_net(kind, X[m], y[m], args)
+        out.append(test_losses(net.module_, Xt, yt))
+    return np.array(out)
+
+
+# ------------------------------------------------------------------------ methods
+METHODS = {}
+
+
+def method(name, family, needs=None):
+    def deco(fn):
+        METHODS[name] = dict(fn=fn, family=family, needs=needs)
+        return fn
+    return deco
+
+
+class Ctx:
+    """What a method gets: data, the trained baseline net, snapshots, args."""
+
+    def __init__(self, kind, X, y, Xt, yt, args, net=None, snaps=None):
+        self.kind, self.X, self.y, self.Xt, self.yt, self.args = kind, X, y, Xt, yt, args
+        self.net, self.snaps = net, snaps
+
+    def train(self):
+        """The baseline training run a peer starts from (timed inside the method)."""
+        snap = EpochSnapshots()
+        net = fit_net(self.kind, self.X, self.y, self.args, extra_callbacks=[("snap", snap)])
+        return net, snap
+
+    @property
+    def wd(self):
+        return MODEL_CFG[self.kind]["weight_decay"]
+
+
+def _tensors(ctx):
+    import torch
+
+    return (torch.as_tensor(ctx.X), torch.as_tensor(ctx.y), torch.as_tensor(ctx.Xt),
+            torch.as_tensor(ctx.yt))
+
+
+@method("hydra-fast", "hydrattr")
+def m_hydra_fast(ctx):
+    from hydrattr import HydraAttributor
+
+    a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="fast",
+                        random_state=ctx.args.seed, verbose=0).fit(ctx.X, ctx.y)
+    return a.attribute(ctx.Xt, ctx.yt), "mode='fast', storage='dense' (float32 N x P store)"
+
+
+@method("hydra-exact", "hydrattr")
+def m_hydra_exact(ctx):
+    from hydrattr import HydraAttributor
+
+    a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
+                        test_batch_size=len(ctx.Xt), random_state=ctx.args.seed,
+                        verbose=0).fit(ctx.X, ctx.y)
+    return (a.attribute(ctx.Xt, ctx.yt),
+            f"mode='exact', one adjoint sweep for all {len(ctx.Xt)} test points")
+
+
+def _hydrattr_if(ctx, **kw):
+    from hydrattr.influence import InfluenceFunctionAttributor
+
+    a = InfluenceFunctionAttributor(make_net(ctx.kind, len(ctx.X), ctx.args),
+                                    random_state=ctx.args.seed, verbose=0, **kw)
+    a.fit(ctx.X, ctx.y)
+    return a.attribute(ctx.Xt, ctx.yt)
+
+
+@method("hydrattr-if-cg", "hydrattr")
+def m_if_cg(ctx):
+    kw = dict(solver="cg", damping=1e-3 if ctx.kind == "mlp" else 0.0, cg_tol=1e-6,
+              cg_maxiter=300, block_size=len(ctx.Xt))
+    return _hydrattr_if(ctx, **kw), f"{kw} (weight decay is in H; damping only for the MLP)"
+
+
+@method("hydrattr-if-lissa", "hydrattr")
+def m_if_lissa(ctx):
+    kw = dict(solver="lissa", damping=1e-3 if ctx.kind == "mlp" else 0.0,
+              lissa_scale=50.0, lissa_depth=2000 if not ctx.args.quick else 500,
+              lissa_repeat=1, lissa_batch_size=256, block_size=len(ctx.Xt))
+    return _hydrattr_if(ctx, **kw), str(kw)
+
+
+
+
+@method("captum-tracincp", "Captum 0.9.0")
+def m_tracincp(ctx):
+    import torch
+    from captum.influence import TracInCP
+
+    net, snap = ctx.train()
+    module = net.module_
+    keys = [f"epoch{e}" for e in range(len(snap.states))]
+    table = dict(zip(keys, zip(snap.states, snap.lrs)))
+
+    def load(model, key):
+        state, lr = table[key]
+        model.load_state_dict(state)
+        return lr
+
+    Xtr, ytr, Xte, yte = _tensors(ctx)
+    tr = TracInCP(module, torch.utils.data.TensorDataset(Xtr, ytr), keys,
+                  checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                  batch_size=500, sample_wise_grads_per_batch=True)
+    scores = tr.influence((Xte, yte), show_progress=False)  # (n_test, n_train)
+    return (scores.T.double().numpy(),
+            f"all {len(keys)} epoch checkpoints weighted by their mean lr, all layers, "
+            "exact per-sample gradients; sign: positive = proponent = helpful (as is)")
+
+
+def _captum_if(ctx, cls, **kw):
+    import torch
+
+    net, _ = ctx.train()
+    state = copy.deepcopy(net.module_.state_dict())
+    Xtr, ytr, Xte, yte = _tensors(ctx)
+    inf = cls(net.module_, torch.utils.data.TensorDataset(Xtr, ytr), "final",
+              checkpoints_load_func=lambda m, k: (m.load_state_dict(state), 1.0)[1],
+              loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=500,
+              sample_wise_grads_per_batch=True, **kw)
+    scores = inf.influence((Xte, yte), show_progress=False)
+    return scores.T.double().numpy()
+
+
+@method("captum-if-naive", "Captum 0.9.0")
+def m_captum_naive(ctx):
+    from captum.influence import NaiveInfluenceFunction
+
+    if ctx.kind != "lr":
+        raise RuntimeError("skipped: builds the explicit P x P Hessian (P = 50,890 for "
+                           "the MLP: 10 GB); see captum-if-arnoldi")
+    kw = dict(projection_dim=2000, hessian_reg=ctx.wd, hessian_inverse_tol=1e-8)
+    return (_captum_if(ctx, NaiveInfluenceFunction, **kw),
+            f"{kw}: explicit Hessian, top-2000 eigenpairs, reg = weight decay; "
+            "sign: g_test' H^-1 g_train = effect of down-weighting = helpful (as is)")
+
+
+@method("captum-if-arnoldi", "Captum 0.9.0")
+def m_captum_arnoldi(ctx):
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
+
+    kw = dict(projection_dim=100, arnoldi_dim=300, hessian_reg=ctx.wd, arnoldi_tol=1e-6,
+              hessian_inverse_tol=1e-8)
+    return (_captum_if(ctx, ArnoldiInfluenceFunction, **kw),
+            f"{kw}; reg = weight decay; sign as captum-if-naive")
+
+
+def _pydvl(ctx, cls, fit_batch=None, **kw):
+    import torch
+    from pydvl.influence import InfluenceMode
+
+    net, _ = ctx.train()
+    module = net.module_.eval()
+    Xtr, ytr, Xte, yte = _tensors(ctx)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr),
+                                         batch_size=fit_batch or len(Xtr))
+    model = cls(module, torch.nn.functional.cross_entropy, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = model.fit(loader)
+        scores = model.influences(Xte, yte, Xtr, ytr, mode=InfluenceMode.Up)
+    # pyDVL returns <H^-1 g_test, g_train> (Koh & Liang's "up" influence without the
+    # minus sign), i.e. the effect of *removing* the sample: helpful > 0 as in hydrattr
+    return scores.T.double().detach().numpy()
+
+
+@method("pydvl-cg", "pyDVL 0.10.0")
+def m_pydvl_cg(ctx):
+    from pydvl.influence.torch import CgInfluence
+
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0), rtol=1e-6,
+              atol=1e-8, maxiter=300, solve_simultaneously=True)
+    return _pydvl(ctx, CgInfluence, **kw), f"{kw}; Hessian over the full training set"
+
+
+@method("pydvl-lissa", "pyDVL 0.10.0")
+def m_pydvl_lissa(ctx):
+    from pydvl.influence.torch import LissaInfluence
+
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0),
+              maxiter=2000 if not ctx.args.quick else 500, scale=50.0, dampen=0.0,
+              rtol=1e-6)
+    return _pydvl(ctx, LissaInfluence, fit_batch=256, **kw), f"{kw}, batches of 256"
+
+
+@method("pydvl-arnoldi", "pyDVL 0.10.0")
+def m_pydvl_arnoldi(ctx):
+    from pydvl.influence.torch import ArnoldiInfluence
+
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0), rank=200,
+              krylov_dimension=400, tol=1e-8)
+    return _pydvl(ctx, ArnoldiInfluence, **kw), str(kw)
+
+
+def _dattri_loaders(ctx):
+    import torch
+
+    Xtr, ytr, Xte, yte = _tensors(ctx)
+    tr = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=500)
+    te = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xte, yte), batch_size=500)
+    return tr, te
+
+
+@method("dattri-trak", "dattri 0.3.0")
+def m_dattri_trak(ctx):
+    import torch
+    from dattri.algorithm import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    k = ctx.args.trak_models
+    nets = [ctx.train()[0]] + [fit_net(ctx.kind, ctx.X, ctx.y, ctx.args,
+                                       seed=ctx.args.seed + 1000 + s) for s in range(k - 1)]
+    model = nets[0].module_.eval()
+    ckpts = [copy.deepcopy(n.module_.state_dict()) for n in nets]
+    ce = torch.nn.CrossEntropyLoss()
+
+    def f(params, data):  # TRAK's model output: the margin log(p / (1 - p))
+        x, y = data
+        logp = -ce(torch.func.functional_call(model, params, x.reshape(-1, 784)), y.reshape(-1))
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def m(params, data):  # dattri 0.3 passes a parameter dict (no flatten_func)
+        x, y = data
+        return torch.exp(-ce(torch.func.functional_call(model, params, x.reshape(-1, 784)),
+                             y.reshape(-1)))
+
+    task = AttributionTask(loss_func=f, model=model, checkpoints=ckpts)
+    proj = dict(proj_dim=2048 if ctx.kind == "mlp" else 1024, proj_max_batch_size=32,
+                proj_seed=0, device="cpu", proj_type="normal")
+    attr = TRAKAttributor(task, correct_probability_func=m, projector_kwargs=proj,
+                          device="cpu", regularization=0.0)
+    tr, te = _dattri_loaders(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attr.cache(tr)
+        scores = attr.attribute(te)
+    return (scores.detach().double().numpy(),
+            f"TRAK-{k}: {k} independently trained models (seeds differ), projection {proj}; "
+            "sign: positive = raises the test margin = helpful (as is)")
+
+
+def _dattri_if(ctx, cls, **kw):
+    import torch
+    from dattri.task import AttributionTask
+
+    net, _ = ctx.train()
+    model = net.module_.eval()
+    ce = torch.nn.CrossEntropyLoss()
+
+    def f(params, data):
+        x, y = data
+        return ce(torch.func.functional_call(model, params, x.reshape(-1, 784)), y.reshape(-1))
+
+    task = AttributionTask(loss_func=f, model=model,
+                           checkpoints=copy.deepcopy(model.state_dict()))
+    attr = cls(task, device="cpu", **kw)
+    tr, te = _dattri_loaders(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attr.cache(tr)
+        scores = attr.attribute(tr, te)
+    # dattri's IF score is g_train' H^-1 g_test (positive: up-weighting lowers the test
+    # loss), so positive = helpful as in hydrattr
+    return scores.detach().double().numpy()
+
+
+@method("dattri-if-explicit", "dattri 0.3.0")
+def m_dattri_explicit(ctx):
+    from dattri.algorithm import IFAttributorExplicit
+
+    if ctx.kind != "lr":
+        raise RuntimeError("skipped: explicit P x P Hessian (P = 50,890 for the MLP)")
+    kw = dict(regularization=ctx.wd)
+    return _dattri_if(ctx, IFAttributorExplicit, **kw), f"{kw}; explicit Hessian"
+
+
+@method("dattri-if-cg", "dattri 0.3.0")
+def m_dattri_cg(ctx):
+    from dattri.algorithm import IFAttributorCG
+
+    kw = dict(max_iter=100, tol=1e-7, regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0))
+    return _dattri_if(ctx, IFAttributorCG, **kw), str(kw)
+
+
+# ---------------------------------------------------------------------- running
+def run_method(name, ctx, args):
+    info = METHODS[name]
+    row = dict(method=name, library=info["family"], status="ok")
+    try:
+        with time_limit(args.method_timeout), PeakMemory() as pm:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                C, settings = info["fn"](ctx)
+            row["time_s"] = time.perf_counter() - t0
+        row["peak_mb"] = pm.delta_mb
+        row["settings"] = settings
+        C = np.asarray(C, dtype=np.float64)
+        if C.shape != (len(ctx.X), len(ctx.Xt)):
+            raise RuntimeError(f"returned shape {C.shape}, expected {(len(ctx.X), len(ctx.Xt))}")
+        if not np.all(np.isfinite(C)):
+            raise RuntimeError(f"{int((~np.isfinite(C)).sum())} non-finite scores")
+        return row, C
+    except ImportError as exc:
+        row.update(status="not installed", reason=f"cannot import: {exc}")
+    except Timeout as exc:
+        row.update(status="timeout", reason=str(exc))
+    except Exception as exc:  # a peer that fails gets a row saying why
+        msg = str(exc).strip().splitlines()
+        row.update(status="skipped" if msg and msg[0].startswith("skipped") else "failed",
+                   reason=f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300])
+        if row["status"] == "failed":
+            row["traceback"] = traceback.format_exc()[-2000:]
+    return row, None
+
+
+def evaluate(row, C, truth):
+    from hydrattr.metrics import linear_datamodeling_score, loo_correlation
+
+    rows = truth["loo_rows"]
+    for key in ("loo_same", "loo_scratch"):
+        if truth.get(key) is None:
+            continue
+        for meth in ("spearman", "pearson"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                row[f"{key}_{meth}"] = float(loo_correlation(C[rows], truth[key], method=meth))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row["lds"] = float(linear_datamodeling_score(C, truth["lds_masks"], truth["lds_losses"],
+                                                     output="loss"))
+
+
+def ground_truth(kind, d, args):
+    rs = np.random.RandomState(args.seed + 3)
+    n = len(d["X"])
+    rows = np.sort(rs.choice(n, size=args.n_loo, replace=False))
+    truth = dict(loo_rows=rows)
+    t0 = time.perf_counter()
+    truth["loo_same"], truth["loo_same_how"] = same_order_loo(
+        kind, d["X"], d["y"], d["Xt"], d["yt"], rows, args)
+    truth["time_loo_same_s"] = time.perf_counter() - t0
+    log(f"  [{kind}] same-order LOO on {len(rows)} rows: {truth['time_loo_same_s']:.0f} s")
+    base_net = fit_net(kind, d["X"], d["y"], args)
+    base = test_losses(base_net.module_, d["Xt"], d["yt"])
+    if not args.no_scratch_loo:
+        t0 = time.perf_counter()
+        truth["loo_scratch"], truth["loo_scratch_how"] = scratch_loo(
+            kind, d["X"], d["y"], d["Xt"], d["yt"], rows, base, args)
+        truth["time_loo_scratch_s"] = time.perf_counter() - t0
+        log(f"  [{kind}] from-scratch LOO: {truth['time_loo_scratch_s']:.0f} s")
+    t0 = time.perf_counter()
+    masks = np.zeros((args.n_lds, n), bool)
+    for s in range(args.n_lds):
+        masks[s, rs.choice(n, size=n // 2, replace=False)] = True
+    truth["lds_masks"] = masks
+    truth["lds_losses"] = scratch_retrain(kind, d["X"], d["y"], d["Xt"], d["yt"], masks, args)
+    truth["time_lds_s"] = time.perf_counter() - t0
+    log(f"  [{kind}] LDS retrainings ({args.n_lds} half-subsets): {truth['time_lds_s']:.0f} s")
+    # noise floor of from-scratch LOO: the same training with a different seed
+    alt = fit_net(kind, d["X"], d["y"], args, seed=args.seed + 999)
+    truth["seed_noise_rms"] = float(np.sqrt(np.mean(
+        (test_losses(alt.module_, d["Xt"], d["yt"]) - base) ** 2)))
+    truth["loo_same_rms"] = float(np.sqrt(np.mean(truth["loo_same"] ** 2)))
+    truth["base_test_loss"] = float(base.mean())
+    pred = base_net.predict(d["Xt"])
+    truth["base_test_acc"] = float((pred == d["yt"]).mean())
+    return truth
+
+
+def scatter_plot(kind, results, truth, Cs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results if r["method"] in Cs]
+    if not names:
+        return
+    rows = truth["loo_rows"]
+    loo = truth["loo_same"].mean(axis=1)  # mean test loss objective
+    ncol = min(4, len(names))
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        pred = Cs[name][rows].mean(axis=1)
+        ax.scatter(loo, pred, s=10, alpha=0.7)
+        r = np.corrcoef(loo, pred)[0, 1] if np.std(pred) > 0 else np.nan
+        ax.set_title(f"{name}\nPearson {r:.2f}", fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("same-order LOO: change of the mean test loss", fontsize=9)
+    fig.supylabel("method's score (mean over test points)", fontsize=9)
+    fig.suptitle(f"MNIST {kind.upper()}: each method vs leave-one-out on "
+                 f"{len(rows)} training points", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(v, nd=2):
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return f"{v:.{nd}f}"
+
+
+def write_markdown(res, path):
+    a = res["args"]
+    lines = [f"# hydrattr vs peers on MNIST ({a['n_train']:,} train / {a['n_test']} test)", "",
+             f"Command: `{res['command']}`  ",
+             f"Machine: {res['machine']}; torch threads: {a['threads']}; "
+             f"total wall time {res['total_s'] / 60:.1f} min.", "",
+             "Correlations are averaged over test points (Spearman across the "
+             f"{a['n_loo']} LOO training points; column `LOO same` = same-order replay "
+             "without the sample, `LOO scratch` = retrained from scratch with the same seed). "
+             f"LDS: Spearman over {a['n_lds']} random half-subsets, each retrained from "
+             "scratch. AUC: mislabel detection at 10% flipped labels, score = summed "
+             "contribution to the test set (low = suspect). Time: from raw data to C, "
+             "including every training run the method needs (x = multiple of one plain "
+             "training run timed in this run). Memory: peak RSS increase during the method.",
+             ""]
+    for kind, mres in res["models"].items():
+        t = mres["truth"]
+        lines += [f"## {kind.upper()} ({mres['n_params']:,} parameters, test accuracy "
+                  f"{t['base_test_acc']:.3f}, one training run {mres['train_s']:.1f} s)", "",
+                  f"Ground truth: same-order LOO {t['time_loo_same_s']:.0f} s "
+                  f"(rms effect {t['loo_same_rms']:.2e}); "
+                  + (f"from-scratch LOO {t['time_loo_scratch_s']:.0f} s; "
+                     if "time_loo_scratch_s" in t else "")
+                  + f"LDS retrainings {t['time_lds_s']:.0f} s. Seed-to-seed rms change of "
+                  f"the test losses: {t['seed_noise_rms']:.2e} (the noise floor of "
+                  "from-scratch retraining).", "",
+                  "| method | library | LOO same | LOO scratch | LDS | mislabel AUC | time s | "
+                  "x train | peak MB | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mres["rows"]:
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['library']} | - | - | - | - | - | - | - | "
+                             f"{r['status']}: {r.get('reason', '')} |".replace("\n", " "))
+                continue
+            lines.append(
+                f"| {r['method']} | {r['library']} | {fmt(r.get('loo_same_spearman'))} | "
+                f"{fmt(r.get('loo_scratch_spearman'))} | {fmt(r.get('lds'))} | "
+                f"{fmt(r.get('mislabel_auc'))} | {fmt(r['time_s'], 1)} | "
+                f"{fmt(r['time_s'] / mres['train_s'], 1)} | {fmt(r['peak_mb'], 0)} | "
+                f"{r.get('noisy_status', '')} |")
+        refs = [(m, v) for (k, metric), d in REFERENCE.items() if k == kind
+                for m, v in [(f"{metric.upper()} {n}", x) for n, x in d.items()]]
+        if refs:
+            lines += ["", "Published reference points (dattri benchmark, MNIST-10 5,000/500): "
+                      + "; ".join(f"{m} ~{v:.2f}" for m, v in refs) + "."]
+        lines += ["", f"![scatter]({Path(mres['scatter']).name})" if mres.get("scatter") else "",
+                  ""]
+    lines += ["## Settings", ""]
+    for kind, mres in res["models"].items():
+        for r in mres["rows"]:
+            if r.get("settings"):
+                lines.append(f"- {kind} / {r['method']}: {r['settings']}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if Path(args.peers_dir).is_dir():
+        sys.path.append(args.peers_dir)  # appended: the project's packages win
+    if args.list:
+        for n, m in METHODS.items():
+            print(f"{n:22s} {m['family']}")
+        return 0
+    os.environ.setdefault("TQDM_DISABLE", "1")  # peers' progress bars
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    names = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    names = [n for n in names if n not in set(filter(None, args.skip.split(",")))]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; --list shows them")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    d = load_data(args)
+    log(f"data: {len(d['X'])} train / {len(d['Xt'])} test; methods: {names}")
+    res = dict(command="python benchmarks/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               args=vars(args), machine=f"{platform.machine()} {os.cpu_count()} CPUs, "
+               f"{platform.python_version()}, torch {torch.__version__}",
+               reference={f"{k}/{m}": v for (k, m), v in REFERENCE.items()}, models={})
+    for kind in args.models.split(","):
+        log(f"== model {kind}")
+        t0 = time.perf_counter()
+        net = fit_net(kind, d["X"], d["y"], args)
+        train_s = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in net.module_.parameters())
+        truth = ground_truth(kind, d, args)
+        mres = dict(train_s=train_s, n_params=n_params, rows=[],
+                    truth={k: v for k, v in truth.items()
+                           if not isinstance(v, np.ndarray)})
+        Cs = {}
+        for name in names:
+            ctx = Ctx(kind, d["X"], d["y"], d["Xt"], d["yt"], args)
+            row, C = run_method(name, ctx, args)
+            if C is not None:
+                evaluate(row, C, truth)
+                Cs[name] = C
+                if not args.no_noisy:
+                    nctx = Ctx(kind, d["X"], d["y_noisy"], d["Xt"], d["yt"], args)
+                    nrow, Cn = run_method(name, nctx, args)
+                    if Cn is not None:
+                        from hydrattr.metrics import mislabel_detection_auc
+
+                        row["mislabel_auc"] = mislabel_detection_auc(Cn.sum(axis=1),
+                                                                     d["flipped"])
+                        row["noisy_time_s"] = nrow["time_s"]
+                    else:
+                        row["noisy_status"] = f"noisy run {nrow['status']}: {nrow.get('reason')}"
+            log(f"  [{kind}] {name}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row.items() if k not in ("traceback", "settings", "library")))
+            mres["rows"].append(row)
+            _trim()
+        scatter = out / f"{args.tag}_scatter_{kind}.png"
+        scatter_plot(kind, mres["rows"], truth, Cs, scatter)
+        mres["scatter"] = scatter.name if scatter.exists() else None
+        res["models"][kind] = mres
+        res["total_s"] = time.perf_counter() - t_start
+        Path(out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
+        write_markdown(res, out / f"{args.tag}.md")
+    res["total_s"] = time.perf_counter() - t_start
+    Path(out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
+    write_markdown(res, out / f"{args.tag}.md")
+    print((out / f"{args.tag}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
