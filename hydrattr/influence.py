@@ -221,7 +221,7 @@ class InfluenceFunctionAttributor(BaseAttributor):
                 "The optimizer's weight decay is decoupled (AdamW): it shrinks the weights "
                 "outside the gradient, so it is no L2 term of the training objective and "
                 "is left out of the Hessian. The trained weights then need not be a "
-                "stationary point of the loss; consider damping.", UserWarning, stacklevel=3)
+                "stationary point of the loss; consider damping.", UserWarning, stacklevel=4)
             wd = np.where(decoupled, 0.0, wd)
         if per_sample_reduction(self.net_) == "sum":
             # per epoch: sum_k g_k + n_batches * lambda * theta = 0 -> lambda / mean(B)
@@ -256,7 +256,7 @@ class InfluenceFunctionAttributor(BaseAttributor):
                     f"(non-convex net or not converged), so influence is not a leave-one-out "
                     f"approximation; near-zero directions are dropped (pseudo-inverse). Set "
                     f"damping > {max(-float(evals[0]), 0.0):.3g} for a convex approximation.",
-                    UserWarning, stacklevel=3)
+                    UserWarning, stacklevel=4)
 
     # -- Hessian-vector products and gradients (eval mode) -----------------------------
     def _hvp(self, V, rows=None):
