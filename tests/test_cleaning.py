@@ -50,7 +50,7 @@ def mlp_net(epochs=20, train_split=None, **kw):
     return NeuralNetClassifier(
         MLP, module__n_features=64, module__n_classes=10, module__hidden=(32,),
         module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.SGD, lr=0.1, optimizer__momentum=0.9, max_epochs=epochs,
+        optimizer=torch.optim.SGD, lr=0.1, optimizer__momentum=0.5, max_epochs=epochs,
         batch_size=32, train_split=train_split, iterator_train__shuffle=True, verbose=0, **kw)
 
 
@@ -168,12 +168,15 @@ def test_scores_equal_a_direct_attribution_on_the_same_split():
     np.testing.assert_allclose(c.scores_[tr], expected, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
-def test_digits_noise_cleaner_removes_flipped_rows(digits, mode):
+@pytest.mark.parametrize("mode, bound", [("fast", 0.45), ("exact", 0.55)])
+def test_digits_noise_cleaner_removes_flipped_rows(digits, mode, bound):
     """20% of the digits labels flipped; scoring on the clean validation set must find
-    them. Measured precision of the removed 20%: 0.68 (fast), far above the 0.20 that
-    a random removal gets; the bound 0.45 leaves room for platform float noise while a
-    sign error or a wrong column (precision <= 0.2) fails."""
+    them. Measured precision of the removed 20% (MLP 64-32-10, SGD lr 0.1, momentum
+    0.5, 20 shuffled epochs): 0.58 (fast) and 0.71 (exact), against 0.20 for a random
+    removal. The bounds (about 0.8 of the measured values, > 2x the noise rate) leave
+    room for platform float noise while a sign error or a wrong column (<= 0.2) fails.
+    (With momentum 0.9 at lr 0.1 exact mode fell to 0.39: the exact derivative of a
+    fast, oscillating run is a poorer removal score than its fast approximation.)"""
     X, y, flipped, Xv, yv = digits
     attr = HydraAttributor(mlp_net(), mode=mode, storage="replay", random_state=0, verbose=0)
     c = LabelNoiseCleaner(attr, validation_data=(Xv, yv), fraction=0.2, random_state=0)
@@ -181,7 +184,7 @@ def test_digits_noise_cleaner_removes_flipped_rows(digits, mode):
     removed = c.removed_mask_
     precision = flipped[removed].mean()
     assert removed.sum() == round(0.2 * len(X))
-    assert precision > 0.45, precision
+    assert precision > bound, precision
     assert len(Xk) == len(X) - removed.sum()
     # the kept set is cleaner: kept noise rate = 0.25 (1 - precision) < 0.1375 here
     assert flipped[c.sample_indices_].mean() < 0.75 * flipped.mean()

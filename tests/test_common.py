@@ -68,7 +68,8 @@ class AnyLabelNet(NeuralNetClassifier):
 
 
 def tiny_net(**kw):
-    params = dict(max_epochs=1, batch_size=32, optimizer=torch.optim.SGD, lr=0.1,
+    params = dict(max_epochs=1, batch_size=32, criterion=nn.CrossEntropyLoss,
+                  optimizer=torch.optim.SGD, lr=0.1,
                   optimizer__momentum=0.5, train_split=None, verbose=0,
                   iterator_train__shuffle=True)
     params.update(kw)

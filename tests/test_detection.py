@@ -150,7 +150,8 @@ def test_detector_with_hydra_inside_cleaned_classifier():
         X, y = d.X_train[:240].astype(np.float64), d.y_train[:240]
         net = NeuralNetClassifier(
             MLP, module__n_features=64, module__n_classes=10, module__hidden=(16,),
-            module__dtype=torch.float64, optimizer=torch.optim.SGD, lr=0.1,
+            module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
+            optimizer=torch.optim.SGD, lr=0.1,
             optimizer__momentum=0.9, max_epochs=3, batch_size=32, train_split=None,
             iterator_train__shuffle=True, verbose=0)
         det = SignClusterDetector(HydraAttributor(net, random_state=0, verbose=0),
