@@ -395,14 +395,7 @@ class CleanedClassifier(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        try:
-            est_tags = self.estimator.__sklearn_tags__()
-            tags.input_tags.sparse = False
-            tags.classifier_tags.multi_class = est_tags.classifier_tags.multi_class \
-                if est_tags.classifier_tags is not None else True
-        except AttributeError:
-            pass
+        tags.input_tags.allow_nan = False  # the cleaner's attributor needs finite inputs
         return tags
 
     def fit(self, X, y, **fit_params):
