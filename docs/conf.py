@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -255,5 +256,28 @@ def _skip_member(app, what, name, obj, skip, options):
     return None
 
 
+_TRAILING_UNDERSCORE = re.compile(r"(?<![\w`\\])([A-Za-z_]\w*[A-Za-z0-9])_(?![\w`])")
+_LITERAL = re.compile(r"(``.*?``|`[^`]*`)")
+_PARAM_HEADER = re.compile(r"^(\s*[\w*, ]+ : )(.*)$")
+
+
+def _escape_trailing_underscores(app, what, name, obj, options, lines):
+    """Escape fitted-attribute names such as ``n_reference_`` written without backticks
+    (e.g. in shapes ``(n_train, n_reference_)``): reST would take them for hyperlink
+    references and fail the build. Parameter names before `` : `` and literals are left
+    alone."""
+    for k, line in enumerate(lines):
+        head, rest = "", line
+        m = _PARAM_HEADER.match(line)
+        if m:
+            head, rest = m.group(1), m.group(2)
+        parts = _LITERAL.split(rest)
+        for p in range(0, len(parts), 2):
+            parts[p] = _TRAILING_UNDERSCORE.sub(r"\1\\_", parts[p])
+        lines[k] = head + "".join(parts)
+
+
 def setup(app):
     app.connect("autodoc-skip-member", _skip_member)
+    # before numpydoc (priority 500) so that it sees the escaped text
+    app.connect("autodoc-process-docstring", _escape_trailing_underscores, priority=100)

@@ -69,7 +69,8 @@ refs = detector.reference_indices_
 ref_order = np.argsort(y_val[refs], kind="stable")
 S = detector.sign_matrix(pos)[:, ref_order]
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+fig, ax = plt.subplots(figsize=(7, 4.2))
+axes = [ax]
 axes[0].imshow(S, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
 n0 = (detector.cluster_labels_[train][pos] == 0).sum()
 axes[0].axhline(n0 - 0.5, color="k", lw=1.5)
@@ -78,6 +79,7 @@ axes[0].set_ylabel(f"training samples labelled {cls}")
 axes[0].set_title(f"signs (blue = helps); below the line: flagged group\n"
                   f"{truth[pos][n0:].sum()} of {len(pos) - n0} flagged are truly flipped, "
                   f"{truth[pos][:n0].sum()} of {n0} kept", fontsize=9)
+fig.tight_layout()
 
 # %%
 # The inter-class heatmap
@@ -87,7 +89,8 @@ axes[0].set_title(f"signs (blue = helps); below the line: flagged group\n"
 # show which classes compete (e.g. 3 vs 8, 4 vs 9).
 X_ref, y_ref = X_val[refs], y_val[refs]
 C = detector.attributor_.attribute(X_ref, y_ref)
-plot_interclass_contribution(C, y_noisy[train], y_ref, ax=axes[1])
-axes[1].set_title("inter-class contribution (training labels noisy)", fontsize=9)
+fig, ax = plt.subplots(figsize=(5.5, 4.5))
+plot_interclass_contribution(C, y_noisy[train], y_ref, ax=ax)
+ax.set_title("inter-class contribution (training labels noisy)", fontsize=9)
 fig.tight_layout()
 plt.show()
