@@ -542,7 +542,10 @@ def m_dattri_trak(ctx):
                              y.reshape(-1)))
 
     task = AttributionTask(loss_func=f, model=model, checkpoints=ckpts)
-    proj = dict(proj_dim=2048 if ctx.kind == "mlp" else 1024, proj_max_batch_size=32,
+    # the projected features' Gram matrix is inverted without regularization, so the
+    # projection must stay well below the number of training samples
+    dim = min(2048 if ctx.kind == "mlp" else 1024, len(ctx.X) // 2)
+    proj = dict(proj_dim=dim, proj_max_batch_size=32,
                 proj_seed=0, device="cpu", proj_type="normal")
     attr = TRAKAttributor(task, correct_probability_func=m, projector_kwargs=proj,
                           device="cpu", regularization=0.0)
