@@ -134,6 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default=None, help="output file stem (default bench_peers[_quick])")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="free text added to the markdown report")
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("n_train", 5000, 1000), ("n_test", 500, 100),
@@ -776,8 +777,9 @@ def write_markdown(res, path):
              "scratch. AUC: mislabel detection at 10% flipped labels, score = summed "
              "contribution to the test set (low = suspect). Time: from raw data to C, "
              "including every training run the method needs (x = multiple of one plain "
-             "training run timed in this run). Memory: peak RSS increase during the method.",
-             ""]
+             "training run timed in this run). Memory: peak RSS increase of the method's own "
+             "process (each method runs in a forked child).",
+             ""] + ([a["note"], ""] if a.get("note") else [])
     for kind, mres in res["models"].items():
         t = mres["truth"]
         lines += [f"## {kind.upper()} ({mres['n_params']:,} parameters, test accuracy "
@@ -833,8 +835,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     names = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    names = [n for n in names if n not in set(filter(None, args.skip.split(",")))]
-    unknown = [n for n in names if n not in METHODS]
+    skipped = [n for n in filter(None, args.skip.split(",")) if n in names]
+    unknown = [n for n in names + skipped if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; --list shows them")
     out = Path(args.out)
@@ -857,13 +859,20 @@ def main(argv=None):
         mres = dict(train_s=train_s, n_params=n_params, rows=[],
                     truth={k: v for k, v in truth.items()
                            if not isinstance(v, np.ndarray)})
+        mres["truth"]["loo_rows"] = truth["loo_rows"].tolist()
+        mres["truth"]["scatter_loo"] = truth["loo_same"].mean(axis=1).tolist()
         Cs = {}
         for name in names:
+            if name in skipped:
+                mres["rows"].append(dict(method=name, library=METHODS[name]["family"],
+                                         status="not run", reason="--skip " + name))
+                continue
             ctx = Ctx(kind, d["X"], d["y"], d["Xt"], d["yt"], args)
             row, C = run_method(name, ctx, args)
             if C is not None:
                 evaluate(row, C, truth)
                 Cs[name] = C
+                row["scatter_pred"] = C[truth["loo_rows"]].mean(axis=1).tolist()
                 if not args.no_noisy:
                     nctx = Ctx(kind, d["X"], d["y_noisy"], d["Xt"], d["yt"], args)
                     nrow, Cn = run_method(name, nctx, args)
