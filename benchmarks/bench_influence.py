@@ -167,6 +167,17 @@ def markdown(r):
         th = THESIS.get(name)
         ths = f"{th[0]:.3f} / {th[1]:.3f}" if th else "-"
         lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ths} |")
+    lines += [
+        "",
+        "Notes: (1) rows are chosen by IF, as in the thesis, which favours IF (a "
+        "correlation over the extremes of one method's ranking is biased towards that "
+        "method). (2) hydrattr's C is loss(without) - loss(with), as in Koh & Liang's code; "
+        "the thesis's Eq. 4.1 writes the opposite difference, so for the similarity "
+        "scores compare magnitudes, not signs. (3) The warm-start ground truth measures the "
+        "response of a short continuation from the trained weights; HYDRA exact "
+        "differentiates the whole run from initialisation, which need not match it on a "
+        "non-convex net.",
+    ]
     lines += ["", "Timings (s, this run, shared 2-core CPU): " + ", ".join(
         f"{k} {v:.0f}" for k, v in r["timings_s"].items()), "",
         f"Command: `{r['command']}`", ""]
