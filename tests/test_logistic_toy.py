@@ -11,7 +11,6 @@ Newton's method from scratch without each sample, sklearn's ``LogisticRegression
 refit without each sample, and a vectorised re-run of the recorded full-batch SGD with
 each sample's loss weight set to 0 (leave-one-out with the same order).
 """
-import warnings
 
 import numpy as np
 import pytest
