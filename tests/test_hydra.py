@@ -154,12 +154,14 @@ def test_convex_fast_mode_tracks_same_order_leave_one_out():
     xt, yt = torch.as_tensor(X_test), torch.as_tensor(y_test)
     with module_mode(att.net_.module_, training=True):
         base = replay_training(att.trajectory_, loss_fn, data_fn)
+        rows = np.arange(0, len(X), 3)  # 40 of the 120 rows keep the test quick
+        C = C[rows]
         loo = np.empty_like(C)
-        for i in range(len(X)):
+        for k, i in enumerate(rows):
             m = np.ones(len(X))
             m[i] = 0.0
             th = replay_training(att.trajectory_, loss_fn, data_fn, multipliers=m)
-            loo[i] = (loss_fn(th, xt, yt) - loss_fn(base, xt, yt)).detach().numpy()
+            loo[k] = (loss_fn(th, xt, yt) - loss_fn(base, xt, yt)).detach().numpy()
     r = pearsonr(C.ravel(), loo.ravel())[0]
     assert r > 0.95, r
     top = np.argsort(-np.abs(loo), axis=0)[:5]
