@@ -146,15 +146,13 @@ class LeaveOneOutAttributor(BaseAttributor):
         if self.n_jobs is not None and not isinstance(self.n_jobs, numbers.Integral):
             raise ValueError(f"n_jobs must be None or an int, got {self.n_jobs!r}.")
 
-    def _selected_rows(self, n, draw=True):
+    def _selected_rows(self, n):
         sel = self.indices
         if sel is None:
             return np.arange(n)
         if isinstance(sel, numbers.Integral):
             if not 0 < sel <= n:
                 raise ValueError(f"indices must be between 1 and n_samples={n}, got {sel}.")
-            if not draw:
-                return None
             rs = check_random_state(self.random_state)
             return np.sort(rs.choice(n, size=int(sel), replace=False))
         rows = np.asarray(sel)
@@ -186,7 +184,6 @@ class LeaveOneOutAttributor(BaseAttributor):
         self
         """
         self._check_params()
-        self._selected_rows(n_rows(X), draw=False)  # fail before training, not after
         return super().fit(X, y)
 
     def _after_fit(self):
