@@ -19,6 +19,11 @@ test accuracy. Rows, all in one run with the same network, seed and data:
   5-fold out-of-fold probabilities of the same network, removing the same r%;
 * ``oracle``: retrain on exactly the unflipped rows (the ceiling).
 
+Score-based rows (HYDRA fast/exact, IF) come in two removal rules: the r% lowest scores
+overall (the paper's rule; row ``hydra_fast``) and the r% lowest within each class of the
+given labels (``LabelNoiseCleaner(stratify=True)``, the same per-class quota cleanlab's
+``prune_by_class`` gets; row ``hydra_fast_pc``).
+
 Each row reports the precision and recall of its removed set against the flipped mask
 and the retrained test accuracy. The paper's figures are printed alongside, but the
 comparison that matters is within the run.
@@ -133,11 +138,15 @@ def accuracy(net, X, y):
 
 # ------------------------------------------------------------------------- methods
 
-def remove_lowest(scores, fraction):
-    """The rule LabelNoiseCleaner applies: the round(fraction * n) lowest scores."""
-    k = int(np.floor(fraction * len(scores) + 0.5))
+def remove_lowest(scores, fraction, labels=None):
+    """The rule LabelNoiseCleaner applies: the round(fraction * n) lowest scores; with
+    ``labels`` (``stratify=True``) the round(fraction * n_c) lowest within each class."""
     removed = np.zeros(len(scores), dtype=bool)
-    removed[np.argsort(scores, kind="stable")[:k]] = True
+    groups = [np.arange(len(scores))] if labels is None else \
+        [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for rows in groups:
+        k = int(np.floor(fraction * len(rows) + 0.5))
+        removed[rows[np.argsort(scores[rows], kind="stable")[:k]]] = True
     return removed
 
 
@@ -186,6 +195,13 @@ def run_one(args, dataset, rate):
     traj_kind = "memmap" if args.memmap else "memory"
     rows, timings = [], {}
 
+    def retrain_rules(name, scores, extra=None):
+        """One row per removal rule: global (the paper's) and/or per class."""
+        if "global" in args.rules:
+            retrain(name, remove_lowest(scores, rate), extra)
+        if "per_class" in args.rules:
+            retrain(f"{name}_pc", remove_lowest(scores, rate, y), extra)
+
     def retrain(name, removed, extra=None):
         t0 = time.perf_counter()
         keep = ~removed
@@ -212,7 +228,8 @@ def run_one(args, dataset, rate):
     rows.append({"method": "no_filtering", "n_removed": 0, "precision": float("nan"),
                  "recall": 0.0, "test_accuracy": acc_none})
     print(f"  {dataset} r={rate:.0%} no_filtering   acc={acc_none:.4f}", flush=True)
-    retrain("hydra_fast", cleaner.removed_mask_)
+    assert np.array_equal(cleaner.removed_mask_, remove_lowest(cleaner.scores_, rate))
+    retrain_rules("hydra_fast", cleaner.scores_)
 
     if "exact" in args.methods:
         try:
@@ -222,7 +239,7 @@ def run_one(args, dataset, rate):
             timings["hydra_exact_score"] = time.perf_counter() - t0
             s_fast = cleaner.scores_
             corr = float(np.corrcoef(s_fast, s_exact)[0, 1])
-            retrain("hydra_exact", remove_lowest(s_exact, rate), {"pearson_vs_fast": corr})
+            retrain_rules("hydra_exact", s_exact, {"pearson_vs_fast": corr})
         except Exception as exc:  # noqa: BLE001 - recorded in the results
             traceback.print_exc()
             rows.append({"method": "hydra_exact", "error": repr(exc)[:300]})
@@ -241,7 +258,7 @@ def run_one(args, dataset, rate):
                                     random_state=seed)
             icl.fit_resample(X, y)
             timings["if_fit_and_score"] = time.perf_counter() - t0
-            retrain("if", icl.removed_mask_, {"if_solver": "lissa",
+            retrain_rules("if", icl.scores_, {"if_solver": "lissa",
                                               "if_damping": args.if_damping,
                                               "if_scale": args.if_scale,
                                               "if_depth": args.if_depth})
@@ -279,7 +296,8 @@ def markdown(results, args):
              f"epochs, lr 0.01, drop at epoch 5.", "",
              "| dataset | r | method | removed | precision | recall | test acc (%) | paper (%) |",
              "|---|---|---|---|---|---|---|---|"]
-    paper_key = {"no_filtering": "no_filtering", "if": "if", "hydra_fast": "hydra"}
+    paper_key = {"no_filtering": "no_filtering", "if": "if", "hydra_fast": "hydra",
+                 "hydra_fast_pc": "hydra"}
     for res in results:
         paper = res.get("paper") or {}
         for row in res["rows"]:
@@ -296,10 +314,11 @@ def markdown(results, args):
     lines += ["", "Checks within each run (issue 8 targets):", ""]
     for res in results:
         by = {r["method"]: r for r in res["rows"] if "error" not in r}
-        h, o = by.get("hydra_fast"), by.get("oracle")
+        hname = "hydra_fast_pc" if "hydra_fast_pc" in by else "hydra_fast"
+        h, o = by.get(hname), by.get("oracle")
         if not (h and o):
             continue
-        notes = [f"HYDRA fast acc - oracle = {100 * (h['test_accuracy'] - o['test_accuracy']):+.2f} pts"]
+        notes = [f"{hname} acc - oracle = {100 * (h['test_accuracy'] - o['test_accuracy']):+.2f} pts"]
         if "no_filtering" in by:
             notes.append(f"vs no filtering {100 * (h['test_accuracy'] - by['no_filtering']['test_accuracy']):+.2f} pts")
         if "cleanlab" in by:
@@ -326,6 +345,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="initial lr (paper: 0.01)")
     p.add_argument("--milestone", type=int, default=5,
                    help="MNIST: epoch at which the lr is multiplied by 0.1 (paper: 5)")
+    p.add_argument("--rules", nargs="+", default=["global", "per_class"],
+                   choices=["global", "per_class"],
+                   help="removal rules for the score-based methods: the r%% lowest overall "
+                        "(the paper's; row name) and/or within each class (LabelNoiseCleaner"
+                        "(stratify=True), as cleanlab's prune_by_class; row name + _pc)")
     p.add_argument("--if-damping", type=float, default=0.01)
     p.add_argument("--if-scale", type=float, default=25.0)
     p.add_argument("--if-depth", type=int, default=1000)
@@ -345,20 +369,28 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     results = []
     t0 = time.perf_counter()
+    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         for rate in args.rates:
             print(f"== {dataset} r={rate}", flush=True)
             results.append(run_one(args, dataset, rate))
-    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
-               "threads": torch.get_num_threads(), "total_s": time.perf_counter() - t0,
-               "results": results}
-    (RESULTS / f"table3_{tag}.json").write_text(json.dumps(payload, indent=2))
-    md = markdown(results, args)
-    (RESULTS / f"table3_{tag}.md").write_text(md)
+            # saved after every setting, so a long run that is stopped keeps its rows
+            payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv,
+                       "args": vars(args), "torch": torch.__version__,
+                       "python": platform.python_version(),
+                       "threads": torch.get_num_threads(),
+                       "total_s": time.perf_counter() - t0, "results": results}
+            _atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
+            md = markdown(results, args)
+            _atomic_write(RESULTS / f"table3_{tag}.md", md)
     print(md)
+
+
+def _atomic_write(path, text):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

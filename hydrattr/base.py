@@ -77,11 +77,16 @@ class BaseAttributor(BaseEstimator):
             y = y.detach().cpu().numpy()
         if kind in ("dict", "dataset"):
             return self._validate_other_inputs(X, y, reset, kind)
+        # multi_output=True keeps a regression target of shape (n, 1) as it is: skorch's
+        # NeuralNetRegressor pairs it with a module output of shape (n, 1), and flattening
+        # it would make MSELoss broadcast (n, 1) against (n,) into an n x n loss.
         X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype="numeric",
-                             ensure_all_finite=True, y_numeric=False)
+                             ensure_all_finite=True, y_numeric=False, multi_output=True)
         if X.dtype.kind not in "fiub":
             raise ValueError(f"X must be numeric, got dtype {X.dtype}.")
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1 and y.dtype.kind not in "f":
+            y = y.ravel()  # a column of class labels: CrossEntropyLoss wants shape (n,)
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
             raise ValueError("y contains NaN or infinity.")
         if not reset and isinstance(self.input_shape_, tuple) \
@@ -172,6 +177,11 @@ class BaseAttributor(BaseEstimator):
     def fit(self, X, y):
         """Train a clone of ``net`` on ``(X, y)`` and prepare attribution.
 
+        What is prepared depends on the attributor: HYDRA records the training trajectory
+        (and, in fast mode, fills the per-sample store), influence functions factor or
+        prepare the Hessian at the trained weights, leave-one-out retrains every
+        removal model. The caller's ``net`` is never modified.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
@@ -183,10 +193,14 @@ class BaseAttributor(BaseEstimator):
         -------
         self
         """
+        self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
         self._fit_net(X, y)
         self._after_fit()
         return self
+
+    def _check_params(self):
+        """Validate the constructor parameters (subclasses extend it); called first in fit."""
 
     def _after_fit(self):
         pass

@@ -140,21 +140,6 @@ class HydraAttributor(BaseAttributor):
             return not (self.module_flags_["batchnorm"] or self.module_flags_["dropout"])
         return self.per_sample == "vmap"
 
-    def fit(self, X, y):
-        """Train a clone of ``net`` on ``(X, y)`` while recording what HYDRA needs.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-        y : array-like of shape (n_samples,)
-
-        Returns
-        -------
-        self
-        """
-        self._check_params()
-        return super().fit(X, y)
-
     def _after_fit(self):
         n = self.n_train_
         self.rows_ = self._tracked_rows(n)

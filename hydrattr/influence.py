@@ -192,21 +192,6 @@ class InfluenceFunctionAttributor(BaseAttributor):
                      "block_size"):
             number(name, 0, strict=True, integer=True)
 
-    def fit(self, X, y):
-        """Train a clone of ``net`` on ``(X, y)`` and prepare the Hessian.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-        y : array-like of shape (n_samples,)
-
-        Returns
-        -------
-        self
-        """
-        self._check_params()
-        return super().fit(X, y)
-
     def _after_fit(self):
         traj = self.trajectory_
         self._rows = np.flatnonzero(self.trained_mask_)

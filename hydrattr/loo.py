@@ -171,20 +171,6 @@ class LeaveOneOutAttributor(BaseAttributor):
         return seed
 
     # -- fit -------------------------------------------------------------------------
-    def fit(self, X, y):
-        """Train the full model, then every leave-one-out model.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-        y : array-like of shape (n_samples,)
-
-        Returns
-        -------
-        self
-        """
-        self._check_params()
-        return super().fit(X, y)
 
     def _after_fit(self):
         n = self.n_train_

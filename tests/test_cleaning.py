@@ -85,6 +85,21 @@ def test_fraction_removes_exactly_the_lowest_scores():
     assert c.n_removed_ == 5 and c.threshold_ == X[4, 0]
 
 
+def test_stratify_removes_the_fraction_within_each_class():
+    # class 0 (even rows) scores -5.5, -3.5, ..; class 1 (odd rows) -4.5, -2.5, ..: with 12
+    # rows per class (24 rows, rows 0-19 as in _stub_data plus 4 more) and fraction 0.25,
+    # each class loses its 3 lowest, which a global cut (the 6 lowest overall: rows 0-5)
+    # would also do; shift class 1 up by 100 so the global cut takes class 0 only.
+    X, y = _stub_data(24)
+    X[y == 1, 0] += 100
+    glob = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y), fraction=0.25).fit(X, y)
+    np.testing.assert_array_equal(np.flatnonzero(glob.removed_mask_), [0, 2, 4, 6, 8, 10])
+    strat = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y), fraction=0.25,
+                              stratify=True).fit(X, y)
+    np.testing.assert_array_equal(np.flatnonzero(strat.removed_mask_), [0, 1, 2, 3, 4, 5])
+    assert strat.n_removed_ == 6 and strat.threshold_ == X[5, 0]
+
+
 def test_threshold_and_default_threshold_zero():
     X, y = _stub_data()
     c = LabelNoiseCleaner(ColumnScores(), validation_data=(X, y), threshold=2.0).fit(X, y)
@@ -121,6 +136,8 @@ def test_split_is_stratified_seeded_and_validation_rows_are_kept():
     (dict(fraction=1.0), "fraction"),
     (dict(threshold=np.nan), "threshold"),
     (dict(objective="sum"), "objective"),
+    (dict(stratify="yes"), "stratify"),
+    (dict(stratify=True, threshold=0.0), "stratify"),
     (dict(validation_size=1.5), "validation_size"),
     (dict(validation_size=0), "validation_size"),
 ])
