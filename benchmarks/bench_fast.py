@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -32,24 +31,13 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
+sys.path.insert(0, HERE)
+from _common import paper_lenet, peak_rss_gib, step_schedule  # noqa: E402
 
 
 def make_net(epochs):
-    from skorch import NeuralNetClassifier
-    from skorch.callbacks import LRScheduler
-    from torch.optim.lr_scheduler import StepLR
-
-    from hydrattr.models import LeNet5
-
-    return NeuralNetClassifier(
-        LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.01,
-        optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
-        max_epochs=epochs, train_split=None, iterator_train__shuffle=True, verbose=0,
-        callbacks=[("lr", LRScheduler(StepLR, step_size=5, gamma=0.1))])
+    """The paper's LeNet-5 with its MNIST schedule (lr x0.1 every 5 epochs)."""
+    return paper_lenet(epochs, callbacks=[step_schedule()])
 
 
 def main(argv=None):

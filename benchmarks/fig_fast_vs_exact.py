@@ -36,26 +36,22 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import paper_lenet  # noqa: E402
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
 
 
 def make_net(epochs):
-    from skorch import NeuralNetClassifier
     from skorch.callbacks import LRScheduler
     from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-    from hydrattr.models import LeNet5
-
     # paper: x0.5 when train+valid loss has not improved by 0.01% for 2 epochs; we have no
     # validation split inside the net (every row is attributed), so train loss is monitored
-    return NeuralNetClassifier(
-        LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.01,
-        optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
-        max_epochs=epochs, train_split=None, iterator_train__shuffle=True, verbose=0,
-        callbacks=[("lr", LRScheduler(ReduceLROnPlateau, monitor="train_loss", factor=0.5,
-                                      patience=2, threshold=1e-4))])
+    return paper_lenet(epochs, callbacks=[
+        ("lr", LRScheduler(ReduceLROnPlateau, monitor="train_loss", factor=0.5, patience=2,
+                           threshold=1e-4))])
 
 
 class Prefix:

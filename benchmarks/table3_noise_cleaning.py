@@ -48,13 +48,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback, LRScheduler
 
-from hydrattr import HydraAttributor
-from hydrattr.cleaning import LabelNoiseCleaner
-from hydrattr.datasets import load_mnist_split, make_label_noise
-from hydrattr.models import LeNet5
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write, paper_lenet  # noqa: E402
+
+from hydrattr import HydraAttributor  # noqa: E402
+from hydrattr.cleaning import LabelNoiseCleaner  # noqa: E402
+from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,11 +119,7 @@ def make_net(dataset, epochs, X_valid, y_valid, seed, lr=0.01, milestone=5):
                                             monitor=_plateau_monitor, mode="min", factor=0.5,
                                             patience=2, threshold=1e-4,
                                             threshold_mode="rel")))
-    return NeuralNetClassifier(
-        LeNet5, module__n_classes=10, criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.SGD, lr=lr, optimizer__momentum=0.9,
-        optimizer__weight_decay=2e-5, batch_size=64, max_epochs=epochs,
-        iterator_train__shuffle=True, train_split=None, callbacks=callbacks, verbose=0)
+    return paper_lenet(epochs, lr=lr, callbacks=callbacks, module__n_classes=10)
 
 
 def fit_net(net, X, y, seed):
@@ -381,16 +378,10 @@ def main(argv=None):
                        "python": platform.python_version(),
                        "threads": torch.get_num_threads(),
                        "total_s": time.perf_counter() - t0, "results": results}
-            _atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
+            atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
             md = markdown(results, args)
-            _atomic_write(RESULTS / f"table3_{tag}.md", md)
+            atomic_write(RESULTS / f"table3_{tag}.md", md)
     print(md)
-
-
-def _atomic_write(path, text):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

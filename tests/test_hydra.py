@@ -5,7 +5,6 @@
 2. Leave-one-out retraining with the same batch order on a small convex problem.
 3. Training is unperturbed: identical weights to a plain skorch fit with the same seed.
 """
-import warnings
 
 import numpy as np
 import pytest
