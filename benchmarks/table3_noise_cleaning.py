@@ -17,6 +17,8 @@ test accuracy. Rows, all in one run with the same network, seed and data:
 * ``cleanlab``: confident learning (``cleanlab.filter.find_label_issues``,
   ``filter_by="prune_by_class"`` with ``num_to_remove_per_class = r * class count``) on
   5-fold out-of-fold probabilities of the same network, removing the same r%;
+* ``hydra_fast_pc_r2``: ``LabelNoiseCleaner(stratify=True, n_rounds=2)``: half the
+  rows removed, a fresh HYDRA fit on the rest, the other half removed;
 * ``oracle``: retrain on exactly the unflipped rows (the ceiling).
 
 Score-based rows (HYDRA fast/exact, IF) come in two removal rules: the r% lowest scores
@@ -228,6 +230,22 @@ def run_one(args, dataset, rate):
     assert np.array_equal(cleaner.removed_mask_, remove_lowest(cleaner.scores_, rate))
     retrain_rules("hydra_fast", cleaner.scores_)
 
+    if "rounds" in args.methods:  # LabelNoiseCleaner(stratify=True, n_rounds=2)
+        try:
+            t0 = time.perf_counter()
+            attr2 = HydraAttributor(net, mode="fast", trajectory=traj_kind,
+                                    store_dir=args.work_dir, random_state=seed, verbose=0)
+            cl2 = LabelNoiseCleaner(attr2, validation_data=(Xv, yv), fraction=rate,
+                                    stratify=True, n_rounds=args.n_rounds, random_state=seed)
+            cl2.fit_resample(X, y)
+            timings[f"hydra_fast_pc_r{args.n_rounds}_fit_and_score"] = \
+                time.perf_counter() - t0
+            retrain(f"hydra_fast_pc_r{args.n_rounds}", cl2.removed_mask_)
+            del cl2, attr2
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"method": f"hydra_fast_pc_r{args.n_rounds}", "error": repr(exc)[:300]})
+
     if "exact" in args.methods:
         try:
             t0 = time.perf_counter()
@@ -333,7 +351,9 @@ def main(argv=None):
                         "at epoch 8, IF depth 200")
     p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
     p.add_argument("--rates", nargs="+", type=float, default=[0.8, 0.5])
-    p.add_argument("--methods", nargs="+", default=["exact", "if", "cleanlab"],
+    p.add_argument("--n-rounds", type=int, default=2,
+                   help="rounds of the iterative HYDRA row (method 'rounds')")
+    p.add_argument("--methods", nargs="+", default=["rounds", "exact", "if", "cleanlab"],
                    help="optional rows besides no_filtering, hydra_fast and oracle")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-valid", type=int, default=10000)
