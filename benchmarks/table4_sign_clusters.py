@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write  # noqa: E402
 from table3_noise_cleaning import make_net  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -180,20 +181,20 @@ def main(argv=None):
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     results, t0 = [], time.perf_counter()
+    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         print(f"== {dataset} r={args.rate}", flush=True)
         results.append(run_one(args, dataset))
-    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": "table4_sign_clusters", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
-               "threads": torch.get_num_threads(), "total_s": time.perf_counter() - t0,
-               "results": results}
-    (RESULTS / f"table4_{tag}.json").write_text(json.dumps(payload, indent=2))
-    md = markdown(results, args)
-    (RESULTS / f"table4_{tag}.md").write_text(md)
+        # saved after every dataset, so a long run that is stopped keeps its rows
+        payload = {"benchmark": "table4_sign_clusters", "argv": sys.argv,
+                   "args": vars(args), "torch": torch.__version__,
+                   "python": platform.python_version(), "threads": torch.get_num_threads(),
+                   "total_s": time.perf_counter() - t0, "results": results}
+        atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
+        md = markdown(results, args)
+        atomic_write(RESULTS / f"table4_{tag}.md", md)
     print(md)
-
 
 if __name__ == "__main__":
     main()
