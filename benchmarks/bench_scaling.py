@@ -18,7 +18,9 @@ synthetic (random images, random labels: the cost does not depend on the values)
 ``--real`` loads MNIST / CIFAR-10 (``hydrattr.datasets``). BatchNorm models take
 per-sample gradients of the real batch (``per_sample="auto"`` -> Jacobian of the batch
 losses), which is the expensive exact path; ``--per-sample vmap`` times the cheaper
-independent-sample approximation instead.
+independent-sample approximation instead (not defined for MobileNetV2 on 32x32 inputs:
+its last BatchNorm layers see a 1x1 map, and one sample at 1x1 has no batch statistics;
+such a model gets a row that says so).
 
 The per-sample store is float32 in RAM when it fits ``--ram-store-gib``, else a disk
 memmap up to ``--disk-store-gib`` (10,000 x 2.24M float32 is 89 GB), else the run is
@@ -251,15 +253,24 @@ def main(argv=None):
             plan.insert(1, ("lenet5", 2000))
     print(f"device: {device} ({dev_name}); torch {torch.__version__}", flush=True)
     # warm-up (first-call overheads of torch.func / cuDNN) on a tiny run per model
+    failed = {}
     for m in dict.fromkeys(m for m, _ in plan):
-        measure(m, 64, device, argparse.Namespace(**{**vars(args), "n_test": 2}))
+        try:
+            measure(m, 64, device, argparse.Namespace(**{**vars(args), "n_test": 2}))
+        except Exception as exc:  # noqa: BLE001 - recorded as a row saying why
+            failed[m] = f"{type(exc).__name__}: {exc}"[:200]
+            print(f"{m}: failed in warm-up: {failed[m]}", flush=True)
     meta = {"device": device, "device_name": dev_name, "torch": torch.__version__,
             "per_sample": args.per_sample, "data": "real" if args.real else "synthetic",
             "command": " ".join(sys.argv), "batch_size": args.batch_size}
     results = []
     for m, n in plan:
         print(f"{m}: {n} tracked ...", flush=True)
-        r = measure(m, n, device, args)
+        if m in failed:
+            r = {"model": m, "n_tracked": n, "n_params": sum(
+                p.numel() for p in MODELS[m][0]().parameters()), "skipped": failed[m]}
+        else:
+            r = measure(m, n, device, args)
         results.append(r)
         _write(args, meta, results)
         if "skipped" in r:
