@@ -820,6 +820,16 @@ def write_markdown(res, path):
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def _save(res, out, tag):
+    """JSON and markdown, each written through a temporary file (never half-written)."""
+    sys.path.insert(0, str(HERE))
+    from _common import atomic_write
+
+    atomic_write(out / f"{tag}.json", json.dumps(res, indent=1, default=str))
+    write_markdown(res, out / f"{tag}.md.tmp")
+    os.replace(out / f"{tag}.md.tmp", out / f"{tag}.md")
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -888,17 +898,19 @@ def main(argv=None):
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in row.items() if k not in ("traceback", "settings", "library")))
             mres["rows"].append(row)
+            # partial results after every method, so a long run that is stopped keeps them
+            res["models"][kind] = {**mres, "scatter": None, "partial": True}
+            res["total_s"] = time.perf_counter() - t_start
+            _save(res, out, args.tag)
             _trim()
         scatter = out / f"{args.tag}_scatter_{kind}.png"
         scatter_plot(kind, mres["rows"], truth, Cs, scatter)
         mres["scatter"] = scatter.name if scatter.exists() else None
         res["models"][kind] = mres
         res["total_s"] = time.perf_counter() - t_start
-        Path(out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
-        write_markdown(res, out / f"{args.tag}.md")
+        _save(res, out, args.tag)
     res["total_s"] = time.perf_counter() - t_start
-    Path(out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
-    write_markdown(res, out / f"{args.tag}.md")
+    _save(res, out, args.tag)
     print((out / f"{args.tag}.md").read_text())
     return 0
 
