@@ -101,7 +101,8 @@ def _unsqueeze(x):
     return x.unsqueeze(0)
 
 
-def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None):
+def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None,
+                     vectorize=None):
     """Gradients of every sample's loss, shape ``(batch, n_params)``.
 
     Parameters
@@ -121,14 +122,35 @@ def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None):
         passes.
     rng_state : tuple or None
         RNG state to replay (dropout masks), see :func:`rng_context`.
+    vectorize : bool or None, default=None
+        Only with ``independent=False``: True takes the Jacobian with ``jacrev`` (the
+        ``batch`` vector-Jacobian products vmapped into one batched backward pass);
+        False runs one forward pass and ``batch`` ordinary backward passes through the
+        retained graph, which returns gradients detached from ``theta`` (callers that
+        differentiate through them must vectorize). None: True on CUDA, False on the
+        CPU, where the loop was 3.8x faster for DenseNet-40 (batch 64, one thread: 75 s
+        against 283 s per step; the vmapped backward materialises ``batch`` copies of
+        every activation gradient).
     """
     if independent:
         def one(t, xi, yi):
             return loss_fn(t, _unsqueeze(xi), _unsqueeze(yi)).sum()
 
         return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
+    if vectorize is None:
+        vectorize = theta.is_cuda
     with rng_context(rng_state, theta.device if theta.is_cuda else None):
-        return jacrev(lambda t: loss_fn(t, x, y))(theta)
+        if vectorize:
+            return jacrev(lambda t: loss_fn(t, x, y))(theta)
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            losses = loss_fn(t, x, y)
+            rows = []
+            for i in range(losses.shape[0]):
+                (g,) = torch.autograd.grad(losses[i], t, retain_graph=i < losses.shape[0] - 1,
+                                           allow_unused=True)
+                rows.append(torch.zeros_like(t) if g is None else g)
+        return torch.stack(rows)
 
 
 def per_sample_dots_and_hvp(loss_fn, theta, x, y, weights, vectors, *, hessian=True,

@@ -50,12 +50,14 @@ def test_vmap_per_sample_grads_match_loop():
     torch.testing.assert_close(g, _loop_grads(loss_fn, theta, x, y), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("vectorize", [True, False], ids=["jacrev", "backward-loop"])
 @pytest.mark.parametrize("batchnorm,dropout", [(True, 0.0), (False, 0.4), (True, 0.4)])
-def test_jacobian_per_sample_grads_include_coupling_and_masks(batchnorm, dropout):
+def test_jacobian_per_sample_grads_include_coupling_and_masks(batchnorm, dropout, vectorize):
     m, spec, theta, loss_fn = _model(batchnorm, dropout)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
     rng = torch.get_rng_state()
-    g = per_sample_grads(loss_fn, theta, x, y, independent=False, rng_state=(rng, None))
+    g = per_sample_grads(loss_fn, theta, x, y, independent=False, rng_state=(rng, None),
+                         vectorize=vectorize)
     ref = _loop_grads(loss_fn, theta, x, y, rng=rng)
     torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
     if batchnorm:  # coupling matters: isolated samples give different gradients
