@@ -1,7 +1,7 @@
 """The paper's scaling figure (Figure 1 analogue) from the committed bench_scaling runs.
 
 Reads every ``benchmarks/results/bench_scaling_*.json`` and draws, per model and
-per-sample-gradient path, (left) the fast-mode ``fit`` time against the number of tracked
+run, (left) the fast-mode ``fit`` time against the number of tracked
 samples and (right) the overhead per tracked sample per parameter against the number of
 parameters. Constant overhead per sample per parameter means cost linear in both. Saves
 ``benchmarks/results/fig_scaling.png``; the device of each run is in the legend.
@@ -28,7 +28,9 @@ def load(results_dir):
         for r in d["results"]:
             if "skipped" in r:
                 continue
-            runs.append({**r, "device": meta["device"], "per_sample": meta["per_sample"]})
+            run = os.path.basename(path)[len("bench_scaling_"):-len(".json")]
+            runs.append({**r, "device": meta["device"], "per_sample": meta["per_sample"],
+                         "run": run})
     return runs
 
 
@@ -43,19 +45,18 @@ def main(argv=None):
     if not runs:
         raise SystemExit(f"no bench_scaling_*.json results under {results}: run "
                          f"benchmarks/bench_scaling.py first")
-    # one series per (model, per-sample path, device); duplicates of a point: keep the
-    # fastest (repeated runs on a shared machine only add noise upwards)
+    # one series per (model, run): runs differ in code version, per-sample path and load
     series = {}
     for r in runs:
-        key = (r["model"], r["per_sample"], r["device"])
+        key = (r["model"], r["run"], r["device"])
         pts = series.setdefault(key, {})
         n = r["n_tracked"]
         if n not in pts or r["hydra_fit_s"] < pts[n]["hydra_fit_s"]:
             pts[n] = r
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (model, path, device), pts in sorted(series.items()):
+    for (model, run, device), pts in sorted(series.items()):
         ns = sorted(pts)
-        label = f"{model} ({pts[ns[0]]['n_params']:,} params; {path}; {device})"
+        label = f"{model} ({pts[ns[0]]['n_params']:,} params; run {run}; {device})"
         a1.plot(ns, [pts[n]["hydra_fit_s"] for n in ns], "o-", label=label)
         a2.plot([pts[n]["n_params"] for n in ns],
                 [pts[n]["hydra_ns_per_sample_param"] for n in ns], "o", label=label)
