@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write, paper_lenet  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
-from hydrattr.cleaning import LabelNoiseCleaner  # noqa: E402
+from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
 from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,17 +136,6 @@ def accuracy(net, X, y):
 
 
 # ------------------------------------------------------------------------- methods
-
-def remove_lowest(scores, fraction, labels=None):
-    """The rule LabelNoiseCleaner applies: the round(fraction * n) lowest scores; with
-    ``labels`` (``stratify=True``) the round(fraction * n_c) lowest within each class."""
-    removed = np.zeros(len(scores), dtype=bool)
-    groups = [np.arange(len(scores))] if labels is None else \
-        [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    for rows in groups:
-        k = int(np.floor(fraction * len(rows) + 0.5))
-        removed[rows[np.argsort(scores[rows], kind="stable")[:k]]] = True
-    return removed
 
 
 def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):

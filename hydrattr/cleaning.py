@@ -226,6 +226,21 @@ class _ContributionSampler(BaseEstimator):
         return mask
 
 
+def remove_lowest(scores, fraction, labels=None):
+    """Boolean mask of the ``round(fraction * n)`` lowest ``scores`` (ties by position).
+
+    With ``labels``, the quota applies within each class: the ``round(fraction * n_c)``
+    lowest scores of every class ``c`` (``LabelNoiseCleaner(stratify=True)``).
+    """
+    removed = np.zeros(len(scores), dtype=bool)
+    groups = [np.arange(len(scores))] if labels is None else \
+        [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for rows in groups:
+        k = int(np.floor(fraction * len(rows) + 0.5))
+        removed[rows[np.argsort(scores[rows], kind="stable")[:k]]] = True
+    return removed
+
+
 class LabelNoiseCleaner(_ContributionSampler):
     """Drop the training samples that contribute least to a validation loss.
 
@@ -370,17 +385,6 @@ class LabelNoiseCleaner(_ContributionSampler):
                        dtype=np.float64)
         return np.median(C, axis=1)
 
-    def _lowest(self, s, rows, y, fraction):
-        """Mask over ``rows`` of the round(fraction * n) lowest scores (per class with
-        ``stratify``)."""
-        out = np.zeros(len(rows), dtype=bool)
-        groups = ([np.flatnonzero(y[rows] == c) for c in np.unique(y[rows])]
-                  if self.stratify else [np.arange(len(rows))])
-        for g in groups:
-            k = int(np.floor(fraction * len(g) + 0.5))
-            out[g[np.argsort(s[rows[g]], kind="stable")[:k]]] = True
-        return out
-
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         attributor = self.attributor_
         s = self._score(attributor, X_val, y_val)
@@ -408,10 +412,9 @@ class LabelNoiseCleaner(_ContributionSampler):
                 target = total if r == self.n_rounds - 1 else \
                     int(np.floor(total * (r + 1) / self.n_rounds + 0.5))
                 k = max(target - int(remove.sum()), 0)
-                if self.n_rounds == 1:
-                    mask = self._lowest(s, alive, y_train, self.fraction)
-                else:
-                    mask = self._lowest(s, alive, y_train, k / max(len(alive), 1))
+                frac = self.fraction if self.n_rounds == 1 else k / max(len(alive), 1)
+                mask = remove_lowest(s[alive], frac,
+                                     y_train[alive] if self.stratify else None)
                 remove[alive[mask]] = True
             self.threshold_ = float(s[remove].max()) if remove.any() else -np.inf
         full = np.full(n_samples, np.nan)
