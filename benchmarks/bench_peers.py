@@ -135,6 +135,9 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="output file stem (default bench_peers[_quick])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default="", help="free text added to the markdown report")
+    p.add_argument("--merge", default=None, metavar="TAG[,TAG...]",
+                   help="no run: merge the saved results of these tags (same task, same "
+                        "ground truth, e.g. methods run in parallel processes) into --tag")
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("n_train", 5000, 1000), ("n_test", 500, 100),
@@ -399,6 +402,12 @@ def m_if_lissa(ctx):
     return _hydrattr_if(ctx, **kw), str(kw)
 
 
+@method("hydrattr-if-arnoldi", "hydrattr")
+def m_if_arnoldi(ctx):
+    kw = dict(solver="arnoldi", damping=1e-3 if ctx.kind == "mlp" else 0.0,
+              arnoldi_rank=200, arnoldi_iter=400)
+    return (_hydrattr_if(ctx, **kw),
+            f"{kw} (pyDVL's rank and Krylov dimension; weight decay is in H)")
 
 
 @method("captum-tracincp", "Captum 0.9.0")
@@ -724,22 +733,25 @@ def ground_truth(kind, d, args):
     return truth
 
 
-def scatter_plot(kind, results, truth, Cs, path):
+def scatter_plot(kind, results, loo, path):
+    """Each method's mean score vs the same-order LOO change of the mean test loss
+    (``loo``) on the LOO rows; the scores are the rows' ``scatter_pred``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in results if r["method"] in Cs]
+    preds = {r["method"]: np.asarray(r["scatter_pred"]) for r in results
+             if r.get("scatter_pred") is not None}
+    names = list(preds)
     if not names:
         return
-    rows = truth["loo_rows"]
-    loo = truth["loo_same"].mean(axis=1)  # mean test loss objective
+    loo = np.asarray(loo)
     ncol = min(4, len(names))
     nrow = int(np.ceil(len(names) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
     for ax, name in zip(axes.ravel(), names):
-        pred = Cs[name][rows].mean(axis=1)
+        pred = preds[name]
         ax.scatter(loo, pred, s=10, alpha=0.7)
         r = np.corrcoef(loo, pred)[0, 1] if np.std(pred) > 0 else np.nan
         ax.set_title(f"{name}\nPearson {r:.2f}", fontsize=9)
@@ -752,7 +764,7 @@ def scatter_plot(kind, results, truth, Cs, path):
     fig.supxlabel("same-order LOO: change of the mean test loss", fontsize=9)
     fig.supylabel("method's score (mean over test points)", fontsize=9)
     fig.suptitle(f"MNIST {kind.upper()}: each method vs leave-one-out on "
-                 f"{len(rows)} training points", fontsize=10)
+                 f"{len(loo)} training points", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -830,8 +842,67 @@ def _save(res, out, tag):
     os.replace(out / f"{tag}.md.tmp", out / f"{tag}.md")
 
 
+_SAME_TASK = ("n_train", "n_test", "n_loo", "n_lds", "epochs", "seed", "trak_models",
+              "no_noisy", "no_scratch_loo")
+
+
+def merge_results(tags, out, tag, note=""):
+    """One report from runs of the same task split over processes.
+
+    Every run must have the same task settings and, per model, the same ground truth
+    (the same-order LOO scatter values, reproduced bit for bit by deterministic CPU
+    training); a method's first successful row wins, in the order of ``METHODS``.
+    """
+    runs = []
+    for t in tags:
+        f = out / f"{t}.json"
+        if not f.is_file():
+            raise SystemExit(f"--merge: no results file {f}")
+        runs.append(json.loads(f.read_text()))
+    base = runs[0]
+    for t, r in zip(tags[1:], runs[1:]):
+        diff = [k for k in _SAME_TASK if r["args"].get(k) != base["args"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {t} differs from {tags[0]} in {diff}")
+    order = {n: i for i, n in enumerate(METHODS)}
+    res = dict(base, command=" + ".join(r["command"] for r in runs),
+               total_s=sum(r.get("total_s", 0.0) for r in runs), merged_from=list(tags),
+               models={})
+    res["args"] = dict(base["args"], tag=tag, note=note or " ".join(dict.fromkeys(
+        r["args"].get("note", "") for r in runs)).strip())
+    kinds = list(dict.fromkeys(k for r in runs for k in r["models"]))
+    for kind in kinds:
+        parts = [(t, r["models"][kind]) for t, r in zip(tags, runs) if kind in r["models"]]
+        t0, m0 = parts[0]
+        for t, m in parts[1:]:
+            if not np.allclose(m["truth"]["scatter_loo"], m0["truth"]["scatter_loo"],
+                               rtol=1e-9, atol=1e-12):
+                raise SystemExit(f"--merge: the {kind} ground truth of {t} differs from "
+                                 f"{t0}'s: not the same task")
+        best = {}
+        for t, m in parts:
+            for row in m["rows"]:
+                cur = best.get(row["method"])
+                if cur is None or (cur["status"] != "ok" and row["status"] == "ok") or (
+                        cur["status"] == "not run" and row["status"] != "not run"):
+                    best[row["method"]] = row
+        rows = sorted(best.values(), key=lambda r: order.get(r["method"], len(order)))
+        mres = dict(m0, rows=rows, partial=any(m.get("partial") for _, m in parts))
+        scatter = out / f"{tag}_scatter_{kind}.png"
+        scatter_plot(kind, rows, m0["truth"]["scatter_loo"], scatter)
+        mres["scatter"] = scatter.name if scatter.exists() else None
+        res["models"][kind] = mres
+    _save(res, out, tag)
+    return res
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        out = Path(args.out)
+        merge_results([t for t in args.merge.split(",") if t], out, args.tag, args.note)
+        print((out / f"{args.tag}.md").read_text())
+        return 0
     sys.path.insert(0, str(ROOT))
     if Path(args.peers_dir).is_dir():
         sys.path.append(args.peers_dir)  # appended: the project's packages win
@@ -871,7 +942,6 @@ def main(argv=None):
                            if not isinstance(v, np.ndarray)})
         mres["truth"]["loo_rows"] = truth["loo_rows"].tolist()
         mres["truth"]["scatter_loo"] = truth["loo_same"].mean(axis=1).tolist()
-        Cs = {}
         for name in names:
             if name in skipped:
                 mres["rows"].append(dict(method=name, library=METHODS[name]["family"],
@@ -881,7 +951,6 @@ def main(argv=None):
             row, C = run_method(name, ctx, args)
             if C is not None:
                 evaluate(row, C, truth)
-                Cs[name] = C
                 row["scatter_pred"] = C[truth["loo_rows"]].mean(axis=1).tolist()
                 if not args.no_noisy:
                     nctx = Ctx(kind, d["X"], d["y_noisy"], d["Xt"], d["yt"], args)
@@ -904,7 +973,7 @@ def main(argv=None):
             _save(res, out, args.tag)
             _trim()
         scatter = out / f"{args.tag}_scatter_{kind}.png"
-        scatter_plot(kind, mres["rows"], truth, Cs, scatter)
+        scatter_plot(kind, mres["rows"], mres["truth"]["scatter_loo"], scatter)
         mres["scatter"] = scatter.name if scatter.exists() else None
         res["models"][kind] = mres
         res["total_s"] = time.perf_counter() - t_start

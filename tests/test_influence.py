@@ -105,6 +105,53 @@ def test_solvers_agree_on_ridge(ridge_data):
     assert np.abs(Cd).max() < 0.5 * np.abs(C).max()
 
 
+def test_arnoldi_full_rank_equals_direct(ridge_data):
+    """solver="arnoldi" with rank = n_params (4) is the exact inverse: equal to the
+    direct solver to float64 rounding. Rank 1 keeps only the top eigenpair, and equals
+    the direct solve projected on the top eigenvector of ``hessian_``."""
+    X, y, Xt, yt = ridge_data
+    direct = InfluenceFunctionAttributor(ridge_net(), verbose=0, random_state=0).fit(X, y)
+    C = direct.attribute(Xt, yt)
+    full = InfluenceFunctionAttributor(ridge_net(), solver="arnoldi", arnoldi_rank=4,
+                                       verbose=0, random_state=0).fit(X, y)
+    np.testing.assert_allclose(full.attribute(Xt, yt), C, rtol=0, atol=1e-9 * np.abs(C).max())
+    np.testing.assert_allclose(full.hessian_eigenvalues_, direct.hessian_eigenvalues_,
+                               rtol=1e-9)
+    one = InfluenceFunctionAttributor(ridge_net(), solver="arnoldi", arnoldi_rank=1,
+                                      arnoldi_iter=4, verbose=0, random_state=0).fit(X, y)
+    # independent algebra: per-sample gradients by plain autograd, numpy inverses;
+    # C = G_train M G_test^T / N with M = H^-1 (direct) or u u^T / w_max (rank 1)
+    w, U = np.linalg.eigh(direct.hessian_)
+    u = U[:, -1]
+    G_te, G_tr = _grads(direct, Xt, yt), _grads(direct, X, y)
+    np.testing.assert_allclose(G_tr @ np.linalg.inv(direct.hessian_) @ G_te.T / N, C,
+                               rtol=1e-8, atol=1e-12)
+    proj = np.outer(u, u) / w[-1]
+    np.testing.assert_allclose(one.attribute(Xt, yt), G_tr @ proj @ G_te.T / N,
+                               rtol=1e-8, atol=1e-12)
+
+
+def _grads(att, X, y):
+    """Per-sample loss gradients at the trained weights, flat order, by autograd."""
+    module = att.net_.module_
+    out = []
+    for xi, yi in zip(torch.as_tensor(X), torch.as_tensor(y)):
+        module.zero_grad()
+        loss = nn.functional.mse_loss(module(xi[None]), yi[None])
+        loss.backward()
+        out.append(torch.cat([p.grad.reshape(-1) for p in module.parameters()]).numpy())
+    return np.array(out)
+
+
+def test_arnoldi_warns_on_negative_ritz_values():
+    X, y = _softmax_data()
+    with pytest.warns(UserWarning, match="Ritz values.*damping"):
+        att = InfluenceFunctionAttributor(_softmax_net(optimizer__weight_decay=0.0),
+                                          solver="arnoldi", arnoldi_rank=30,
+                                          verbose=0, random_state=0).fit(X, y)
+    assert np.all(np.isfinite(att.attribute(X[:3], y[:3])))
+
+
 def test_rows_held_out_by_train_split_are_zero(ridge_data):
     X, y, Xt, yt = ridge_data
     net = ridge_net(train_split=ValidSplit(3))  # KFold: first third held out, deterministic
@@ -243,6 +290,8 @@ def test_clone_fit_leaves_caller_net_alone(ridge_data):
     (dict(lissa_depth=0), "lissa_depth"),
     (dict(lissa_batch_size=1.5), "lissa_batch_size"),
     (dict(block_size=0), "block_size"),
+    (dict(solver="arnoldi", arnoldi_rank=0), "arnoldi_rank"),
+    (dict(solver="arnoldi", arnoldi_iter=1.5), "arnoldi_iter"),
 ])
 def test_parameter_errors(ridge_data, kw, match):
     X, y, _, _ = ridge_data

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from hydrattr._core.solvers import (LissaDivergenceError, dense_hessian, solve_cg,
-                                    solve_direct, solve_lissa)
+from hydrattr._core.solvers import (LissaDivergenceError, dense_hessian, lanczos_eigenpairs,
+                                    solve_cg, solve_direct, solve_lissa, solve_lowrank)
 
 
 def _spd(P, cond, seed):
@@ -198,3 +198,80 @@ def test_parameter_errors():
         solve_cg(lambda V: V, B, tol=0)
     with pytest.raises(ValueError, match="B must be"):
         solve_cg(lambda V: V, torch.ones(3))
+
+
+def _sym(P, seed, lam):
+    """Symmetric matrix with the given eigenvalues and a random eigenbasis."""
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((P, P)))
+    return (Q * lam) @ Q.T
+
+
+def test_lanczos_full_krylov_space_is_the_exact_solve():
+    """n_iter = rank = P: the Ritz pairs are the eigenpairs, the low-rank solve is the
+    full inverse (float64, cond 1e3: agreement to ~1e-10 relative)."""
+    A, lam = _spd(15, 1e3, 5)
+    B = _rhs(3, 15, 6)
+    ev, V = lanczos_eigenpairs(_hvp(A), 15, rank=15, n_iter=15,
+                               generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(ev.numpy(), lam, rtol=1e-9)
+    np.testing.assert_allclose((V @ V.T).numpy(), np.eye(15), atol=1e-10)
+    X, info = solve_lowrank(ev, V, B, damping=0.5)
+    np.testing.assert_allclose(X.numpy(), _ref(A, B, 0.5), rtol=1e-8, atol=1e-10)
+    assert bool(info.converged.all()) and info.method == "arnoldi"
+
+
+def test_lanczos_top_rank_matches_truncated_eigendecomposition():
+    """rank < P: the result is V_k diag(1/(lam_k + d)) V_k^T b over the k eigenvalues of
+    largest magnitude (here including a negative one), computed by numpy.linalg.eigh.
+    A well-separated top spectrum and n_iter = P make the Ritz pairs exact to rounding."""
+    P, k = 30, 4
+    lam = np.concatenate([np.linspace(0.1, 1.0, P - k), [-40.0, 20.0, 50.0, 100.0]])
+    A = _sym(P, 7, lam)
+    B = _rhs(5, P, 8)
+    ev, V = lanczos_eigenpairs(_hvp(A), P, rank=k, n_iter=P,
+                               generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(ev.numpy(), [-40.0, 20.0, 50.0, 100.0], rtol=1e-9)
+    w, U = np.linalg.eigh(A)
+    top = np.argsort(-np.abs(w))[:k]
+    d = 3.0
+    keep = [j for j in top if w[j] + d > 0]  # -40 + 3 <= 0 is dropped
+    ref = (B.numpy() @ U[:, keep] / (w[keep] + d)) @ U[:, keep].T
+    X, info = solve_lowrank(ev, V, B, damping=d)
+    np.testing.assert_allclose(X.numpy(), ref, rtol=1e-8, atol=1e-10)
+    assert info.extra["n_nonpositive"] == 1 and not bool(info.converged.any())
+
+
+def test_lanczos_few_iterations_find_the_top_eigenvalues():
+    """Kaniel-Paige: with 40 of 200 iterations the 3 largest eigenvalues (well separated
+    from a bulk in [0, 1]) converge to ~1e-8 relative; the bulk does not."""
+    P = 200
+    lam = np.concatenate([np.random.default_rng(9).uniform(0, 1, P - 3), [10.0, 20.0, 30.0]])
+    A = _sym(P, 10, lam)
+    ev, V = lanczos_eigenpairs(_hvp(A), P, rank=3, n_iter=40,
+                               generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(ev.numpy(), [10.0, 20.0, 30.0], rtol=1e-8)
+    # Ritz vectors are eigenvectors: ||A v - lam v|| small
+    resid = np.linalg.norm(V.numpy() @ A - ev.numpy()[:, None] * V.numpy(), axis=1)
+    assert resid.max() < 1e-6
+
+
+def test_lanczos_stops_on_an_invariant_subspace():
+    """A rank-2 matrix: the Krylov space is exhausted after <= 3 vectors; no division by
+    a zero beta, and the two nonzero eigenvalues come out."""
+    u = np.random.default_rng(11).standard_normal((2, 12))
+    A = u.T @ np.diag([3.0, 7.0]) @ u
+    ev, V = lanczos_eigenpairs(_hvp(A), 12, rank=2, n_iter=12,
+                               generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(ev.numpy(), np.sort(np.linalg.eigvalsh(A))[-2:], rtol=1e-9)
+    assert np.all(np.isfinite(V.numpy()))
+
+
+def test_lanczos_parameter_errors():
+    A, _ = _spd(5, 10.0, 0)
+    with pytest.raises(ValueError, match="rank"):
+        lanczos_eigenpairs(_hvp(A), 5, rank=0)
+    with pytest.raises(ValueError, match="n_iter"):
+        lanczos_eigenpairs(_hvp(A), 5, rank=2, n_iter=0)
+    ev, V = lanczos_eigenpairs(_hvp(A), 5, rank=2)
+    with pytest.raises(ValueError, match="evecs"):
+        solve_lowrank(ev, V, _rhs(2, 4, 0))
