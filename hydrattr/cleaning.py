@@ -385,11 +385,13 @@ class LabelNoiseCleaner(_ContributionSampler):
                        dtype=np.float64)
         return np.median(C, axis=1)
 
-    def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
-        attributor = self.attributor_
+    def _scores_of_trained(self, attributor, n_rows, X_val, y_val):
+        """The attributor's scores, NaN for rows that never entered a gradient step."""
         s = self._score(attributor, X_val, y_val)
-        trained = self._trained_rows(attributor, len(train_rows))
-        s = np.where(trained, s, np.nan)
+        return np.where(self._trained_rows(attributor, n_rows), s, np.nan)
+
+    def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
+        s = self._scores_of_trained(self.attributor_, len(train_rows), X_val, y_val)
         scored = np.flatnonzero(np.isfinite(s))
         remove = np.zeros(len(train_rows), dtype=bool)
         if self.fraction is None:
@@ -404,8 +406,7 @@ class LabelNoiseCleaner(_ContributionSampler):
                     att = self._make_attributor()
                     keep = np.flatnonzero(~remove)
                     att.fit(X_train[keep], y_train[keep])
-                    s_keep = self._score(att, X_val, y_val)
-                    s_keep = np.where(self._trained_rows(att, len(keep)), s_keep, np.nan)
+                    s_keep = self._scores_of_trained(att, len(keep), X_val, y_val)
                     s[keep] = s_keep
                     alive = keep[np.isfinite(s_keep)]
                     del att
