@@ -172,6 +172,10 @@ MODEL_CFG = {
     # the SGD noise floor; weight decay makes the objective strongly convex (LR)
     "lr": dict(hidden=None, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
     "mlp": dict(hidden=(64,), lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
+    # the same MLP with a smooth activation: its SGD map is differentiable everywhere,
+    # unlike ReLU's (see bench_linearity), so same-order LOO is in the linear regime
+    "mlp_tanh": dict(hidden=(64,), lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64,
+                     activation="tanh"),
 }
 
 
@@ -180,7 +184,8 @@ def make_module(kind):
 
     if kind == "lr":
         return LogisticRegression(n_features=784, n_classes=10)
-    return MLP(n_features=784, n_classes=10, hidden=MODEL_CFG[kind]["hidden"])
+    return MLP(n_features=784, n_classes=10, hidden=MODEL_CFG[kind]["hidden"],
+               activation=MODEL_CFG[kind].get("activation", "relu"))
 
 
 class EpochSnapshots:
@@ -222,7 +227,8 @@ def make_net(kind, n_rows, args, extra_callbacks=()):
     else:
         from hydrattr.models import MLP as M
         kw = dict(module__n_features=784, module__n_classes=10,
-                  module__hidden=cfg["hidden"])
+                  module__hidden=cfg["hidden"],
+                  module__activation=cfg.get("activation", "relu"))
     return NeuralNetClassifier(
         M, **kw, criterion=nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=cfg["lr"],
         optimizer__momentum=cfg["momentum"], optimizer__weight_decay=cfg["weight_decay"],
@@ -389,14 +395,14 @@ def _hydrattr_if(ctx, **kw):
 
 @method("hydrattr-if-cg", "hydrattr")
 def m_if_cg(ctx):
-    kw = dict(solver="cg", damping=1e-3 if ctx.kind == "mlp" else 0.0, cg_tol=1e-6,
+    kw = dict(solver="cg", damping=1e-3 if ctx.kind != "lr" else 0.0, cg_tol=1e-6,
               cg_maxiter=300, block_size=len(ctx.Xt))
     return _hydrattr_if(ctx, **kw), f"{kw} (weight decay is in H; damping only for the MLP)"
 
 
 @method("hydrattr-if-lissa", "hydrattr")
 def m_if_lissa(ctx):
-    kw = dict(solver="lissa", damping=1e-3 if ctx.kind == "mlp" else 0.0,
+    kw = dict(solver="lissa", damping=1e-3 if ctx.kind != "lr" else 0.0,
               lissa_scale=50.0, lissa_depth=2000 if not ctx.args.quick else 500,
               lissa_repeat=1, lissa_batch_size=256, block_size=len(ctx.Xt))
     return _hydrattr_if(ctx, **kw), str(kw)
@@ -404,7 +410,7 @@ def m_if_lissa(ctx):
 
 @method("hydrattr-if-arnoldi", "hydrattr")
 def m_if_arnoldi(ctx):
-    kw = dict(solver="arnoldi", damping=1e-3 if ctx.kind == "mlp" else 0.0,
+    kw = dict(solver="arnoldi", damping=1e-3 if ctx.kind != "lr" else 0.0,
               arnoldi_rank=200, arnoldi_iter=400)
     return (_hydrattr_if(ctx, **kw),
             f"{kw} (pyDVL's rank and Krylov dimension; weight decay is in H)")
@@ -495,7 +501,7 @@ def _pydvl(ctx, cls, fit_batch=None, **kw):
 def m_pydvl_cg(ctx):
     from pydvl.influence.torch import CgInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0), rtol=1e-6,
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0), rtol=1e-6,
               atol=1e-8, maxiter=300, solve_simultaneously=True)
     return _pydvl(ctx, CgInfluence, **kw), f"{kw}; Hessian over the full training set"
 
@@ -504,7 +510,7 @@ def m_pydvl_cg(ctx):
 def m_pydvl_lissa(ctx):
     from pydvl.influence.torch import LissaInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0),
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0),
               maxiter=2000 if not ctx.args.quick else 500, scale=50.0, dampen=0.0,
               rtol=1e-6)
     return _pydvl(ctx, LissaInfluence, fit_batch=256, **kw), f"{kw}, batches of 256"
@@ -514,7 +520,7 @@ def m_pydvl_lissa(ctx):
 def m_pydvl_arnoldi(ctx):
     from pydvl.influence.torch import ArnoldiInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0), rank=200,
+    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0), rank=200,
               krylov_dimension=400, tol=1e-8)
     return _pydvl(ctx, ArnoldiInfluence, **kw), str(kw)
 
@@ -554,7 +560,7 @@ def m_dattri_trak(ctx):
     task = AttributionTask(loss_func=f, model=model, checkpoints=ckpts)
     # the projected features' Gram matrix is inverted without regularization, so the
     # projection must stay well below the number of training samples
-    dim = min(2048 if ctx.kind == "mlp" else 1024, len(ctx.X) // 2)
+    dim = min(2048 if ctx.kind != "lr" else 1024, len(ctx.X) // 2)
     proj = dict(proj_dim=dim, proj_max_batch_size=32,
                 proj_seed=0, device="cpu", proj_type="normal")
     attr = TRAKAttributor(task, correct_probability_func=m, projector_kwargs=proj,
@@ -608,7 +614,7 @@ def m_dattri_explicit(ctx):
 def m_dattri_cg(ctx):
     from dattri.algorithm import IFAttributorCG
 
-    kw = dict(max_iter=100, tol=1e-7, regularization=ctx.wd + (1e-3 if ctx.kind == "mlp" else 0.0))
+    kw = dict(max_iter=100, tol=1e-7, regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0))
     return _dattri_if(ctx, IFAttributorCG, **kw), str(kw)
 
 
