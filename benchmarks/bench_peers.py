@@ -848,8 +848,9 @@ def _save(res, out, tag):
     os.replace(out / f"{tag}.md.tmp", out / f"{tag}.md")
 
 
+# what must agree for runs to share one table (--no-noisy only leaves the AUC column empty)
 _SAME_TASK = ("n_train", "n_test", "n_loo", "n_lds", "epochs", "seed", "trak_models",
-              "no_noisy", "no_scratch_loo")
+              "no_scratch_loo")
 
 
 def merge_results(tags, out, tag, note=""):
