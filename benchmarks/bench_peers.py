@@ -858,7 +858,8 @@ def merge_results(tags, out, tag, note=""):
 
     Every run must have the same task settings and, per model, the same ground truth
     (the same-order LOO scatter values, reproduced bit for bit by deterministic CPU
-    training); a method's first successful row wins, in the order of ``METHODS``.
+    training). A method's first successful row wins; a method that never succeeded
+    shows its last attempt. Rows follow the order of ``METHODS``.
     """
     runs = []
     for t in tags:
@@ -890,8 +891,8 @@ def merge_results(tags, out, tag, note=""):
         for t, m in parts:
             for row in m["rows"]:
                 cur = best.get(row["method"])
-                if cur is None or (cur["status"] != "ok" and row["status"] == "ok") or (
-                        cur["status"] == "not run" and row["status"] != "not run"):
+                # a success wins; otherwise the later attempt (a rerun) is reported
+                if cur is None or (cur["status"] != "ok" and row["status"] != "not run"):
                     best[row["method"]] = row
         rows = sorted(best.values(), key=lambda r: order.get(r["method"], len(order)))
         mres = dict(m0, rows=rows, partial=any(m.get("partial") for _, m in parts))
