@@ -240,8 +240,7 @@ class InfluenceFunctionAttributor(BaseAttributor):
         self.hessian_ = self.hessian_eigenvalues_ = None
         self._H = self._eigh = self._ritz = None
         if self.solver == "arnoldi":
-            rs = check_random_state(self.random_state)
-            gen = torch.Generator().manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
+            gen = self._generator()
             with module_mode(self.net_.module_, training=False):
                 evals, evecs = lanczos_eigenpairs(
                     self._hvp, self.spec_.n_params, rank=self.arnoldi_rank,
@@ -281,6 +280,11 @@ class InfluenceFunctionAttributor(BaseAttributor):
                     f"damping > {max(-float(evals[0]), 0.0):.3g} for a convex approximation.",
                     UserWarning, stacklevel=4)
 
+    def _generator(self):
+        """A CPU torch generator seeded from ``random_state`` (LiSSA batches, Lanczos start)."""
+        rs = check_random_state(self.random_state)
+        return torch.Generator().manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
+
     # -- Hessian-vector products and gradients (eval mode) -----------------------------
     def _hvp(self, V, rows=None):
         """``H V`` for ``V`` of shape (m, P): mean training loss Hessian + weight decay.
@@ -319,8 +323,7 @@ class InfluenceFunctionAttributor(BaseAttributor):
         damping = float(self.damping)
         infos, parts = [], []
         if self.solver == "lissa":
-            rs = check_random_state(self.random_state)
-            gen = torch.Generator().manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
+            gen = self._generator()
         step = max(G.shape[0], 1) if self.solver in ("direct", "arnoldi") else self.block_size
         for s in range(0, G.shape[0], step):
             B = G[s:s + step]
