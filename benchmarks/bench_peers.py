@@ -356,6 +356,12 @@ class Ctx:
     def wd(self):
         return MODEL_CFG[self.kind]["weight_decay"]
 
+    @property
+    def damping(self):
+        """Extra damping for the influence solvers: 1e-3 on the non-convex nets (the
+        MLPs), none for logistic regression, whose weight decay already makes H PD."""
+        return 0.0 if self.kind == "lr" else 1e-3
+
 
 def _tensors(ctx):
     import torch
@@ -395,14 +401,14 @@ def _hydrattr_if(ctx, **kw):
 
 @method("hydrattr-if-cg", "hydrattr")
 def m_if_cg(ctx):
-    kw = dict(solver="cg", damping=1e-3 if ctx.kind != "lr" else 0.0, cg_tol=1e-6,
+    kw = dict(solver="cg", damping=ctx.damping, cg_tol=1e-6,
               cg_maxiter=300, block_size=len(ctx.Xt))
     return _hydrattr_if(ctx, **kw), f"{kw} (weight decay is in H; damping only for the MLP)"
 
 
 @method("hydrattr-if-lissa", "hydrattr")
 def m_if_lissa(ctx):
-    kw = dict(solver="lissa", damping=1e-3 if ctx.kind != "lr" else 0.0,
+    kw = dict(solver="lissa", damping=ctx.damping,
               lissa_scale=50.0, lissa_depth=2000 if not ctx.args.quick else 500,
               lissa_repeat=1, lissa_batch_size=256, block_size=len(ctx.Xt))
     return _hydrattr_if(ctx, **kw), str(kw)
@@ -410,7 +416,7 @@ def m_if_lissa(ctx):
 
 @method("hydrattr-if-arnoldi", "hydrattr")
 def m_if_arnoldi(ctx):
-    kw = dict(solver="arnoldi", damping=1e-3 if ctx.kind != "lr" else 0.0,
+    kw = dict(solver="arnoldi", damping=ctx.damping,
               arnoldi_rank=200, arnoldi_iter=400)
     return (_hydrattr_if(ctx, **kw),
             f"{kw} (pyDVL's rank and Krylov dimension; weight decay is in H)")
@@ -501,7 +507,7 @@ def _pydvl(ctx, cls, fit_batch=None, **kw):
 def m_pydvl_cg(ctx):
     from pydvl.influence.torch import CgInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0), rtol=1e-6,
+    kw = dict(regularization=ctx.wd + ctx.damping, rtol=1e-6,
               atol=1e-8, maxiter=300, solve_simultaneously=True)
     return _pydvl(ctx, CgInfluence, **kw), f"{kw}; Hessian over the full training set"
 
@@ -510,7 +516,7 @@ def m_pydvl_cg(ctx):
 def m_pydvl_lissa(ctx):
     from pydvl.influence.torch import LissaInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0),
+    kw = dict(regularization=ctx.wd + ctx.damping,
               maxiter=2000 if not ctx.args.quick else 500, scale=50.0, dampen=0.0,
               rtol=1e-6)
     return _pydvl(ctx, LissaInfluence, fit_batch=256, **kw), f"{kw}, batches of 256"
@@ -520,7 +526,7 @@ def m_pydvl_lissa(ctx):
 def m_pydvl_arnoldi(ctx):
     from pydvl.influence.torch import ArnoldiInfluence
 
-    kw = dict(regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0), rank=200,
+    kw = dict(regularization=ctx.wd + ctx.damping, rank=200,
               krylov_dimension=400, tol=1e-8)
     return _pydvl(ctx, ArnoldiInfluence, **kw), str(kw)
 
@@ -614,7 +620,7 @@ def m_dattri_explicit(ctx):
 def m_dattri_cg(ctx):
     from dattri.algorithm import IFAttributorCG
 
-    kw = dict(max_iter=100, tol=1e-7, regularization=ctx.wd + (1e-3 if ctx.kind != "lr" else 0.0))
+    kw = dict(max_iter=100, tol=1e-7, regularization=ctx.wd + ctx.damping)
     return _dattri_if(ctx, IFAttributorCG, **kw), str(kw)
 
 

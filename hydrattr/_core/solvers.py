@@ -468,8 +468,7 @@ def solve_lowrank(evals, evecs, B, *, damping=0.0):
                          f"{tuple(evecs.shape)} and {tuple(evals.shape)}.")
     lam = evals + damping
     ok = lam > 0
-    inv = torch.where(ok, 1.0 / torch.where(ok, lam, torch.ones_like(lam)),
-                      torch.zeros_like(lam))
+    inv = torch.where(ok, 1.0 / lam, torch.zeros_like(lam))
     Bd = B.to(evecs.dtype)
     X = ((Bd @ evecs.T) * inv) @ evecs
     m = B.shape[0]
