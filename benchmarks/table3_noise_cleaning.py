@@ -55,7 +55,7 @@ from skorch.callbacks import Callback, LRScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write, paper_lenet  # noqa: E402
 
-from hydrattr import HydraAttributor  # noqa: E402
+from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
 from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 
@@ -235,6 +235,28 @@ def run_one(args, dataset, rate):
             traceback.print_exc()
             rows.append({"method": f"hydra_fast_pc_r{args.n_rounds}", "error": repr(exc)[:300]})
 
+    if "ens" in args.methods:  # EnsembleAttributor: HYDRA fast averaged over seeds
+        name = f"hydra_fast_ens{args.n_estimators}"
+        try:
+            t0 = time.perf_counter()
+            # store_dir=None: a memmap store lives in a temporary directory that is
+            # removed with its member
+            member = HydraAttributor(net, mode="fast", storage=args.ens_storage,
+                                     trajectory=traj_kind, verbose=0)
+            ens = EnsembleAttributor(member, n_estimators=args.n_estimators,
+                                     random_state=seed)
+            ecl = LabelNoiseCleaner(ens, validation_data=(Xv, yv), fraction=rate,
+                                    random_state=seed)
+            ecl.fit_resample(X, y)
+            timings[f"{name}_fit_and_score"] = time.perf_counter() - t0
+            s_ens = ecl.scores_
+            del ecl, ens
+            retrain_rules(name, s_ens, {"pearson_vs_single": float(
+                np.corrcoef(cleaner.scores_, s_ens)[0, 1])})
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"method": name, "error": repr(exc)[:300]})
+
     if "exact" in args.methods:
         try:
             t0 = time.perf_counter()
@@ -318,19 +340,28 @@ def markdown(results, args):
     lines += ["", "Checks within each run (issue 8 targets):", ""]
     for res in results:
         by = {r["method"]: r for r in res["rows"] if "error" not in r}
-        hname = "hydra_fast_pc" if "hydra_fast_pc" in by else "hydra_fast"
-        h, o = by.get(hname), by.get("oracle")
-        if not (h and o):
-            continue
-        notes = [f"{hname} acc - oracle = {100 * (h['test_accuracy'] - o['test_accuracy']):+.2f} pts"]
-        if "no_filtering" in by:
-            notes.append(f"vs no filtering {100 * (h['test_accuracy'] - by['no_filtering']['test_accuracy']):+.2f} pts")
-        if "cleanlab" in by:
-            c = by["cleanlab"]
-            notes.append(f"vs cleanlab {100 * (h['test_accuracy'] - c['test_accuracy']):+.2f} pts, "
-                         f"precision {h['precision']:.3f} vs {c['precision']:.3f}")
-        lines.append(f"- {res['dataset']} r={res['rate']:.0%}: " + "; ".join(notes))
+        o = by.get("oracle")
+        for hname in [m for m in by if m.startswith("hydra_fast")]:
+            note = _checks(by, hname, o)
+            if note:
+                lines.append(f"- {res['dataset']} r={res['rate']:.0%}: " + note)
     return "\n".join(lines) + "\n"
+
+
+def _checks(by, hname, o):
+    """One line of the issue's targets for row ``hname``: vs oracle, no filtering, cleanlab."""
+    if o is None:
+        return None
+    h = by[hname]
+    notes = [f"{hname} acc - oracle = {100 * (h['test_accuracy'] - o['test_accuracy']):+.2f} pts"]
+    if "no_filtering" in by:
+        d = h["test_accuracy"] - by["no_filtering"]["test_accuracy"]
+        notes.append(f"vs no filtering {100 * d:+.2f} pts")
+    if "cleanlab" in by:
+        c = by["cleanlab"]
+        notes.append(f"vs cleanlab {100 * (h['test_accuracy'] - c['test_accuracy']):+.2f} pts, "
+                     f"precision {h['precision']:.3f} vs {c['precision']:.3f}")
+    return "; ".join(notes)
 
 
 def main(argv=None):
@@ -342,8 +373,12 @@ def main(argv=None):
     p.add_argument("--rates", nargs="+", type=float, default=[0.8, 0.5])
     p.add_argument("--n-rounds", type=int, default=2,
                    help="rounds of the iterative HYDRA row (method 'rounds')")
-    p.add_argument("--methods", nargs="+", default=["rounds", "exact", "if", "cleanlab"],
+    p.add_argument("--methods", nargs="+", default=["ens", "rounds", "exact", "if", "cleanlab"],
                    help="optional rows besides no_filtering, hydra_fast and oracle")
+    p.add_argument("--n-estimators", type=int, default=3,
+                   help="members of the EnsembleAttributor row (method 'ens')")
+    p.add_argument("--ens-storage", default="half", choices=["dense", "half", "memmap"],
+                   help="fast-mode store of each ensemble member")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-valid", type=int, default=10000)
     p.add_argument("--n-test", type=int, default=10000)

@@ -9,6 +9,7 @@ from .hydra import HydraAttributor
 from .influence import InfluenceFunctionAttributor
 from .loo import LeaveOneOutAttributor
 from .distributed import parallel_attribute
+from .ensemble import EnsembleAttributor
 from . import datasets, metrics, models, similarity  # noqa: E402  (submodules)
 from .cleaning import CleanedClassifier, LabelNoiseCleaner
 from .detection import SignClusterDetector
@@ -16,7 +17,7 @@ from . import plotting  # noqa: E402  (submodule)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseAttributor", "HydraAttributor", "InfluenceFunctionAttributor",
+__all__ = ["BaseAttributor", "EnsembleAttributor", "HydraAttributor", "InfluenceFunctionAttributor",
            "LeaveOneOutAttributor", "__version__",
            "parallel_attribute"]
 

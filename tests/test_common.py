@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from hydrattr import HydraAttributor
+from hydrattr import EnsembleAttributor, HydraAttributor
 from hydrattr.cleaning import CleanedClassifier, LabelNoiseCleaner
 from hydrattr.detection import SignClusterDetector
 
@@ -89,7 +89,8 @@ def detector():
 
 
 def all_estimators():
-    est = [hydra("fast"), hydra("exact")]
+    est = [hydra("fast"), hydra("exact"),
+           EnsembleAttributor(hydra("fast"), n_estimators=2, random_state=0)]
     if LeaveOneOutAttributor is not None:
         est.append(LeaveOneOutAttributor(tiny_net(), indices=2, random_state=0, verbose=0))
     if InfluenceFunctionAttributor is not None:
