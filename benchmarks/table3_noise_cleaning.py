@@ -377,7 +377,8 @@ def main(argv=None):
                    help="optional rows besides no_filtering, hydra_fast and oracle")
     p.add_argument("--n-estimators", type=int, default=3,
                    help="members of the EnsembleAttributor row (method 'ens')")
-    p.add_argument("--ens-storage", default="half", choices=["dense", "half", "memmap"],
+    p.add_argument("--ens-storage", default="half",
+                   choices=["dense", "half", "memmap", "replay"],
                    help="fast-mode store of each ensemble member")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-valid", type=int, default=10000)
