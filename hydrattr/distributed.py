@@ -158,18 +158,11 @@ def share_attributor(att, directory):
     shell = copy.copy(att)
     shell.trajectory_ = None
     shell._X = shell._y = None
-    recorder = dict(getattr(att.net_, "callbacks_", [])).get("hydrattr_recorder")
-    saved = None
-    if recorder is not None:  # the callback holds the trajectory and the dataset
-        saved = (getattr(recorder, "trajectory_", None), getattr(recorder, "dataset", None))
-        recorder.trajectory_, recorder.dataset = None, None
-    try:
-        with open(os.path.join(directory, "attributor.pkl"), "wb") as f:
-            pickle.dump({"version": _VERSION, "attributor": shell,
-                         "has_trajectory": traj is not None}, f)
-    finally:
-        if recorder is not None:
-            recorder.trajectory_, recorder.dataset = saved
+    # (the fitted net no longer holds the recording callback: BaseAttributor._fit_net
+    # removes it, so pickling the shell does not copy the trajectory or the data)
+    with open(os.path.join(directory, "attributor.pkl"), "wb") as f:
+        pickle.dump({"version": _VERSION, "attributor": shell,
+                     "has_trajectory": traj is not None}, f)
     return directory
 
 
