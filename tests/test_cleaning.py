@@ -54,13 +54,7 @@ def mlp_net(epochs=20, train_split=None, **kw):
         batch_size=32, train_split=train_split, iterator_train__shuffle=True, verbose=0, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: one torch thread is faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ except ImportError:  # pragma: no cover
 N_OUT = 32  # enough logits for every integer label the checks use
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: one torch thread is faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class AnyWidth(nn.Module):

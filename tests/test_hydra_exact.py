@@ -26,13 +26,7 @@ from hydrattr.models import MLP
 N, D, K, N_TEST = 100, 4, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny float64 models: one thread avoids oversubscription on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n, seed):

@@ -27,13 +27,7 @@ from hydrattr._skorch import module_mode
 from hydrattr.models import MLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny float64 models: one thread avoids oversubscription on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_model():
