@@ -19,6 +19,10 @@ test accuracy. Rows, all in one run with the same network, seed and data:
   5-fold out-of-fold probabilities of the same network, removing the same r%;
 * ``hydra_fast_pc_r2``: ``LabelNoiseCleaner(stratify=True, n_rounds=2)``: half the
   rows removed, a fresh HYDRA fit on the rest, the other half removed;
+* ``hydra_fast_ens<K>`` (method ``ens``): HYDRA fast averaged over K seeded training runs
+  (:class:`~hydrattr.EnsembleAttributor`, ``--n-estimators``); K runs against the 5
+  trainings cleanlab's 5 folds cost. Method ``ens_rounds`` instead runs it through
+  ``LabelNoiseCleaner(stratify=True, n_rounds=--n-rounds)`` (row ``..._pc_r2``);
 * ``oracle``: retrain on exactly the unflipped rows (the ceiling).
 
 Score-based rows (HYDRA fast/exact, IF) come in two removal rules: the r% lowest scores
@@ -235,7 +239,9 @@ def run_one(args, dataset, rate):
             traceback.print_exc()
             rows.append({"method": f"hydra_fast_pc_r{args.n_rounds}", "error": repr(exc)[:300]})
 
-    if "ens" in args.methods:  # EnsembleAttributor: HYDRA fast averaged over seeds
+    if {"ens", "ens_rounds"} & set(args.methods):
+        # EnsembleAttributor: HYDRA fast averaged over seeds ("ens_rounds": with
+        # LabelNoiseCleaner(stratify=True, n_rounds=--n-rounds))
         name = f"hydra_fast_ens{args.n_estimators}"
         try:
             t0 = time.perf_counter()
@@ -245,14 +251,18 @@ def run_one(args, dataset, rate):
                                      trajectory=traj_kind, verbose=0)
             ens = EnsembleAttributor(member, n_estimators=args.n_estimators,
                                      random_state=seed)
+            rounds = args.n_rounds if "ens_rounds" in args.methods else 1
             ecl = LabelNoiseCleaner(ens, validation_data=(Xv, yv), fraction=rate,
-                                    random_state=seed)
+                                    stratify=rounds > 1, n_rounds=rounds, random_state=seed)
             ecl.fit_resample(X, y)
             timings[f"{name}_fit_and_score"] = time.perf_counter() - t0
-            s_ens = ecl.scores_
+            if rounds > 1:  # the cleaner's own (per-class, iterative) removal
+                retrain(f"{name}_pc_r{rounds}", ecl.removed_mask_)
+            else:
+                s_ens = ecl.scores_
+                retrain_rules(name, s_ens, {"pearson_vs_single": float(
+                    np.corrcoef(cleaner.scores_, s_ens)[0, 1])})
             del ecl, ens
-            retrain_rules(name, s_ens, {"pearson_vs_single": float(
-                np.corrcoef(cleaner.scores_, s_ens)[0, 1])})
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             rows.append({"method": name, "error": repr(exc)[:300]})
@@ -364,6 +374,55 @@ def _checks(by, hname, o):
     return "; ".join(notes)
 
 
+SETTING_KEYS = ("n_train", "n_valid", "n_test", "epochs", "lr", "milestone", "seed")
+
+
+def merge_results(tags):
+    """Join the rows of several runs of the same settings into one results list.
+
+    Every (dataset, rate) keeps each method once. A method present in more than one run
+    (no_filtering, hydra_fast_pc and oracle are in every run) must agree to the last bit
+    in its removed count, precision and test accuracy, which checks that the runs share
+    data, noise, seed and code path; otherwise the merge is refused.
+    """
+    parts = []
+    for t in tags:
+        f = RESULTS / f"table3_{t}.json"
+        if not f.exists():
+            raise SystemExit(f"--merge: no results file {f}")
+        parts.append(json.loads(f.read_text()))
+    ref = {k: parts[0]["args"][k] for k in SETTING_KEYS}
+    for t, part in zip(tags[1:], parts[1:]):
+        diff = [k for k in SETTING_KEYS if part["args"][k] != ref[k]]
+        if diff:
+            raise SystemExit(f"--merge: {t} differs from {tags[0]} in {diff}")
+    merged = {}
+    for t, part in zip(tags, parts):
+        for res in part["results"]:
+            key = (res["dataset"], res["rate"])
+            into = merged.setdefault(key, {**res, "rows": [], "timings_s": {}, "from": {}})
+            into["timings_s"].update(res.get("timings_s", {}))
+            for row in res["rows"]:
+                old = next((r for r in into["rows"] if r["method"] == row["method"]), None)
+                if old is None:
+                    into["rows"].append(row)
+                    into["from"][row["method"]] = t
+                    continue
+                same = all(old.get(k) == row.get(k) or (k == "precision" and
+                           np.isnan(old.get(k, 0.0)) and np.isnan(row.get(k, 0.0)))
+                           for k in ("n_removed", "precision", "test_accuracy"))
+                if not same:
+                    raise SystemExit(f"--merge: {row['method']} at {key} differs between "
+                                     f"{into['from'][row['method']]} and {t}")
+    results = []
+    for key in sorted(merged, key=lambda k: (k[0] != "mnist", -k[1])):
+        res = merged[key]
+        res["rows"].sort(key=lambda r: (r["method"] != "no_filtering",
+                                        r["method"] == "oracle"))
+        results.append(res)
+    return results, argparse.Namespace(**parts[0]["args"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -401,7 +460,24 @@ def main(argv=None):
     p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
     p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
     p.add_argument("--tag", default=None, help="suffix of the result files")
+    p.add_argument("--merge", default=None, metavar="TAG[,TAG...]",
+                   help="join the saved runs table3_<TAG>.json of the same settings into "
+                        "table3_<--tag>.{json,md} (shared rows must agree exactly); runs "
+                        "nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        tags = args.merge.split(",")
+        results, run_args = merge_results(tags)
+        tag = args.tag or "merged"
+        payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv, "merged": tags,
+                   "args": vars(run_args), "results": results}
+        atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
+        md = markdown(results, run_args).replace(
+            "\n\n", f"\n\nMerged from the runs {', '.join(tags)} (same data, noise, seed "
+                    f"and settings; rows present in several runs agree exactly).\n\n", 1)
+        atomic_write(RESULTS / f"table3_{tag}.md", md)
+        print(md)
+        return
     if args.quick:
         args.n_train, args.n_valid, args.n_test, args.epochs = 4000, 1000, 2000, 12
         args.lr, args.milestone, args.if_depth = 0.05, 8, 200
