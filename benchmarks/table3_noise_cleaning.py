@@ -388,8 +388,11 @@ def merge_results(tags):
     parts = []
     for t in tags:
         f = RESULTS / f"table3_{t}.json"
+        if not f.exists():  # raw runs that only feed a merged table live in parts/
+            f = RESULTS / "parts" / f"table3_{t}.json"
         if not f.exists():
-            raise SystemExit(f"--merge: no results file {f}")
+            raise SystemExit(f"--merge: no results file table3_{t}.json in {RESULTS} "
+                             f"or {RESULTS / 'parts'}")
         parts.append(json.loads(f.read_text()))
     ref = {k: parts[0]["args"][k] for k in SETTING_KEYS}
     for t, part in zip(tags[1:], parts[1:]):
