@@ -15,14 +15,13 @@ from hydrattr.models import MLP
 D, K = 4, 3
 
 
+from _blobs import three_blobs  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n, seed):
-    rs = np.random.RandomState(seed)
-    centers = np.array([[1.5, 0, 0, 0], [-1, 1.5, 0, 0], [0, -1.5, 1, 0]])
-    y = rs.randint(K, size=n)
-    return centers[y] + rs.randn(n, D), y
+    return three_blobs(n, seed)
 
 
 def _net(lr=0.05, **kw):
