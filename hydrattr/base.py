@@ -147,8 +147,10 @@ class BaseAttributor(BaseEstimator):
             recorder = TrajectoryRecorder(rec_ds, record_rng=has_dropout,
                                           storage=getattr(self, "trajectory", "memory"),
                                           directory=getattr(self, "store_dir", None))
-            callbacks = self.net.callbacks
-            callbacks = [] if callbacks in (None, "disable") else list(callbacks)
+            # the clone's own copies of the callbacks, so that training never initialises
+            # (and attaches schedulers to) the caller's callback objects
+            own_callbacks = net.callbacks
+            callbacks = [] if own_callbacks in (None, "disable") else list(own_callbacks)
             net.set_params(callbacks=callbacks + [("hydrattr_recorder", recorder)])
         self._seed_torch()
         net.fit(rec_ds, yc)
@@ -176,7 +178,7 @@ class BaseAttributor(BaseEstimator):
             # training data, which would otherwise stay alive (and be pickled) with net_
             # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
             net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
-            net.callbacks = self.net.callbacks
+            net.callbacks = own_callbacks
             recorder.trajectory_ = recorder.dataset = recorder._params = None
         return net
 

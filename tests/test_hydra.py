@@ -150,7 +150,12 @@ def test_fitted_net_does_not_keep_the_trajectory():
     att = HydraAttributor(net, storage="dense", random_state=0, verbose=0).fit(X, y)
     assert att.trajectory_ is None
     assert all(name != "hydrattr_recorder" for name, _ in att.net_.callbacks_)
-    assert att.net_.callbacks == user_callbacks and net.callbacks == user_callbacks
+    # the fitted net has the user's callbacks (as its own clones) and nothing more; the
+    # caller's callback objects were never initialised
+    assert [n for n, _ in att.net_.callbacks] == [n for n, _ in user_callbacks]
+    assert all(a is not b for (_, a), (_, b) in zip(att.net_.callbacks, user_callbacks))
+    assert net.callbacks == user_callbacks
+    assert not any(hasattr(cb, "lr_scheduler_") for _, cb in user_callbacks)
     P = sum(p.numel() for p in att.net_.module_.parameters())
     steps = 4 * int(np.ceil(N / BS))
     store_bytes = N * P * 4
