@@ -89,9 +89,8 @@ class EnsembleAttributor(BaseEstimator):
             raise TypeError(f"attributor must have a random_state parameter to seed its "
                             f"members, got {type(self.attributor).__name__}.")
 
-    def _bar(self, desc):
-        return tqdm(total=self.n_estimators, desc=desc, leave=False,
-                    disable=not self.verbose)
+    def _bar(self, desc, total):
+        return tqdm(total=total, desc=desc, leave=False, disable=not self.verbose)
 
     def fit(self, X, y):
         """Fit ``n_estimators`` seeded clones of ``attributor`` on ``(X, y)``.
@@ -114,7 +113,7 @@ class EnsembleAttributor(BaseEstimator):
             rs = check_random_state(self.random_state)
             seeds = rs.randint(np.iinfo(np.int32).max, size=int(self.n_estimators))
         members = []
-        with self._bar("ensemble fit") as bar:
+        with self._bar("ensemble fit", int(self.n_estimators)) as bar:
             for k in range(int(self.n_estimators)):
                 seed = None if seeds is None else int(seeds[k])
                 members.append(clone(self.attributor).set_params(random_state=seed).fit(X, y))
@@ -144,15 +143,19 @@ class EnsembleAttributor(BaseEstimator):
         C : ndarray of shape (n_train, n_test) or (n_train, 1)
             ``mean_k C_k``; positive = helpful on average over training runs.
         """
-        check_is_fitted(self, "estimators_")
         total = None
-        with self._bar("ensemble attribute") as bar:
-            for m in self.estimators_:
-                C = np.asarray(m.attribute(X_test, y_test, objective=objective),
-                               dtype=np.float64)
-                total = C if total is None else total + C
-                bar.update()
+        for C in self._member_attributions(X_test, y_test, objective):
+            total = C if total is None else total + C
         return total / len(self.estimators_)
+
+    def _member_attributions(self, X_test, y_test, objective):
+        """Each fitted member's ``C`` (float64), one at a time, with the progress bar."""
+        check_is_fitted(self, "estimators_")
+        with self._bar("ensemble attribute", len(self.estimators_)) as bar:
+            for m in self.estimators_:
+                yield np.asarray(m.attribute(X_test, y_test, objective=objective),
+                                 dtype=np.float64)
+                bar.update()
 
     def attribute_std(self, X_test, y_test, objective="per_sample"):
         """Standard error of the ensemble mean, elementwise (``std_k C_k / sqrt(K)``).
@@ -168,6 +171,5 @@ class EnsembleAttributor(BaseEstimator):
         K = len(self.estimators_)
         if K < 2:
             raise ValueError(f"attribute_std needs n_estimators >= 2, got {K}.")
-        Cs = [np.asarray(m.attribute(X_test, y_test, objective=objective), dtype=np.float64)
-              for m in self.estimators_]
+        Cs = list(self._member_attributions(X_test, y_test, objective))
         return np.std(Cs, axis=0, ddof=1) / np.sqrt(K)
