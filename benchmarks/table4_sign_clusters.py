@@ -87,7 +87,7 @@ def run_one(args, dataset):
 
     t0 = time.perf_counter()
     det = SignClusterDetector(
-        HydraAttributor(net, mode="fast", storage="replay", trajectory=traj_kind,
+        HydraAttributor(net, mode="fast", storage=args.storage, trajectory=traj_kind,
                         store_dir=args.work_dir, random_state=seed, verbose=0),
         sign_storage="packed", **common).fit(X, y)
     timings["hydra"] = time.perf_counter() - t0
@@ -173,10 +173,17 @@ def main(argv=None):
                    help="reduced run: 4000/1000 rows, 15 epochs, lr 0.05, MNIST drop at epoch "
                         "10, 200 references, IF depth 200")
     p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
-    p.add_argument("--methods", nargs="+", default=["if"], choices=["if", "if_arnoldi", "ens"],
+    p.add_argument("--methods", nargs="*", default=["if"], choices=["if", "if_arnoldi", "ens"],
                    help="optional rows besides hydra_fast: IF with LiSSA (the paper's), "
                         "IF with the low-rank Arnoldi solver, and/or HYDRA fast averaged "
-                        "over --n-estimators seeded runs (EnsembleAttributor)")
+                        "over --n-estimators seeded runs (EnsembleAttributor); "
+                        "'--methods' alone: the hydra_fast row only")
+    p.add_argument("--storage", default="replay",
+                   choices=["replay", "dense", "half", "memmap"],
+                   help="fast-mode store of the hydra_fast row: 'replay' keeps RAM at "
+                        "O(n_params) but replays the trajectory against every reference "
+                        "(hours at the paper's size); 'half' holds n_train x n_params "
+                        "float16 (6.2 GB at 50,000 rows) and costs one matrix product")
     p.add_argument("--n-estimators", type=int, default=5,
                    help="members of the EnsembleAttributor row (method 'ens')")
     p.add_argument("--ens-storage", default="half", choices=["dense", "half", "memmap"],
