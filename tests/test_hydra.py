@@ -133,6 +133,30 @@ def test_training_is_unperturbed():
     assert not hasattr(net, "module_")  # the caller's net was not fitted
 
 
+def test_store_dir_files_live_as_long_as_the_attributor(tmp_path):
+    """With ``store_dir`` the memmap trajectory and store go in the user's directory.
+
+    Fast mode drops the trajectory once the store is filled, so its file goes then; the
+    store file goes with the attributor. Before, both files stayed on disk for good.
+    The scores are those of the in-memory attributor (float64 throughout: 1e-10).
+    """
+    import gc
+    import os
+
+    X, y = _data()
+    X_test, y_test = _data(3, seed=3)
+    att = HydraAttributor(_net(max_epochs=2), storage="memmap", trajectory="memmap",
+                          store_dir=str(tmp_path), random_state=0, verbose=0).fit(X, y)
+    assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["store"]
+    C = att.attribute(X_test, y_test)
+    ref = HydraAttributor(_net(max_epochs=2), random_state=0, verbose=0).fit(X, y)
+    np.testing.assert_allclose(C, ref.attribute(X_test, y_test), rtol=0,
+                               atol=1e-10 * np.abs(C).max())
+    del att
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
 def test_fitted_net_does_not_keep_the_trajectory():
     """Fast mode drops the trajectory once the store is filled; nothing else may hold it.
 

@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .outofcore import touch
+from .outofcore import owned_tempfile, touch
 
 __all__ = ["SampleStore", "STORE_KINDS"]
 
@@ -51,7 +51,7 @@ class SampleStore:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="hydrattr-store-")
                 directory = self._tmpdir.name
             os.makedirs(directory, exist_ok=True)
-            fd, path = tempfile.mkstemp(prefix="store-", suffix=".npy", dir=directory)
+            fd, path = owned_tempfile(self, directory, "store-", ".npy")
             os.close(fd)
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .functional import ParamSpec
-from .outofcore import touch
+from .outofcore import owned_tempfile, touch
 from .adam import AdamHyper
 from .optim import SGDHyper
 
@@ -39,7 +39,7 @@ class _Series:
         self._file = None
         self._path = None
         if directory is not None:
-            fd, self._path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=directory)
+            fd, self._path = owned_tempfile(self, directory, prefix, ".bin")
             self._file = os.fdopen(fd, "wb")
 
     def append(self, vec):
@@ -112,7 +112,7 @@ class Trajectory:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="hydrattr-traj-")
                 directory = self._tmpdir.name
             os.makedirs(directory, exist_ok=True)
-            fd, self._path = tempfile.mkstemp(prefix="trajectory-", suffix=".bin", dir=directory)
+            fd, self._path = owned_tempfile(self, directory, "trajectory-", ".bin")
             self._file = os.fdopen(fd, "wb")
         self._directory = directory
         self._opt_series = None  # optimizer state snapshots (Adam: exp_avg, exp_avg_sq)
