@@ -52,7 +52,7 @@ def error_sets(removed, flipped, rng):
     """The kept-row sets that separate a removed set's two kinds of errors."""
     kept_wrong = ~removed & flipped
     lost_clean = removed & ~flipped
-    random = ~flipped.copy()
+    random = ~flipped  # a new array
     random[rng.choice(np.flatnonzero(flipped), int(kept_wrong.sum()), replace=False)] = True
     random[rng.choice(np.flatnonzero(~flipped), int(lost_clean.sum()), replace=False)] = False
     return {"kept": ~removed, "oracle + kept wrong": ~flipped | kept_wrong,

@@ -17,6 +17,11 @@ from hydrattr._core.trajectory import Trajectory
 from hydrattr._core.functional import ParamSpec
 
 
+# one recorded step's hyperparameters (plain SGD), as the recording callback writes them
+_SGD_ROW = {"lr": [0.1], "momentum": [0.0], "dampening": [0.0], "weight_decay": [0.0],
+            "nesterov": [False], "first": [True]}
+
+
 def _rss_file_kib():
     with open("/proc/self/status") as f:
         for line in f:
@@ -46,10 +51,8 @@ def test_memmap_trajectory_reads_survive_release(tmp_path, monkeypatch):
     spec = ParamSpec(["w"], [torch.Size([40])], [40])
     traj = Trajectory(spec, 10, storage="memmap", directory=str(tmp_path))
     thetas = [torch.randn(40) for _ in range(5)]
-    row = {"lr": [0.1], "momentum": [0.0], "dampening": [0.0], "weight_decay": [0.0],
-           "nesterov": [False], "first": [True]}
     for th in thetas:
-        traj.append(th, [0, 1], 0.5, row)
+        traj.append(th, [0, 1], 0.5, _SGD_ROW)
     traj.finish(thetas[-1])
     for _ in range(2):
         for t, th in enumerate(thetas):
@@ -79,11 +82,9 @@ def test_files_in_a_given_directory_are_removed_with_their_owner(tmp_path):
     import gc
 
     spec = ParamSpec(["w"], [torch.Size([40])], [40])
-    row = {"lr": [0.1], "momentum": [0.0], "dampening": [0.0], "weight_decay": [0.0],
-           "nesterov": [False], "first": [True]}
     traj = Trajectory(spec, 10, storage="memmap", directory=str(tmp_path))
     for t in range(4):
-        traj.append(torch.full((40,), float(t)), [t, t + 1], 0.5, row,
+        traj.append(torch.full((40,), float(t)), [t, t + 1], 0.5, _SGD_ROW,
                     opt_state=(torch.full((40,), -float(t)),))
     traj.finish(torch.zeros(spec.n_params))
     store = SampleStore(10, spec.n_params, kind="memmap", directory=str(tmp_path))
