@@ -1,0 +1,192 @@
+"""Table 4's ensemble row at the paper's size, one member per process.
+
+``table4_sign_clusters.py --methods ens`` fits ``EnsembleAttributor(HydraAttributor, K)``
+inside :class:`~hydrattr.detection.SignClusterDetector` in one process: at 50,000 rows and
+50 epochs that is about 45 minutes per member on one core, run one after the other, with
+every member's store held at once (6.2 GB each in float16). This script computes the same
+row in pieces, so members can run side by side on separate cores and a stopped run keeps
+the members it finished:
+
+``--member k``
+    fits member ``k`` exactly as the ensemble would (the ``k``-th seed drawn by
+    ``EnsembleAttributor(random_state=seed)``; the draw does not depend on the number of
+    members), inside a detector with the same seed (same references), and saves its
+    contributions to the references, ``C_k`` of shape (n_train, n_reference), to the work
+    dir. It also reports that member alone as a ``hydra_fast`` row (seed-to-seed spread).
+``--combine``
+    averages ``C_0 .. C_{K-1}`` for every K it finds and clusters the signs with the same
+    detector, through an attributor that returns the averaged matrix. That is what
+    ``EnsembleAttributor.attribute`` returns (the mean of its members' matrices), so the
+    rows equal ``--methods ens --n-estimators K`` up to float summation order.
+
+Usage::
+
+    python benchmarks/table4_ensemble_parts.py --dataset mnist --member 0 --memmap --threads 1
+    python benchmarks/table4_ensemble_parts.py --dataset mnist --member 1 --memmap --threads 1
+    python benchmarks/table4_ensemble_parts.py --dataset mnist --combine --tag n50000_e50_ens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write  # noqa: E402
+from table3_noise_cleaning import make_net  # noqa: E402
+from table4_sign_clusters import PAPER, evaluate  # noqa: E402
+
+from hydrattr import HydraAttributor  # noqa: E402
+from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
+from hydrattr.detection import SignClusterDetector  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _Averaged(BaseEstimator):
+    """Attributor stand-in whose ``attribute`` returns a fixed (n_train, n_reference) matrix."""
+
+    def __init__(self, contributions=None):
+        self.contributions = contributions
+
+    def fit(self, X, y):
+        if len(X) != self.contributions.shape[0]:
+            raise ValueError(f"contributions has {self.contributions.shape[0]} rows, "
+                             f"X has {len(X)}")
+        self.n_train_ = len(X)
+        return self
+
+    def attribute(self, X_test, y_test, objective="per_sample"):
+        if len(X_test) != self.contributions.shape[1]:
+            raise ValueError("call with all references at once (reference_batch_size=None)")
+        return self.contributions
+
+
+def member_seed(seed, k):
+    """Seed of member ``k`` of ``EnsembleAttributor(random_state=seed)``."""
+    return int(check_random_state(seed).randint(np.iinfo(np.int32).max, size=k + 1)[k])
+
+
+def setup(args):
+    d = load_mnist_split(args.dataset, data_dir=args.data_dir, random_state=args.seed,
+                         n_train=args.n_train, n_valid=args.n_valid)
+    y, flipped = make_label_noise(d.y_train, args.rate, n_classes=10, random_state=args.seed)
+    net = make_net(args.dataset, args.epochs, d.X_valid, d.y_valid, args.seed, lr=args.lr,
+                   milestone=args.milestone)
+    common = dict(n_reference=args.n_reference, validation_data=(d.X_valid, d.y_valid),
+                  random_state=args.seed, sign_storage="packed")
+    return d, y, flipped, net, common
+
+
+def part_path(args, k):
+    return Path(args.work_dir) / (f"table4_ens_{args.dataset}_n{args.n_train}_e{args.epochs}"
+                                  f"_s{args.seed}_m{k}.npz")
+
+
+def run_member(args):
+    d, y, flipped, net, common = setup(args)
+    k, seed_k = args.member, member_seed(args.seed, args.member)
+    t0 = time.perf_counter()
+    det = SignClusterDetector(
+        HydraAttributor(net, mode="fast", storage=args.storage,
+                        trajectory="memmap" if args.memmap else "memory",
+                        store_dir=args.work_dir, random_state=seed_k, verbose=0),
+        **common).fit(d.X_train, y)
+    fit_s = time.perf_counter() - t0
+    ref = det.reference_indices_
+    C = np.asarray(det.attributor_.attribute(d.X_valid[ref], d.y_valid[ref]), dtype=np.float32)
+    acc = float((det.attributor_.net_.predict(d.X_test) == d.y_test).mean())
+    row = evaluate(f"hydra_fast_m{k}", det, flipped, y, {"m": fit_s}, "m")
+    row.update(member=k, member_seed=seed_k, test_accuracy_noisy_model=acc)
+    path = part_path(args, k)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, C=C, reference_indices=ref, row=json.dumps(row))
+    os.replace(tmp, path)  # a stopped run leaves no half-written part
+    print(f"saved {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def run_combine(args):
+    d, y, flipped, net, common = setup(args)
+    parts, k = [], 0
+    while part_path(args, k).exists():
+        parts.append(np.load(part_path(args, k)))
+        k += 1
+    if not parts:
+        raise SystemExit(f"no member files {part_path(args, 0)} in --work-dir {args.work_dir}")
+    rows, total, seconds = [], None, 0.0
+    for k, p in enumerate(parts):
+        rows.append(json.loads(str(p["row"])))
+        seconds += rows[-1]["seconds"]
+        total = p["C"].astype(np.float64) if total is None else total + p["C"]
+        det = SignClusterDetector(_Averaged(total / (k + 1)), **common).fit(d.X_train, y)
+        if not np.array_equal(det.reference_indices_, p["reference_indices"]):
+            raise RuntimeError("member references differ from the detector's")
+        rows.append(evaluate(f"hydra_fast_ens{k + 1}", det, flipped, y, {"e": seconds}, "e"))
+    res = {"dataset": args.dataset, "rate": args.rate, "rows": rows,
+           "paper": PAPER.get(args.dataset)}
+    payload = {"benchmark": "table4_ensemble_parts", "argv": sys.argv, "args": vars(args),
+               "torch": torch.__version__, "python": platform.python_version(),
+               "results": [res]}
+    tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
+    lines = ["# Table 4, ensemble row at the paper's size (members fitted one per process)", "",
+             f"Command: `{' '.join(sys.argv)}`", "",
+             f"{args.dataset}: n_train={args.n_train}, n_valid={args.n_valid}, "
+             f"n_reference={args.n_reference}, epochs={args.epochs}, lr={args.lr}, "
+             f"MNIST lr drop at epoch {args.milestone}, rate={args.rate:.0%}, seed={args.seed}. "
+             "`hydra_fast_m<k>`: member k alone; `hydra_fast_ens<K>`: signs of the mean of "
+             "members 0..K-1 (seconds: sum of their fits).", "",
+             "| method | Jaccard correct (%) | Jaccard random (%) | paper HYDRA (%) | flagged | "
+             "precision | recall | seconds |", "|---|---|---|---|---|---|---|---|"]
+    pp = PAPER.get(args.dataset, {}).get("hydra")
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['jaccard_correct']:.2f} | "
+                     f"{100 * r['jaccard_random']:.2f} | {pp[0]} / {pp[1]} | {r['n_flagged']} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.0f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
+    atomic_write(RESULTS / f"table4_{tag}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--member", type=int, help="fit this member and save its contributions")
+    g.add_argument("--combine", action="store_true", help="cluster the averaged members")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--storage", default="half", choices=["dense", "half", "memmap", "replay"])
+    p.add_argument("--rate", type=float, default=0.5)
+    p.add_argument("--n-train", type=int, default=50000)
+    p.add_argument("--n-valid", type=int, default=10000)
+    p.add_argument("--n-reference", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--milestone", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memmap", action="store_true", help="trajectory on disk (work dir)")
+    p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
+    p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.member is not None and args.member < 0:
+        p.error(f"--member must be >= 0, got {args.member}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    run_member(args) if args.member is not None else run_combine(args)
+
+
+if __name__ == "__main__":
+    main()
