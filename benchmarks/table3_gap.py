@@ -39,11 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write  # noqa: E402
-from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, make_net  # noqa: E402
+from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner  # noqa: E402
-from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,12 +60,9 @@ def error_sets(removed, flipped, rng):
 
 def run_one(args, dataset, rate):
     seed = args.seed
-    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
+    d, y, flipped, net = noisy_setting(args, dataset, rate)
     X, Xv, yv = d.X_train, d.X_valid, d.y_valid
     Xt, yt = d.X_test[:args.n_test], d.y_test[:args.n_test]
-    y, flipped = make_label_noise(d.y_train, rate, n_classes=10, random_state=seed)
-    net = make_net(dataset, args.epochs, Xv, yv, seed, lr=args.lr, milestone=args.milestone)
     rng = np.random.RandomState(seed)
 
     def acc(keep):

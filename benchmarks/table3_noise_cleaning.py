@@ -128,6 +128,22 @@ def make_net(dataset, epochs, X_valid, y_valid, seed, lr=0.01, milestone=5):
     return paper_lenet(epochs, lr=lr, callbacks=callbacks, module__n_classes=10)
 
 
+def noisy_setting(args, dataset, rate):
+    """The data, noise and net every cleaning/detection benchmark starts from.
+
+    Loads ``args.n_train``/``args.n_valid`` rows of ``dataset`` (seeded by ``args.seed``),
+    flips ``rate`` of the training labels to a uniformly drawn wrong class, and builds the
+    paper's LeNet-5 (:func:`make_net`, clean validation loss logged). Returns ``(d, y,
+    flipped, net)``: the split, the noisy labels and the mask of flipped rows.
+    """
+    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=args.seed,
+                         n_train=args.n_train, n_valid=args.n_valid)
+    y, flipped = make_label_noise(d.y_train, rate, n_classes=10, random_state=args.seed)
+    net = make_net(dataset, args.epochs, d.X_valid, d.y_valid, args.seed, lr=args.lr,
+                   milestone=args.milestone)
+    return d, y, flipped, net
+
+
 def fit_net(net, X, y, seed):
     from sklearn.base import clone
 
@@ -177,13 +193,9 @@ def pr(removed, flipped):
 
 def run_one(args, dataset, rate):
     seed = args.seed
-    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
-    X, Xv = d.X_train, d.X_valid
-    y_clean, yv = d.y_train, d.y_valid
+    d, y, flipped, net = noisy_setting(args, dataset, rate)
+    X, Xv, yv = d.X_train, d.X_valid, d.y_valid
     Xt, yt = d.X_test[:args.n_test], d.y_test[:args.n_test]
-    y, flipped = make_label_noise(y_clean, rate, n_classes=10, random_state=seed)
-    net = make_net(dataset, args.epochs, Xv, yv, seed, lr=args.lr, milestone=args.milestone)
     traj_kind = "memmap" if args.memmap else "memory"
     rows, timings = [], {}
 
@@ -324,7 +336,7 @@ def run_one(args, dataset, rate):
 
 
 def markdown(results, args):
-    lines = [f"# Table 3: cleaning label noise (LeNet-5)", "",
+    lines = ["# Table 3: cleaning label noise (LeNet-5)", "",
              f"Command: `{' '.join(sys.argv)}`", "",
              f"n_train={args.n_train}, n_valid={args.n_valid} (clean, the scoring set), "
              f"n_test={args.n_test}, epochs={args.epochs}, lr={args.lr}, MNIST lr drop at "

@@ -43,11 +43,10 @@ from sklearn.utils import check_random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write  # noqa: E402
-from table3_noise_cleaning import make_net  # noqa: E402
+from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import PAPER, evaluate  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
-from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,11 +77,7 @@ def member_seed(seed, k):
 
 
 def setup(args):
-    d = load_mnist_split(args.dataset, data_dir=args.data_dir, random_state=args.seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
-    y, flipped = make_label_noise(d.y_train, args.rate, n_classes=10, random_state=args.seed)
-    net = make_net(args.dataset, args.epochs, d.X_valid, d.y_valid, args.seed, lr=args.lr,
-                   milestone=args.milestone)
+    d, y, flipped, net = noisy_setting(args, args.dataset, args.rate)
     common = dict(n_reference=args.n_reference, validation_data=(d.X_valid, d.y_valid),
                   random_state=args.seed, sign_storage="packed")
     return d, y, flipped, net, common

@@ -33,10 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write  # noqa: E402
-from table3_noise_cleaning import make_net  # noqa: E402
+from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
-from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
 from hydrattr.metrics import jaccard_index  # noqa: E402
 
@@ -75,11 +74,8 @@ def evaluate(name, det, flipped, y, timings, key):
 
 def run_one(args, dataset):
     seed = args.seed
-    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
+    d, y, flipped, net = noisy_setting(args, dataset, args.rate)
     X, Xv, yv = d.X_train, d.X_valid, d.y_valid
-    y, flipped = make_label_noise(d.y_train, args.rate, n_classes=10, random_state=seed)
-    net = make_net(dataset, args.epochs, Xv, yv, seed, lr=args.lr, milestone=args.milestone)
     traj_kind = "memmap" if args.memmap else "memory"
     rows, timings = [], {}
     common = dict(n_reference=args.n_reference, validation_data=(Xv, yv),
