@@ -81,17 +81,18 @@ def run_one(args, dataset):
     common = dict(n_reference=args.n_reference, validation_data=(Xv, yv),
                   reference_batch_size=args.reference_batch_size, random_state=seed)
 
-    t0 = time.perf_counter()
-    det = SignClusterDetector(
-        HydraAttributor(net, mode="fast", storage=args.storage, trajectory=traj_kind,
-                        store_dir=args.work_dir, random_state=seed, verbose=0),
-        sign_storage="packed", **common).fit(X, y)
-    timings["hydra"] = time.perf_counter() - t0
-    acc = float((det.attributor_.net_.predict(d.X_test) == d.y_test).mean())
-    row = evaluate("hydra_fast", det, flipped, y, timings, "hydra")
-    row["test_accuracy_noisy_model"] = acc
-    rows.append(row)
-    del det
+    if not args.no_hydra:
+        t0 = time.perf_counter()
+        det = SignClusterDetector(
+            HydraAttributor(net, mode="fast", storage=args.storage, trajectory=traj_kind,
+                            store_dir=args.work_dir, random_state=seed, verbose=0),
+            sign_storage="packed", **common).fit(X, y)
+        timings["hydra"] = time.perf_counter() - t0
+        acc = float((det.attributor_.net_.predict(d.X_test) == d.y_test).mean())
+        row = evaluate("hydra_fast", det, flipped, y, timings, "hydra")
+        row["test_accuracy_noisy_model"] = acc
+        rows.append(row)
+        del det
 
     if "ens" in args.methods:  # sign vectors of HYDRA fast averaged over seeded runs
         name = f"hydra_fast_ens{args.n_estimators}"
@@ -174,6 +175,9 @@ def main(argv=None):
                         "IF with the low-rank Arnoldi solver, and/or HYDRA fast averaged "
                         "over --n-estimators seeded runs (EnsembleAttributor); "
                         "'--methods' alone: the hydra_fast row only")
+    p.add_argument("--no-hydra", action="store_true",
+                   help="skip the hydra_fast row (to run the --methods rows in a separate "
+                        "process, e.g. beside a finished hydra_fast run)")
     p.add_argument("--storage", default="replay",
                    choices=["replay", "dense", "half", "memmap"],
                    help="fast-mode store of the hydra_fast row: 'replay' keeps RAM at "
@@ -207,6 +211,8 @@ def main(argv=None):
     p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
+    if args.no_hydra and not args.methods:
+        p.error("--no-hydra needs at least one --methods row")
     if args.quick:
         args.n_train, args.n_valid, args.epochs, args.n_reference = 4000, 1000, 15, 200
         args.lr, args.milestone, args.if_depth = 0.05, 10, 200
