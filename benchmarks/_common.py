@@ -44,6 +44,23 @@ def step_schedule(step_size=5, gamma=0.1):
     return ("lr", LRScheduler(StepLR, step_size=step_size, gamma=gamma))
 
 
+def add_run_args(parser, work=True):
+    """The run options the cleaning/detection benchmarks share: ``--seed``, ``--threads``,
+    ``--data-dir`` (default ``$HYDRATTR_DATA``), ``--tag`` and, with ``work=True``,
+    ``--memmap`` and ``--work-dir`` (where memmapped trajectories and stores go)."""
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    if work:
+        parser.add_argument("--memmap", action="store_true",
+                            help="trajectory on disk (work dir)")
+    parser.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA",
+                                                             "/work/shared/data"))
+    if work:
+        parser.add_argument("--work-dir", default=str(here / "_work"))
+    parser.add_argument("--tag", default=None, help="suffix of the result files")
+
+
 def atomic_write(path, text):
     """Write ``text`` to ``path`` through a temporary file, so no half-written result
     file is ever left behind."""

@@ -227,7 +227,7 @@ def main(argv=None):
     stem = os.path.join(args.out, "bench_memory" + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "results": results, "summary": summary}, f, indent=2)
-    lines = [f"# bench_memory: fast mode with the per-sample store and trajectory on disk",
+    lines = ["# bench_memory: fast mode with the per-sample store and trajectory on disk",
              "", f"`{meta['command']}` (times: min over {max(1, args.repeat)} interleaved "
              f"run(s)) - LeNet-5, MNIST, {args.epochs} epoch(s), "
              f"{args.threads} threads, {meta['cpu']}, torch {meta['torch']}; load average "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import atomic_write  # noqa: E402
+from _common import add_run_args, atomic_write  # noqa: E402
 from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -137,10 +136,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--milestone", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
-    p.add_argument("--tag", default=None)
+    add_run_args(p, work=False)
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.n_valid, args.n_test, args.epochs = 4000, 1000, 2000, 12

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -57,7 +56,7 @@ import torch
 from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import atomic_write, paper_lenet  # noqa: E402
+from _common import add_run_args, atomic_write, paper_lenet  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -469,12 +468,7 @@ def main(argv=None):
     p.add_argument("--if-damping", type=float, default=0.01)
     p.add_argument("--if-scale", type=float, default=25.0)
     p.add_argument("--if-depth", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--memmap", action="store_true", help="trajectory on disk (work dir)")
-    p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
-    p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
-    p.add_argument("--tag", default=None, help="suffix of the result files")
+    add_run_args(p)
     p.add_argument("--merge", default=None, metavar="TAG[,TAG...]",
                    help="join the saved runs table3_<TAG>.json of the same settings into "
                         "table3_<--tag>.{json,md} (shared rows must agree exactly); runs "

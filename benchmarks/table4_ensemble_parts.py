@@ -42,7 +42,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import atomic_write  # noqa: E402
+from _common import add_run_args, atomic_write  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import PAPER, evaluate  # noqa: E402
 
@@ -167,12 +167,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--milestone", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--memmap", action="store_true", help="trajectory on disk (work dir)")
-    p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
-    p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
-    p.add_argument("--tag", default=None)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.member is not None and args.member < 0:
         p.error(f"--member must be >= 0, got {args.member}")

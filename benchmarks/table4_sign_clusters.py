@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import atomic_write  # noqa: E402
+from _common import add_run_args, atomic_write  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
@@ -204,12 +203,7 @@ def main(argv=None):
     p.add_argument("--if-rank", type=int, default=100, help="if_arnoldi: eigenpairs kept")
     p.add_argument("--if-arnoldi-iter", type=int, default=300,
                    help="if_arnoldi: Krylov dimension (full-data HVPs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--memmap", action="store_true", help="trajectory on disk (work dir)")
-    p.add_argument("--data-dir", default=os.environ.get("HYDRATTR_DATA", "/work/shared/data"))
-    p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "_work"))
-    p.add_argument("--tag", default=None)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.no_hydra and not args.methods:
         p.error("--no-hydra needs at least one --methods row")
