@@ -55,7 +55,10 @@ class HydraAttributor(BaseAttributor):
         tracked sample) lives: float32 in RAM, float16 in RAM, float32 in a disk memmap
         (in ``store_dir``), or nowhere (``"replay"``: the trajectory is kept and
         per-sample gradients are recomputed at ``attribute`` time; RAM holds only the
-        trajectory, attribution costs a pass over the trajectory).
+        trajectory, attribution costs a pass over the trajectory). Only ``"replay"``
+        keeps what exact mode needs, so it alone lets ``set_params(mode="exact")`` after a
+        fast-mode ``fit`` (any other storage raises at ``attribute``); an exact-mode fit
+        can always be switched to fast mode.
     trajectory : {"memory", "memmap"}, default="memory"
         Where the parameter snapshots of the trajectory live.
     track : None, int or array-like of int, default=None
@@ -209,6 +212,13 @@ class HydraAttributor(BaseAttributor):
 
     def _attribute(self, Xt, yt, objective):
         GR = None
+        if self.mode == "exact" and self.store_ is not None:
+            # the store holds fast-mode sums only; the trajectory exact mode needs is gone
+            raise ValueError(
+                "mode='exact' needs the recorded trajectory, but this attributor was fit "
+                f"with mode='fast', storage={self.storage!r}, which keeps only the fast-mode "
+                "store. Refit with mode='exact', or fit with storage='replay' to switch "
+                "modes after fit.")
         if self.mode == "exact":
             # exact mode also differentiates the eval-mode test loss through the
             # BatchNorm running statistics accumulated along the trajectory

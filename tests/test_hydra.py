@@ -120,6 +120,33 @@ def test_storage_strategies_agree(fitted, storage, tmp_path):
                                (storage == "half") * np.abs(C).max())
 
 
+def test_switching_modes_after_fit(fitted):
+    """A replay fit keeps the trajectory, so mode='exact' after a fast fit is the exact
+    attribution of a fresh exact fit; a store-backed fast fit cannot give it and must say
+    so instead of silently returning fast-mode numbers."""
+    att, X, y = fitted
+    X_test, y_test = _data(4, seed=3)
+    C_fast = att.attribute(X_test, y_test)
+    C_exact_fresh = HydraAttributor(_net(), mode="exact", random_state=0,
+                                    verbose=0).fit(X, y).attribute(X_test, y_test)
+    switched = clone(att).fit(X, y).set_params(mode="exact")
+    C_switched = switched.attribute(X_test, y_test)
+    # same float64 trajectory and sweep: rounding only
+    np.testing.assert_allclose(C_switched, C_exact_fresh, rtol=0,
+                               atol=1e-10 * np.abs(C_exact_fresh).max())
+    # the Hessian term matters on this tanh MLP, so a silent fast result would differ
+    assert np.abs(C_fast - C_exact_fresh).max() > 1e-3 * np.abs(C_exact_fresh).max()
+    # and back: an exact fit answers in fast mode through the kept trajectory
+    back = switched.set_params(mode="fast").attribute(X_test, y_test)
+    np.testing.assert_allclose(back, C_fast, rtol=0, atol=1e-10 * np.abs(C_fast).max())
+
+    dense = HydraAttributor(_net(), storage="dense", random_state=0, verbose=0).fit(X, y)
+    dense.set_params(mode="exact")
+    with pytest.raises(ValueError, match="mode='exact' needs the recorded trajectory.*"
+                                         "storage='dense'"):
+        dense.attribute(X_test, y_test)
+
+
 def test_training_is_unperturbed():
     X, y = _data()
     X32 = X.astype(np.float32)
