@@ -46,7 +46,7 @@ from sklearn.utils import check_random_state
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, atomic_write  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
-from table4_sign_clusters import PAPER, evaluate  # noqa: E402
+from table4_sign_clusters import PAPER, evaluate, markdown  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
@@ -135,24 +135,14 @@ def run_combine(args):
                "torch": torch.__version__, "python": platform.python_version(),
                "results": [res]}
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
-    lines = ["# Table 4, ensemble row at the paper's size (members fitted one per process)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"{args.dataset}: n_train={args.n_train}, n_valid={args.n_valid}, "
-             f"n_reference={args.n_reference}, epochs={args.epochs}, lr={args.lr}, "
-             f"MNIST lr drop at epoch {args.milestone}, rate={args.rate:.0%}, seed={args.seed}. "
-             "`hydra_fast_m<k>`: member k alone; `hydra_fast_ens<K>`: signs of the mean of "
-             "members 0..K-1 (seconds: sum of their fits).", "",
-             "| method | Jaccard correct (%) | Jaccard random (%) | paper HYDRA (%) | flagged | "
-             "precision | recall | seconds |", "|---|---|---|---|---|---|---|---|"]
-    pp = PAPER.get(args.dataset, {}).get("hydra")
-    for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['jaccard_correct']:.2f} | "
-                     f"{100 * r['jaccard_random']:.2f} | {pp[0]} / {pp[1]} | {r['n_flagged']} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.0f} |")
+    md = markdown([res], args) + (
+        "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "
+        "`hydra_fast_ens<K>`: signs of the mean of members 0..K-1 (seconds: sum of their "
+        "fits).\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"table4_{tag}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    atomic_write(RESULTS / f"table4_{tag}.md", md)
+    print(md)
 
 
 def main(argv=None):
