@@ -14,8 +14,8 @@ the members it finished:
     contributions to the references, ``C_k`` of shape (n_train, n_reference), to the work
     dir. It also reports that member alone as a ``hydra_fast`` row (seed-to-seed spread).
 ``--combine``
-    averages ``C_0 .. C_{K-1}`` for every K it finds and clusters the signs with the same
-    detector, through an attributor that returns the averaged matrix. That is what
+    averages ``C_0 .. C_{K-1}`` for every K it finds and splits it with the same detector
+    (both ways: k-means on signs, and ``_mean`` rows with ``clustering="mean"``), through an attributor that returns the averaged matrix. That is what
     ``EnsembleAttributor.attribute`` returns (the mean of its members' matrices), so the
     rows equal ``--methods ens --n-estimators K`` up to float summation order. Give it the
     members' ``--threads``: torch's thread count also sets k-means' OpenMP threads, which
@@ -46,7 +46,7 @@ from sklearn.utils import check_random_state
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, atomic_write  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
-from table4_sign_clusters import PAPER, evaluate, markdown  # noqa: E402
+from table4_sign_clusters import PAPER, evaluate, evaluate_splits, markdown  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
@@ -124,11 +124,16 @@ def run_combine(args):
     for k, p in enumerate(parts):
         rows.append(json.loads(str(p["row"])))
         seconds += rows[-1]["seconds"]
+        alone = SignClusterDetector(_Averaged(p["C"]), clustering="mean",
+                                    **common).fit(d.X_train, y)
+        rows.append(evaluate(f"hydra_fast_m{k}_mean", alone, flipped, y,
+                             {"m": rows[-1]["seconds"]}, "m"))
         total = p["C"].astype(np.float64) if total is None else total + p["C"]
         det = SignClusterDetector(_Averaged(total / (k + 1)), **common).fit(d.X_train, y)
         if not np.array_equal(det.reference_indices_, p["reference_indices"]):
             raise RuntimeError("member references differ from the detector's")
-        rows.append(evaluate(f"hydra_fast_ens{k + 1}", det, flipped, y, {"e": seconds}, "e"))
+        rows.extend(evaluate_splits(f"hydra_fast_ens{k + 1}", det, flipped, y,
+                                    {"e": seconds}, "e"))
     res = {"dataset": args.dataset, "rate": args.rate, "rows": rows,
            "paper": PAPER.get(args.dataset)}
     payload = {"benchmark": "table4_ensemble_parts", "argv": sys.argv, "args": vars(args),
@@ -137,8 +142,7 @@ def run_combine(args):
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
     md = markdown([res], args) + (
         "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "
-        "`hydra_fast_ens<K>`: signs of the mean of members 0..K-1 (seconds: sum of their "
-        "fits).\n")
+        "`hydra_fast_ens<K>`: the mean of members 0..K-1 (seconds: sum of their fits).\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
     atomic_write(RESULTS / f"table4_{tag}.md", md)

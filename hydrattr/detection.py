@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
@@ -25,6 +26,7 @@ from .cleaning import _ContributionSampler
 __all__ = ["SignClusterDetector"]
 
 _SIGN_STORAGE = ("int8", "packed")
+_CLUSTERING = ("signs", "mean")
 
 
 class SignClusterDetector(_ContributionSampler):
@@ -60,7 +62,17 @@ class SignClusterDetector(_ContributionSampler):
     validation_data : tuple (X_val, y_val) or None, default=None
         An explicit validation set; then every row of ``X`` is a training row.
     n_init : int, default=10
-        k-means restarts per class.
+        Restarts per class of the clustering (k-means or the Gaussian mixture).
+    clustering : {"signs", "mean"}, default="signs"
+        How each class is split in two. ``"signs"`` is the paper's: k-means on the sign
+        vectors. ``"mean"`` fits a two-component Gaussian mixture to the class's mean
+        contributions (``scores_``, standardized within the class) and flags the
+        component with the lower mean. The mean keeps the magnitudes that the signs
+        drop: a reference that a sample barely moves counts as much as one it moves a
+        lot in a sign vector, but hardly at all in the mean. On the paper's Table 4
+        setting (MNIST, 50,000 rows, 50% wrong labels) ``"mean"`` raised the Jaccard
+        index of single runs from 94.9-95.4% to 96.1-96.8%; on small runs (4,000 rows)
+        neither split wins everywhere (see the results page of the docs).
     sign_storage : {"int8", "packed"}, default="int8"
         How ``sign_vectors_`` is kept: an int8 matrix of -1/0/+1 (one byte per entry),
         or bit-packed along the references with ``numpy.packbits`` (bit set = positive
@@ -100,13 +112,14 @@ class SignClusterDetector(_ContributionSampler):
     """
 
     def __init__(self, attributor=None, n_reference=1000, validation_size=0.2,
-                 validation_data=None, n_init=10, sign_storage="int8",
+                 validation_data=None, n_init=10, clustering="signs", sign_storage="int8",
                  reference_batch_size=None, random_state=None):
         self.attributor = attributor
         self.n_reference = n_reference
         self.validation_size = validation_size
         self.validation_data = validation_data
         self.n_init = n_init
+        self.clustering = clustering
         self.sign_storage = sign_storage
         self.reference_batch_size = reference_batch_size
         self.random_state = random_state
@@ -120,6 +133,9 @@ class SignClusterDetector(_ContributionSampler):
         if rbs is not None and (isinstance(rbs, bool) or not isinstance(rbs, numbers.Integral)
                                 or rbs < 1):
             raise ValueError(f"reference_batch_size must be None or a positive int, got {rbs!r}.")
+        if self.clustering not in _CLUSTERING:
+            raise ValueError(f"clustering must be one of {_CLUSTERING}, got "
+                             f"{self.clustering!r}.")
         if self.sign_storage not in _SIGN_STORAGE:
             raise ValueError(f"sign_storage must be one of {_SIGN_STORAGE}, got "
                              f"{self.sign_storage!r}.")
@@ -173,6 +189,71 @@ class SignClusterDetector(_ContributionSampler):
             del C
         return np.concatenate(blocks, axis=1), total / m, finite
 
+    # -- per-class splits: 1 = flagged, 0 = kept -----------------------------------------
+    def _split_signs(self, pos, s_c, seed):
+        """k-means on the class's sign vectors; the group with the lower mean
+        contribution is flagged."""
+        S = self.sign_matrix(pos).astype(np.float32)
+        if len(np.unique(S, axis=0)) < 2:  # nothing to split
+            return 0
+        km = KMeans(n_clusters=2, n_init=int(self.n_init), random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lab = km.fit_predict(S)
+        # the group that hurts the references more: lower mean contribution
+        helps = np.array([s_c[lab == k].mean() if np.any(lab == k) else np.inf
+                          for k in (0, 1)])
+        return (lab == int(np.argmin(helps))).astype(np.int64)
+
+    def _split_mean(self, pos, s_c, seed):
+        """Two-component Gaussian mixture on the class's standardized mean
+        contributions; the component with the lower mean is flagged."""
+        sd = s_c.std()
+        if not sd > 0:  # nothing to split
+            return 0
+        z = ((s_c - s_c.mean()) / sd).reshape(-1, 1)
+        gm = GaussianMixture(n_components=2, n_init=int(self.n_init), random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lab = gm.fit(z).predict(z)
+        return (lab == int(np.argmin(gm.means_.ravel()))).astype(np.int64)
+
+    def _clusters(self, clustering):
+        """Per-class split of the fitted contributions: 1 flagged, 0 kept, -1 unscored."""
+        split = self._split_signs if clustering == "signs" else self._split_mean
+        mean_c = self.scores_[self.train_indices_]
+        scored = np.isfinite(mean_c)
+        clusters = np.full(len(mean_c), -1, dtype=np.int64)
+        for c, seed in self._split_seeds.items():
+            pos = np.flatnonzero((self._y_train == c) & scored)
+            clusters[pos] = split(pos, mean_c[pos], seed) if len(pos) >= 2 else 0
+        return clusters
+
+    def label_issues(self, clustering=None):
+        """Flags of another per-class split, without recomputing the contributions.
+
+        Attribution is the expensive part of :meth:`fit`; the split is cheap. This
+        returns what ``label_issues_`` would be after a fit with
+        ``set_params(clustering=clustering)`` and the same ``random_state`` (same
+        references, same seeds), and changes nothing on the fitted detector.
+
+        Parameters
+        ----------
+        clustering : {"signs", "mean"} or None, default=None
+            None: the fitted ``clustering``.
+
+        Returns
+        -------
+        label_issues : ndarray of bool, shape (n_samples,)
+        """
+        check_is_fitted(self, "label_issues_")
+        clustering = self.clustering if clustering is None else clustering
+        if clustering not in _CLUSTERING:
+            raise ValueError(f"clustering must be one of {_CLUSTERING}, got {clustering!r}.")
+        out = np.zeros(len(self.label_issues_), dtype=bool)
+        out[self.train_indices_] = self._clusters(clustering) == 1
+        return out
+
     # -- fit -------------------------------------------------------------------------
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         rs = check_random_state(self.random_state)
@@ -188,27 +269,12 @@ class SignClusterDetector(_ContributionSampler):
         scores = np.full(n_samples, np.nan)
         scores[train_rows] = np.where(trained, mean_c, np.nan)
         self.scores_ = scores
-        clusters = np.full(len(train_rows), -1, dtype=np.int64)
-        for c in np.unique(y_train):
-            pos = np.flatnonzero((y_train == c) & trained)
-            if len(pos) < 2:
-                clusters[pos] = 0
-                continue
-            S = self.sign_matrix(pos).astype(np.float32)
-            if len(np.unique(S, axis=0)) < 2:  # nothing to split
-                clusters[pos] = 0
-                continue
-            km = KMeans(n_clusters=2, n_init=int(self.n_init),
-                        random_state=rs.randint(np.iinfo(np.int32).max))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                lab = km.fit_predict(S)
-            # the group that hurts the references more: lower mean contribution
-            s_c = mean_c[pos]
-            helps = np.array([s_c[lab == k].mean() if np.any(lab == k) else np.inf
-                              for k in (0, 1)])
-            flagged = int(np.argmin(helps))
-            clusters[pos] = (lab == flagged).astype(np.int64)
+        # one k-means / mixture seed per class, drawn whatever the clustering, so that
+        # label_issues(clustering) reproduces a fit with that clustering
+        self._y_train = np.asarray(y_train)
+        self._split_seeds = {c: rs.randint(np.iinfo(np.int32).max)
+                             for c in np.unique(y_train)}
+        clusters = self._clusters(self.clustering)
         cluster_labels = np.full(n_samples, -1, dtype=np.int64)
         cluster_labels[train_rows] = clusters
         self.cluster_labels_ = cluster_labels

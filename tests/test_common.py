@@ -90,7 +90,8 @@ def all_estimators():
     if InfluenceFunctionAttributor is not None:
         est.append(InfluenceFunctionAttributor(tiny_net(), damping=0.1, random_state=0,
                                                verbose=0))
-    est += [cleaner(), detector(), CleanedClassifier(cleaner(), LogisticRegression())]
+    est += [cleaner(), detector(), detector().set_params(clustering="mean"),
+            CleanedClassifier(cleaner(), LogisticRegression())]
     return est
 
 

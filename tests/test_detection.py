@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from skorch import NeuralNetClassifier
 
@@ -126,7 +127,8 @@ def test_validation_split_rows_are_never_flagged():
 @pytest.mark.parametrize("kw, match", [
     (dict(n_reference=0), "n_reference"), (dict(n_init=0), "n_init"),
     (dict(sign_storage="bits"), "sign_storage"), (dict(reference_batch_size=0),
-                                                  "reference_batch_size")])
+                                                  "reference_batch_size"),
+    (dict(clustering="kmeans"), "clustering")])
 def test_parameter_errors(kw, match):
     X, y, _ = planted()
     with pytest.raises(ValueError, match=match):
@@ -139,6 +141,67 @@ def test_single_class_rows_and_identical_signs_are_not_split():
     det = SignClusterDetector(FeatureContributions(), n_reference=D,
                               validation_data=one_hot_validation(), random_state=0).fit(X, y)
     assert not det.label_issues_.any() and (det.cluster_labels_ == 0).all()
+
+
+def test_mean_clustering_recovers_groups_that_signs_cannot_see():
+    """Every contribution positive (one sign vector per class, nothing for k-means to
+    split) but the flipped rows help 5-20x less: the mean split recovers them exactly."""
+    X, y, flipped = planted(seed=3)
+    X = np.abs(X) * np.where(flipped, 0.1, 1.0)[:, None]
+    kw = dict(n_reference=D, validation_data=one_hot_validation(), random_state=0)
+    signs = SignClusterDetector(FeatureContributions(), **kw).fit(X, y)
+    assert not signs.label_issues_.any()
+    mean = SignClusterDetector(FeatureContributions(), clustering="mean", **kw).fit(X, y)
+    np.testing.assert_array_equal(mean.label_issues_, flipped)
+    np.testing.assert_array_equal(mean.cluster_labels_, flipped.astype(int))
+    np.testing.assert_array_equal(mean.sign_matrix(), signs.sign_matrix())  # same features
+
+
+def test_mean_clustering_is_sklearns_gaussian_mixture_per_class():
+    """Peer check: the flags equal a two-component GaussianMixture fitted by hand to each
+    class's standardized scores, with the seeds the detector draws (references first)."""
+    from sklearn.mixture import GaussianMixture
+
+    X, y, _ = planted(n_per_class=60, flip_frac=0.5, seed=4)
+    det = SignClusterDetector(FeatureContributions(), n_reference=D, n_init=3,
+                              clustering="mean", validation_data=one_hot_validation(),
+                              random_state=7).fit(X, y)
+    rs = np.random.RandomState(7)
+    rs.choice(D, size=D, replace=False)
+    expected = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        s = X[y == c].mean(axis=1)
+        z = ((s - s.mean()) / s.std()).reshape(-1, 1)
+        gm = GaussianMixture(2, n_init=3, random_state=rs.randint(np.iinfo(np.int32).max))
+        lab = gm.fit(z).predict(z)
+        expected[y == c] = lab == np.argmin(gm.means_.ravel())
+    assert 0 < expected.sum() < len(y)
+    np.testing.assert_array_equal(det.label_issues_, expected)
+    const = SignClusterDetector(FeatureContributions(), n_reference=D, clustering="mean",
+                                validation_data=one_hot_validation(), random_state=0)
+    const.fit(np.ones_like(X), y)  # equal scores within every class: nothing to split
+    assert not const.label_issues_.any() and (const.cluster_labels_ == 0).all()
+
+
+def test_label_issues_method_equals_a_refit_with_the_other_clustering():
+    """Re-splitting the fitted contributions gives exactly the flags of a fresh fit
+    with that clustering, and leaves the fitted detector as it was."""
+    X, y, _ = planted(n_per_class=60, flip_frac=0.5, seed=5)
+    X[:, :4] *= 0.05  # some references barely moved: the two splits disagree on rows
+    kw = dict(n_reference=D, n_init=3, validation_size=0.25, random_state=3)
+    fits = {c: SignClusterDetector(FeatureContributions(), clustering=c, **kw).fit(X, y)
+            for c in ("signs", "mean")}
+    for fitted, other in (("signs", "mean"), ("mean", "signs")):
+        det = fits[fitted]
+        before = det.label_issues_.copy()
+        np.testing.assert_array_equal(det.label_issues(other), fits[other].label_issues_)
+        np.testing.assert_array_equal(det.label_issues(), before)
+        np.testing.assert_array_equal(det.label_issues_, before)
+    assert (fits["signs"].label_issues_ != fits["mean"].label_issues_).any()
+    with pytest.raises(ValueError, match="clustering"):
+        fits["signs"].label_issues("gmm")
+    with pytest.raises(NotFittedError):
+        SignClusterDetector(FeatureContributions()).label_issues()
 
 
 def test_detector_with_hydra_inside_cleaned_classifier():
