@@ -45,8 +45,12 @@ class SignClusterDetector(_ContributionSampler):
     samples from every other true class, and its members help their given class's
     references about as often as the clean ones do, only by less.)
 
-    Note that every class with at least two distinct sign vectors is split in two, so
-    a clean class also has a flagged group; the method assumes noisy classes.
+    With ``clustering="mean"`` each class is split instead by a two-component Gaussian
+    mixture on the mean contributions; :meth:`label_issues` re-splits a fitted detector
+    either way without recomputing any contribution.
+
+    Note that every class with at least two distinct sign vectors (or scores) is split
+    in two, so a clean class also has a flagged group; the method assumes noisy classes.
 
     Parameters
     ----------
