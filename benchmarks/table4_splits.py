@@ -1,0 +1,125 @@
+"""Which per-class split should :class:`~hydrattr.detection.SignClusterDetector` use?
+
+The paper splits each class by k-means on the sign vectors (``clustering="signs"``);
+``clustering="mean"`` fits a two-component Gaussian mixture to each class's mean
+contribution instead. Both split the *same* fitted contributions
+(``det.label_issues(clustering)``), so every fit gives one paired comparison. This
+script repeats Table 4's setting at a reduced size (``--quick`` of
+``table4_sign_clusters.py``: 4,000 rows, 15 epochs, 200 references, HYDRA fast) over
+several seeds (data split, noise, training run, references) and noise rates, and
+reports the Jaccard index (correct / random labels, averaged over classes) of both
+splits: mean and standard deviation over seeds, and in how many seeds ``mean`` wins.
+
+Usage::
+
+    python benchmarks/table4_splits.py --seeds 0 1 2 3 4 --rates 0.1 0.3 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_run_args, atomic_write  # noqa: E402
+from table3_noise_cleaning import noisy_setting  # noqa: E402
+from table4_sign_clusters import evaluate_splits  # noqa: E402
+
+from hydrattr import HydraAttributor  # noqa: E402
+from hydrattr.detection import SignClusterDetector  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPLITS = ("signs", "mean")
+
+
+def run(args, dataset, rate, seed):
+    a = argparse.Namespace(**{**vars(args), "seed": seed})
+    d, y, flipped, net = noisy_setting(a, dataset, rate)
+    t0 = time.perf_counter()
+    det = SignClusterDetector(
+        HydraAttributor(net, mode="fast", storage="dense", random_state=seed, verbose=0),
+        n_reference=args.n_reference, validation_data=(d.X_valid, d.y_valid),
+        random_state=seed).fit(d.X_train, y)
+    rows = evaluate_splits("hydra_fast", det, flipped, y, {"t": time.perf_counter() - t0}, "t")
+    return {"dataset": dataset, "rate": rate, "seed": seed,
+            **{s: {k: r[k] for k in ("jaccard_correct", "jaccard_random", "n_flagged",
+                                     "precision", "recall")} for s, r in zip(SPLITS, rows)}}
+
+
+def summarize(runs):
+    table = []
+    for key in sorted({(r["dataset"], r["rate"]) for r in runs}):
+        rs = [r for r in runs if (r["dataset"], r["rate"]) == key]
+        row = {"dataset": key[0], "rate": key[1], "n_seeds": len(rs)}
+        for s in SPLITS:
+            for j in ("jaccard_correct", "jaccard_random"):
+                v = 100 * np.array([r[s][j] for r in rs])
+                row[f"{s}_{j}"] = (float(v.mean()), float(v.std()))
+        row["mean_wins"] = int(sum(r["mean"]["jaccard_random"] > r["signs"]["jaccard_random"]
+                                   for r in rs))
+        table.append(row)
+    return table
+
+
+def markdown(table, args):
+    lines = ["# Table 4 at reduced size: k-means on signs vs mixture on the mean", "",
+             f"Command: `{' '.join(sys.argv)}`", "",
+             f"n_train={args.n_train}, n_valid={args.n_valid}, n_reference={args.n_reference}, "
+             f"epochs={args.epochs}, lr={args.lr}, MNIST lr drop at epoch {args.milestone}; "
+             "HYDRA fast; Jaccard (%) correct / random labels, mean ± std over seeds; "
+             "'mean wins': seeds where the mean split's random-label Jaccard is higher.", "",
+             "| dataset | r | seeds | signs (paper) | mean | mean wins |", "|---|---|---|---|---|---|"]
+    for r in table:
+        cell = {s: f"{r[f'{s}_jaccard_correct'][0]:.2f} ± {r[f'{s}_jaccard_correct'][1]:.2f} / "
+                   f"{r[f'{s}_jaccard_random'][0]:.2f} ± {r[f'{s}_jaccard_random'][1]:.2f}"
+                for s in SPLITS}
+        lines.append(f"| {r['dataset']} | {r['rate']:.0%} | {r['n_seeds']} | {cell['signs']} | "
+                     f"{cell['mean']} | {r['mean_wins']}/{r['n_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
+    p.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.3, 0.5])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-valid", type=int, default=1000)
+    p.add_argument("--n-reference", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--milestone", type=int, default=10)
+    add_run_args(p, work=False)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    runs, t0 = [], time.perf_counter()
+    tag = args.tag or "quick"
+    for dataset in args.datasets:
+        for rate in args.rates:
+            for seed in args.seeds:
+                runs.append(run(args, dataset, rate, seed))
+                r = runs[-1]
+                print(f"{dataset} r={rate} seed={seed}: signs "
+                      f"{100 * r['signs']['jaccard_random']:.2f} mean "
+                      f"{100 * r['mean']['jaccard_random']:.2f}", flush=True)
+            table = summarize(runs)  # saved as it goes: a stopped run keeps its rows
+            payload = {"benchmark": "table4_splits", "argv": sys.argv, "args": vars(args),
+                       "torch": torch.__version__, "python": platform.python_version(),
+                       "total_s": time.perf_counter() - t0, "runs": runs, "summary": table}
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            atomic_write(RESULTS / f"table4_splits_{tag}.json", json.dumps(payload, indent=2))
+            atomic_write(RESULTS / f"table4_splits_{tag}.md", markdown(table, args))
+    print(markdown(summarize(runs), args))
+
+
+if __name__ == "__main__":
+    main()
