@@ -73,9 +73,12 @@ class HydraAttributor(BaseAttributor):
     test_batch_size : int, default=256
         Test points per block when computing test gradients and per sweep (exact/replay).
     store_dir : str or None
-        Directory for memmap files (a temporary directory when None). Each file is
-        deleted when the object owning it is garbage-collected: the trajectory once fast
-        mode has filled its store, the store with the attributor.
+        Directory for memmap files (the system's temporary directory when None): put
+        them on a disk with room. The files have no name (:func:`tempfile.TemporaryFile`),
+        so the directory looks empty and nothing is left behind however the process
+        ends, a kill included; their space is freed when the object owning them is
+        garbage-collected: the trajectory once fast mode has filled its store, the store
+        with the attributor.
     random_state : int, RandomState or None
         Seeds torch before training (an int is passed to ``torch.manual_seed``).
     verbose : int, default=1

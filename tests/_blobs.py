@@ -1,5 +1,17 @@
-"""Test data shared by several test modules (imported as ``from _blobs import ...``)."""
+"""Test data and helpers shared by several test modules (imported as
+``from _blobs import ...``)."""
+import os
+
 import numpy as np
+
+HAS_PROC_MAPS = os.path.exists("/proc/self/maps")
+
+
+def mapped_files(directory):
+    """Files under ``directory`` that this process has memory-mapped (Linux
+    ``/proc/self/maps``; a file without a name shows as ``... (deleted)``)."""
+    with open("/proc/self/maps") as f:
+        return [line.split(None, 5)[-1].strip() for line in f if str(directory) in line]
 
 CENTERS = np.array([[1.5, 0, 0, 0], [-1, 1.5, 0, 0], [0, -1.5, 1, 0]])
 

@@ -6,6 +6,8 @@
 3. Training is unperturbed: identical weights to a plain skorch fit with the same seed.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,8 @@ from hydrattr import HydraAttributor
 from hydrattr._core.replay import replay_training
 from hydrattr._skorch import module_mode
 from hydrattr.models import MLP, LogisticRegression
+
+from _blobs import HAS_PROC_MAPS, mapped_files  # noqa: E402
 
 N, D, K = 200, 6, 3
 LR, MOM, DAMP, WD, BS, EPOCHS, STEP, GAMMA = 0.05, 0.9, 0.1, 1e-3, 32, 4, 2, 0.5
@@ -160,27 +164,67 @@ def test_training_is_unperturbed():
     assert not hasattr(net, "module_")  # the caller's net was not fitted
 
 
-def test_store_dir_files_live_as_long_as_the_attributor(tmp_path):
-    """With ``store_dir`` the memmap trajectory and store go in the user's directory.
+@pytest.mark.skipif(not HAS_PROC_MAPS, reason="needs /proc/self/maps (Linux)")
+def test_store_dir_files_have_no_name_and_live_as_long_as_the_attributor(tmp_path):
+    """With ``store_dir`` the memmap trajectory and store go in the user's directory as
+    files without a name: the directory looks empty, the process maps a deleted file
+    there while the attributor lives, and nothing once it is gone.
 
-    Fast mode drops the trajectory once the store is filled, so its file goes then; the
-    store file goes with the attributor. Before, both files stayed on disk for good.
-    The scores are those of the in-memory attributor (float64 throughout: 1e-10).
+    Fast mode drops the trajectory once the store is filled, so only the store is mapped
+    after fit. Before, both files stayed on disk for good (and later, on SIGKILL). The
+    scores are those of the in-memory attributor (float64 throughout: 1e-10).
     """
     import gc
-    import os
 
     X, y = _data()
     X_test, y_test = _data(3, seed=3)
     att = HydraAttributor(_net(max_epochs=2), storage="memmap", trajectory="memmap",
                           store_dir=str(tmp_path), random_state=0, verbose=0).fit(X, y)
-    assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["store"]
+    assert os.listdir(tmp_path) == []
+    mapped = mapped_files(tmp_path)
+    assert len(set(mapped)) == 1 and mapped[0].endswith("(deleted)")  # the store only
     C = att.attribute(X_test, y_test)
     ref = HydraAttributor(_net(max_epochs=2), random_state=0, verbose=0).fit(X, y)
     np.testing.assert_allclose(C, ref.attribute(X_test, y_test), rtol=0,
                                atol=1e-10 * np.abs(C).max())
     del att
     gc.collect()
+    assert mapped_files(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def test_killed_fit_leaves_nothing_in_store_dir(tmp_path):
+    """A process killed with SIGKILL (no cleanup code runs) while it holds a memmapped
+    trajectory and store leaves ``store_dir`` empty. Before, the files stayed."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np, torch
+        from torch import nn
+        from skorch import NeuralNetClassifier
+        from hydrattr import HydraAttributor
+        from hydrattr.models import MLP
+        rng = np.random.RandomState(0)
+        X = rng.randn(40, 5).astype(np.float32); y = rng.randint(0, 2, 40)
+        net = NeuralNetClassifier(MLP, module__n_features=5, module__n_classes=2,
+                                  module__hidden=(4,), criterion=nn.CrossEntropyLoss,
+                                  optimizer=torch.optim.SGD, lr=0.1, max_epochs=2,
+                                  batch_size=8, train_split=None, verbose=0)
+        att = HydraAttributor(net, mode="exact", storage="replay", trajectory="memmap",
+                              store_dir={str(tmp_path)!r}, random_state=0, verbose=0)
+        att.fit(X, y)
+        att2 = HydraAttributor(net, storage="memmap", store_dir={str(tmp_path)!r},
+                               random_state=0, verbose=0).fit(X, y)
+        assert att.trajectory_._thetas.shape[0] == 10 and att2 is not None
+        print("fitted", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "fitted" in proc.stdout
     assert os.listdir(tmp_path) == []
 
 

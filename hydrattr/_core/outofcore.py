@@ -9,22 +9,22 @@ stay in the file (dirty pages of a shared file mapping are kept by the page cach
 written back by the kernel), and the next access faults them back in from the page
 cache or the disk. RSS then stays O(budget) whatever the array's size.
 
-:func:`owned_tempfile` creates the backing files: each belongs to the object that
-created it and is deleted when that object is garbage-collected (or at interpreter
-exit), also in a directory the user chose (``store_dir``), where a temporary directory's
-own cleanup does not apply. Without it every fit with ``store_dir`` left its trajectory
-(gigabytes at the paper's size) on disk.
+:func:`anonymous_file` creates the backing files: files without a name (on POSIX the
+name is gone before the first byte is written), so nothing is left on disk however the
+process ends, SIGKILL included, also in a directory the user chose (``store_dir``). The
+space is freed when the file is closed and its last mapping is dropped. Before, every
+fit with ``store_dir`` left its trajectory (gigabytes at the paper's size) on disk, and
+later a killed run still did.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import tempfile
-import weakref
 
 import numpy as np
 
-__all__ = ["release", "touch", "owned_tempfile", "DEFAULT_BUDGET"]
+__all__ = ["release", "touch", "anonymous_file", "map_file", "DEFAULT_BUDGET"]
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes touched between releases
 
@@ -58,20 +58,21 @@ def touch(arr, nbytes, budget=None):
     arr._hydrattr_touched = n
 
 
-def _unlink(path):
+def anonymous_file(directory, prefix):
+    """A new empty binary file (``w+b``) in ``directory`` (the system's temporary
+    directory when None) that has no name on disk: :func:`tempfile.TemporaryFile`,
+    which on POSIX unlinks it at once, so it disappears with its last handle or mapping,
+    whatever ends the process."""
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    return tempfile.TemporaryFile(mode="w+b", prefix=prefix, suffix=".bin", dir=directory)
+
+
+def map_file(f, dtype, shape, mode="r"):
+    """Memory-map the open file ``f`` as an array of ``shape`` and close ``f``: the
+    mapping keeps the data (and the disk space) alive until it is dropped."""
+    f.flush()
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def owned_tempfile(owner, directory, prefix, suffix):
-    """A new empty file in ``directory``, deleted when ``owner`` is garbage-collected.
-
-    Returns ``(fd, path)`` as :func:`tempfile.mkstemp` does. On POSIX systems a file that
-    is still memory-mapped can be unlinked: its space is freed when the last mapping
-    goes. Copies made by pickling hold the data in memory, not the file.
-    """
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    weakref.finalize(owner, _unlink, path)
-    return fd, path
+        return np.memmap(f, dtype=dtype, mode=mode, shape=shape)
+    finally:
+        f.close()

@@ -9,13 +9,11 @@ per step) or float32 in a disk memmap (``"memmap"``: out of core, RAM O(batch)).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
 import torch
 
-from .outofcore import owned_tempfile, touch
+from .outofcore import anonymous_file, map_file, touch
 
 __all__ = ["SampleStore", "STORE_KINDS"]
 
@@ -46,16 +44,11 @@ class SampleStore:
             self.data = torch.zeros(self.shape, dtype=dtype)
         elif kind == "half":
             self.data = torch.zeros(self.shape, dtype=torch.float16)
-        else:
-            if directory is None:
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="hydrattr-store-")
-                directory = self._tmpdir.name
-            os.makedirs(directory, exist_ok=True)
-            fd, path = owned_tempfile(self, directory, "store-", ".npy")
-            os.close(fd)
+        else:  # a zero-filled file without a name: gone however the process ends
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-            self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype,
-                                                  shape=self.shape)
+            f = anonymous_file(directory, "hydrattr-store-")
+            f.truncate(self.shape[0] * self.shape[1] * np_dtype.itemsize)
+            self.data = map_file(f, np_dtype, self.shape, mode="r+")
 
     def add(self, rows, values):
         """``store[rows] += values`` (rows unique within a call)."""

@@ -8,14 +8,12 @@ of the batch (to replay dropout masks). Parameters live in memory or in a disk m
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
 import torch
 
 from .functional import ParamSpec
-from .outofcore import owned_tempfile, touch
+from .outofcore import anonymous_file, map_file, touch
 from .adam import AdamHyper
 from .optim import SGDHyper
 
@@ -39,8 +37,7 @@ class _Series:
         self._file = None
         self._path = None
         if directory is not None:
-            fd, self._path = owned_tempfile(self, directory, prefix, ".bin")
-            self._file = os.fdopen(fd, "wb")
+            self._file = anonymous_file(directory, prefix)
 
     def append(self, vec):
         vec = vec.detach().to("cpu", self.dtype)
@@ -51,11 +48,9 @@ class _Series:
 
     def finish(self, n_rows):
         if self._file is not None:
-            self._file.close()
-            self._file = None
             np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
-            self._rows = np.memmap(self._path, dtype=np_dtype, mode="r",
-                                   shape=(int(n_rows), self.n_params))
+            self._rows = map_file(self._file, np_dtype, (int(n_rows), self.n_params))
+            self._file = None
 
     def __getitem__(self, t):
         row = self._rows[t]
@@ -107,13 +102,8 @@ class Trajectory:
         self._file = None
         self._path = None
         self._tmpdir = None
-        if storage == "memmap":
-            if directory is None:
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="hydrattr-traj-")
-                directory = self._tmpdir.name
-            os.makedirs(directory, exist_ok=True)
-            fd, self._path = owned_tempfile(self, directory, "trajectory-", ".bin")
-            self._file = os.fdopen(fd, "wb")
+        if storage == "memmap":  # a file without a name: gone however the process ends
+            self._file = anonymous_file(directory, "hydrattr-trajectory-")
         self._directory = directory
         self._opt_series = None  # optimizer state snapshots (Adam: exp_avg, exp_avg_sq)
         self.theta_final = None
@@ -129,7 +119,7 @@ class Trajectory:
         if opt_state is not None:
             if self._opt_series is None:
                 self._opt_series = [_Series(self.spec.n_params, self.dtype, self._directory,
-                                            prefix=f"optstate{k}-")
+                                            prefix=f"hydrattr-optstate{k}-")
                                     for k in range(len(opt_state))]
             for series, vec in zip(self._opt_series, opt_state):
                 series.append(vec)
@@ -153,11 +143,10 @@ class Trajectory:
             for series in self._opt_series:
                 series.finish(len(self.indices))
         if self._file is not None:
-            self._file.close()
-            self._file = None
             np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
-            self._thetas = np.memmap(self._path, dtype=np_dtype, mode="r",
-                                     shape=(len(self.indices), self.spec.n_params))
+            self._thetas = map_file(self._file, np_dtype,
+                                    (len(self.indices), self.spec.n_params))
+            self._file = None
         if all(s is None for s in self.rng_states):
             self.rng_states = [None] * len(self.indices)
 

@@ -16,6 +16,8 @@ from hydrattr._core.store import SampleStore
 from hydrattr._core.trajectory import Trajectory
 from hydrattr._core.functional import ParamSpec
 
+from _blobs import HAS_PROC_MAPS, mapped_files  # noqa: E402
+
 
 # one recorded step's hyperparameters (plain SGD), as the recording callback writes them
 _SGD_ROW = {"lr": [0.1], "momentum": [0.0], "dampening": [0.0], "weight_decay": [0.0],
@@ -71,13 +73,16 @@ def test_release_drops_resident_pages(tmp_path):
     assert float(arr[::4, ::4096].sum()) == 4 * 256  # the data survived
 
 
-def test_files_in_a_given_directory_are_removed_with_their_owner(tmp_path):
-    """Memmap files in a user-given directory (``store_dir``) belong to their object.
+@pytest.mark.skipif(not HAS_PROC_MAPS, reason="needs /proc/self/maps (Linux)")
+def test_files_in_a_given_directory_have_no_name_and_go_with_their_owner(tmp_path):
+    """Memmap files in a user-given directory (``store_dir``) have no name on disk and
+    live exactly as long as their object.
 
     A trajectory (with an optimizer-state series) and a store write into ``tmp_path``;
-    while they live, their files exist and are read back; after the objects are
-    dropped the directory is empty. (Before, every fit with ``store_dir`` left its
-    files behind: gigabytes per fit at the paper's size.)
+    while they live, the process maps three deleted files there and reads them back,
+    and the directory lists nothing; after the objects are dropped nothing is mapped.
+    (Before, every fit with ``store_dir`` left its files behind: gigabytes per fit at
+    the paper's size; later a killed process still did.)
     """
     import gc
 
@@ -89,9 +94,11 @@ def test_files_in_a_given_directory_are_removed_with_their_owner(tmp_path):
     traj.finish(torch.zeros(spec.n_params))
     store = SampleStore(10, spec.n_params, kind="memmap", directory=str(tmp_path))
     store.add([1, 2], torch.ones(2, spec.n_params))
-    assert len(os.listdir(tmp_path)) == 3  # thetas, one optimizer-state series, store
+    mapped = set(mapped_files(tmp_path))  # thetas, one optimizer-state series, store
+    assert len(mapped) == 3 and all(m.endswith("(deleted)") for m in mapped)
+    assert os.listdir(tmp_path) == []
     assert float(traj.theta(3)[0]) == 3.0 and float(traj.opt_state(2)[0][0]) == -2.0
     assert float(store.matmul_t(torch.ones(1, spec.n_params))[1, 0]) == spec.n_params
     del traj, store
     gc.collect()
-    assert os.listdir(tmp_path) == []
+    assert mapped_files(tmp_path) == [] and os.listdir(tmp_path) == []
