@@ -1,7 +1,6 @@
 """Small reference networks used by the demo, the tests and the benchmarks."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 __all__ = ["LeNet5", "MLP", "LogisticRegression"]
