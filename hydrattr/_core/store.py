@@ -9,7 +9,6 @@ per step) or float32 in a disk memmap (``"memmap"``: out of core, RAM O(batch)).
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -8,7 +8,6 @@ of the batch (to replay dropout masks). Parameters live in memory or in a disk m
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
