@@ -254,6 +254,8 @@ class SignClusterDetector(_ContributionSampler):
         clustering = self.clustering if clustering is None else clustering
         if clustering not in _CLUSTERING:
             raise ValueError(f"clustering must be one of {_CLUSTERING}, got {clustering!r}.")
+        if clustering == self.clustering:  # the fitted split: nothing to recompute
+            return self.label_issues_.copy()
         out = np.zeros(len(self.label_issues_), dtype=bool)
         out[self.train_indices_] = self._clusters(clustering) == 1
         return out
