@@ -79,7 +79,7 @@ def save_trajectory(traj, directory):
         _write_rows(os.path.join(directory, f"optstate{k}.npy"), n, p, traj.dtype,
                     lambda t, s=s: s[t])
     meta = {k: v for k, v in traj.__dict__.items()
-            if k not in ("_thetas", "_opt_series", "_file", "_tmpdir", "_path")}
+            if k not in ("_thetas", "_opt_series", "_file")}
     meta["_n_opt_series"] = len(series)
     with open(os.path.join(directory, "meta.pkl"), "wb") as f:
         pickle.dump(meta, f)
@@ -92,7 +92,7 @@ def load_trajectory(directory):
     n_series = meta.pop("_n_opt_series")
     traj = Trajectory.__new__(Trajectory)
     traj.__dict__.update(meta)
-    traj._file = traj._tmpdir = traj._path = None
+    traj._file = None
     traj.storage = "memmap"
     traj._thetas = np.load(os.path.join(directory, "thetas.npy"), mmap_mode="r")
     traj._opt_series = None
@@ -101,8 +101,7 @@ def load_trajectory(directory):
         for k in range(n_series):
             s = _Series.__new__(_Series)
             s.n_params, s.dtype, s._file = traj.spec.n_params, traj.dtype, None
-            s._path = os.path.join(directory, f"optstate{k}.npy")
-            s._rows = np.load(s._path, mmap_mode="r")
+            s._rows = np.load(os.path.join(directory, f"optstate{k}.npy"), mmap_mode="r")
             traj._opt_series.append(s)
     return traj
 

@@ -38,7 +38,6 @@ class SampleStore:
         self.kind = kind
         self.dtype = dtype
         self.shape = (int(n_rows), int(n_params))
-        self._tmpdir = None
         if kind == "dense":
             self.data = torch.zeros(self.shape, dtype=dtype)
         elif kind == "half":
@@ -90,5 +89,4 @@ class SampleStore:
         if isinstance(self.data, np.memmap):
             state["data"] = torch.from_numpy(np.array(self.data))
             state["kind"] = "dense"
-        state["_tmpdir"] = None
         return state

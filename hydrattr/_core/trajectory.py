@@ -34,7 +34,6 @@ class _Series:
         self.dtype = dtype
         self._rows = []
         self._file = None
-        self._path = None
         if directory is not None:
             self._file = anonymous_file(directory, prefix)
 
@@ -99,8 +98,6 @@ class Trajectory:
         self._hyper_rows = []
         self._thetas = []
         self._file = None
-        self._path = None
-        self._tmpdir = None
         if storage == "memmap":  # a file without a name: gone however the process ends
             self._file = anonymous_file(directory, "hydrattr-trajectory-")
         self._directory = directory
@@ -186,6 +183,5 @@ class Trajectory:
         if isinstance(self._thetas, np.memmap):  # pickle the data, not the file handle
             state["_thetas"] = [torch.from_numpy(np.array(r)) for r in self._thetas]
             state["storage"] = "memory"
-        state["_tmpdir"] = None
         state["_file"] = None
         return state
