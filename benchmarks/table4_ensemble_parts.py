@@ -14,8 +14,9 @@ the members it finished:
     contributions to the references, ``C_k`` of shape (n_train, n_reference), to the work
     dir. It also reports that member alone as a ``hydra_fast`` row (seed-to-seed spread).
 ``--combine``
-    averages ``C_0 .. C_{K-1}`` for every K it finds and splits it with the same detector
-    (both ways: k-means on signs, and ``_mean`` rows with ``clustering="mean"``), through an attributor that returns the averaged matrix. That is what
+    averages ``C_0 .. C_{K-1}`` for every K it finds and splits it with the same
+    detector, through an attributor that returns the averaged matrix, both ways: k-means
+    on signs, and ``_mean`` rows with ``clustering="mean"``. That is what
     ``EnsembleAttributor.attribute`` returns (the mean of its members' matrices), so the
     rows equal ``--methods ens --n-estimators K`` up to float summation order. Give it the
     members' ``--threads``: torch's thread count also sets k-means' OpenMP threads, which

@@ -75,7 +75,7 @@ class SignClusterDetector(_ContributionSampler):
         drop: a reference that a sample barely moves counts as much as one it moves a
         lot in a sign vector, but hardly at all in the mean. On the paper's Table 4
         setting (MNIST, 50,000 rows, 50% wrong labels) ``"mean"`` raised the Jaccard
-        index of single runs from 94.9-95.4% to 96.1-96.8%; on small runs (4,000 rows)
+        index of single runs from 94.9-95.8% to 96.1-96.8%; on small runs (4,000 rows)
         neither split wins everywhere (see the results page of the docs).
     sign_storage : {"int8", "packed"}, default="int8"
         How ``sign_vectors_`` is kept: an int8 matrix of -1/0/+1 (one byte per entry),
