@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, atomic_write  # noqa: E402
+from table4_ensemble_parts import part_path  # noqa: E402
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
@@ -51,19 +52,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def member_scores(args):
     """Row means of the saved member matrices, in member order (stops at the first gap)."""
-    scores, k = [], 0
-    while True:
-        f = Path(args.work_dir) / (f"table4_ens_{args.dataset}_n{args.n_train}_e{args.epochs}"
-                                   f"_s{args.seed}_m{k}.npz")
-        if not f.exists():
-            break
-        with np.load(f) as p:
+    scores = []
+    while part_path(args, len(scores)).exists():
+        with np.load(part_path(args, len(scores))) as p:
             scores.append(p["C"].astype(np.float64).mean(1))
-        k += 1
     if not scores:
-        raise SystemExit(f"no member files table4_ens_{args.dataset}_n{args.n_train}_e"
-                         f"{args.epochs}_s{args.seed}_m0.npz in --work-dir {args.work_dir}; "
-                         "run table4_ensemble_parts.py --member 0 first")
+        raise SystemExit(f"no member file {part_path(args, 0).name} in --work-dir "
+                         f"{args.work_dir}; run table4_ensemble_parts.py --member 0 first")
     return scores
 
 
@@ -72,10 +67,10 @@ def precision(removed, flipped):
 
 
 def analyse(scores, y, y_true, flipped, rate):
-    rows = []
+    rows, removed = [], [remove_lowest(s, rate) for s in scores]
     for k, s in enumerate(scores):
         rows.append({"method": f"hydra_fast_m{k}",
-                     "precision_global": precision(remove_lowest(s, rate), flipped),
+                     "precision_global": precision(removed[k], flipped),
                      "precision_per_class": precision(remove_lowest(s, rate, y), flipped)})
         if k == 0:
             continue  # the mean of one member is that member
@@ -83,7 +78,7 @@ def analyse(scores, y, y_true, flipped, rate):
         rows.append({"method": f"hydra_fast_ens{k + 1}",
                      "precision_global": precision(remove_lowest(e, rate), flipped),
                      "precision_per_class": precision(remove_lowest(e, rate, y), flipped)})
-    kept_wrong = np.array([flipped & ~remove_lowest(s, rate) for s in scores])
+    kept_wrong = flipped & ~np.array(removed)
     ens_kept = flipped & ~remove_lowest(np.mean(scores, 0), rate)
     pairs = collections.Counter(zip(y_true[ens_kept].tolist(), y[ens_kept].tolist()))
     every = collections.Counter(zip(y_true[flipped].tolist(), y[flipped].tolist()))
