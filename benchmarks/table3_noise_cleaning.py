@@ -164,13 +164,21 @@ def accuracy(net, X, y):
 
 
 def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):
-    from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
 
     probs = np.zeros((len(y), 10))
     for k, (tr, te) in enumerate(StratifiedKFold(n_folds, shuffle=True,
                                                  random_state=seed).split(X, y)):
         probs[te] = fit_net(net, X[tr], y[tr], seed + 1 + k).predict_proba(X[te])
+    return cleanlab_select(y, probs, fraction)
+
+
+def cleanlab_select(y, probs, fraction):
+    """Confident learning's removed set from out-of-fold ``probs``: ``prune_by_class``
+    with each given class's share of ``fraction``, filled up to ``fraction`` of all rows
+    by the lowest self-confidence (cleanlab leaves out rows its model predicts as given)."""
+    from cleanlab.filter import find_label_issues
+
     counts = np.bincount(y, minlength=10)
     per_class = [int(np.floor(fraction * c + 0.5)) for c in counts]
     ranked = find_label_issues(y, probs, filter_by="prune_by_class",
@@ -181,7 +189,8 @@ def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):
     chosen = list(ranked[:k])
     if len(chosen) < k:  # fill up with the lowest self-confidence among the rest
         selfconf = probs[np.arange(len(y)), y]
-        rest = [i for i in np.argsort(selfconf, kind="stable") if i not in set(chosen)]
+        taken = set(chosen)
+        rest = [i for i in np.argsort(selfconf, kind="stable") if i not in taken]
         chosen += rest[:k - len(chosen)]
     removed = np.zeros(len(y), dtype=bool)
     removed[np.asarray(chosen, dtype=np.int64)] = True
