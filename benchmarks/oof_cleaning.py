@@ -46,11 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, atomic_write  # noqa: E402
-from table3_noise_cleaning import cleanlab_select, make_net  # noqa: E402
+from table3_noise_cleaning import cleanlab_select, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
-from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 from hydrattr.models import LeNet5  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,12 +92,8 @@ def run_setting(args, dataset, rate):
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
 
-    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=args.seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
-    y, flipped = make_label_noise(d.y_train, rate, n_classes=10, random_state=args.seed)
+    d, y, flipped, net = noisy_setting(args, dataset, rate)
     n = len(y)
-    net = make_net(dataset, args.epochs, d.X_valid, d.y_valid, args.seed, lr=args.lr,
-                   milestone=args.milestone)
     X = torch.as_tensor(d.X_train)
     Xv = {"x": torch.as_tensor(d.X_valid), "w": torch.ones(len(d.y_valid))}
     t0 = time.perf_counter()

@@ -153,7 +153,7 @@ def fit_net(net, X, y, seed):
 def retrain_seeds(args):
     """Seeds of the retrainings behind each row's test accuracy: ``--seed`` first (the
     single retraining of earlier runs), then ``--seed + 1000 j``."""
-    return [args.seed + 1000 * j for j in range(getattr(args, "retrain_seeds", 1))]
+    return [args.seed + 1000 * j for j in range(args.retrain_seeds)]
 
 
 def accuracy(net, X, y):
