@@ -20,7 +20,11 @@ without leaving its definition:
 * ``cleanlab`` (``prune_by_class`` on the *same* K runs' out-of-fold probabilities,
   filled up to r% as in ``table3_noise_cleaning.py``) and ``self_confidence`` (the
   out-of-fold probability of the given label), so the models are identical and only the
-  score differs.
+  score differs;
+* ``hybrid_ranks``: the rank of ``hydra_in_sample`` plus the rank of
+  ``self_confidence``. Not HYDRA alone: it asks whether the two views of the same runs
+  (what the row did to the validation loss while trained on, how plausible its label
+  is to a run that never saw it) err on different rows.
 
 Every score removes the rate's lowest within each given class (``stratify=True``), and
 the table gives the precision of the removed set against the flipped mask. Fast mode
@@ -132,6 +136,11 @@ def run_setting(args, dataset, rate):
         ins[te] = np.delete(S[:, te], k, axis=0).mean(0)
     cl, _ = cleanlab_select(y, probs, rate)
 
+    selfconf = probs[np.arange(n), y]
+
+    def rank(s):
+        return np.argsort(np.argsort(s, kind="stable"), kind="stable")
+
     def prec(s):
         return float(flipped[remove_lowest(s, rate, y)].mean())
 
@@ -139,8 +148,9 @@ def run_setting(args, dataset, rate):
             {"method": "hydra_oof", "precision": prec(oof)},
             {"method": "hydra_in_sample", "precision": prec(ins)},
             {"method": "hydra_both_ends", "precision": prec(oof + ins)},
-            {"method": "self_confidence", "precision": prec(probs[np.arange(n), y])},
-            {"method": "cleanlab", "precision": float(flipped[cl].mean())}]
+            {"method": "self_confidence", "precision": prec(selfconf)},
+            {"method": "cleanlab", "precision": float(flipped[cl].mean())},
+            {"method": "hybrid_ranks", "precision": prec(rank(ins) + rank(selfconf))}]
     return {"dataset": dataset, "rate": rate, "rows": rows,
             "pearson_oof_in_sample": float(np.corrcoef(oof, ins)[0, 1]),
             "zero_weight_check_max_abs_diff": check,
