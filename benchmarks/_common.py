@@ -3,6 +3,7 @@ atomic result files. Benchmarks are scripts, not package code; they import this 
 from their own folder (``sys.path`` holds the script's directory when it runs)."""
 from __future__ import annotations
 
+import json
 import os
 import resource
 from pathlib import Path
@@ -68,3 +69,14 @@ def atomic_write(path, text):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_results(stem, payload, md):
+    """Write ``benchmarks/results/<stem>.json`` (``payload``, indented JSON) and
+    ``<stem>.md`` (the markdown table ``md``), each through :func:`atomic_write`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write(RESULTS / f"{stem}.json", json.dumps(payload, indent=2))
+    atomic_write(RESULTS / f"{stem}.md", md)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table4_ensemble_parts import part_path  # noqa: E402
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -166,9 +166,7 @@ def main(argv=None):
                "torch": torch.__version__, "python": platform.python_version(),
                "rows": rows, "errors": errors, "table3_peers": peers}
     md = markdown(rows, errors, peers, args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / f"cleaning_from_parts_{tag}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"cleaning_from_parts_{tag}.md", md)
+    save_results(f"cleaning_from_parts_{tag}", payload, md)
     print(md)
 
 

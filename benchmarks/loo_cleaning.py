@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -32,13 +31,12 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor, LeaveOneOutAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def auc_ci(clean, score, rng, n_boot=2000):
@@ -142,9 +140,7 @@ def main(argv=None):
     lines += ["", f"Median |LOO| / |exact HYDRA| on the subset: {ratio:.3g} (1 if removing a "
               "row were in the linear regime of the derivative)."]
     tag = args.tag or f"{args.dataset}_r{int(100 * args.rate)}_n{args.n_train}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / f"loo_cleaning_{tag}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"loo_cleaning_{tag}.md", "\n".join(lines) + "\n")
+    save_results(f"loo_cleaning_{tag}", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

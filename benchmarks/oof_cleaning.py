@@ -38,7 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -49,14 +48,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import cleanlab_select, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 from hydrattr.models import LeNet5  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class WeightedLeNet5(LeNet5):
@@ -208,9 +206,7 @@ def main(argv=None):
                "torch": torch.__version__, "python": platform.python_version(),
                "results": results}
     md = markdown(results, args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / f"oof_cleaning_{tag}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"oof_cleaning_{tag}.md", md)
+    save_results(f"oof_cleaning_{tag}", payload, md)
     print(md)
 
 

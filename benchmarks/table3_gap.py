@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -37,13 +36,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def error_sets(removed, flipped, rng):
@@ -145,7 +143,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     results, t0 = [], time.perf_counter()
     for dataset in args.datasets:
         for rate in args.rates:
@@ -154,9 +151,8 @@ def main(argv=None):
             payload = {"benchmark": "table3_gap", "argv": sys.argv, "args": vars(args),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "total_s": time.perf_counter() - t0, "results": results}
-            atomic_write(RESULTS / f"table3_gap_{tag}.json", json.dumps(payload, indent=2))
             md = markdown(results, args)
-            atomic_write(RESULTS / f"table3_gap_{tag}.md", md)
+            save_results(f"table3_gap_{tag}", payload, md)
     print(md)
 
 

@@ -56,7 +56,7 @@ import torch
 from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write, paper_lenet  # noqa: E402
+from _common import add_run_args, paper_lenet, save_results  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -536,11 +536,10 @@ def main(argv=None):
         tag = args.tag or "merged"
         payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv, "merged": tags,
                    "args": vars(run_args), "results": results}
-        atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
         md = markdown(results, run_args).replace(
             "\n\n", f"\n\nMerged from the runs {', '.join(tags)} (same data, noise, seed "
                     f"and settings; rows present in several runs agree exactly).\n\n", 1)
-        atomic_write(RESULTS / f"table3_{tag}.md", md)
+        save_results(f"table3_{tag}", payload, md)
         print(md)
         return
     if args.quick:
@@ -553,7 +552,6 @@ def main(argv=None):
     results = []
     t0 = time.perf_counter()
     tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         for rate in args.rates:
             print(f"== {dataset} r={rate}", flush=True)
@@ -564,9 +562,8 @@ def main(argv=None):
                        "python": platform.python_version(),
                        "threads": torch.get_num_threads(),
                        "total_s": time.perf_counter() - t0, "results": results}
-            atomic_write(RESULTS / f"table3_{tag}.json", json.dumps(payload, indent=2))
             md = markdown(results, args)
-            atomic_write(RESULTS / f"table3_{tag}.md", md)
+            save_results(f"table3_{tag}", payload, md)
     print(md)
 
 

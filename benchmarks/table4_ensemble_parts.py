@@ -45,14 +45,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import PAPER, evaluate, evaluate_splits, markdown  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _Averaged(BaseEstimator):
@@ -144,9 +143,7 @@ def run_combine(args):
     md = markdown([res], args) + (
         "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "
         "`hydra_fast_ens<K>`: the mean of members 0..K-1 (seconds: sum of their fits).\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"table4_{tag}.md", md)
+    save_results(f"table4_{tag}", payload, md)
     print(md)
 
 

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -33,14 +32,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
 from hydrattr.metrics import jaccard_index  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 PAPER = {  # Jaccard (%) correct labels / random labels
     "mnist": {"hydra": (97.13, 97.16), "if": (71.89, 67.19)},
@@ -230,7 +228,6 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     results, t0 = [], time.perf_counter()
     tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         print(f"== {dataset} r={args.rate}", flush=True)
         results.append(run_one(args, dataset))
@@ -239,9 +236,8 @@ def main(argv=None):
                    "args": vars(args), "torch": torch.__version__,
                    "python": platform.python_version(), "threads": torch.get_num_threads(),
                    "total_s": time.perf_counter() - t0, "results": results}
-        atomic_write(RESULTS / f"table4_{tag}.json", json.dumps(payload, indent=2))
         md = markdown(results, args)
-        atomic_write(RESULTS / f"table4_{tag}.md", md)
+        save_results(f"table4_{tag}", payload, md)
     print(md)
 
 if __name__ == "__main__":

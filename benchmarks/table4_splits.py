@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,14 +27,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, atomic_write  # noqa: E402
+from _common import add_run_args, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import evaluate_splits  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPLITS = ("signs", "mean")
 
 
@@ -115,9 +113,7 @@ def main(argv=None):
             payload = {"benchmark": "table4_splits", "argv": sys.argv, "args": vars(args),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "total_s": time.perf_counter() - t0, "runs": runs, "summary": table}
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            atomic_write(RESULTS / f"table4_splits_{tag}.json", json.dumps(payload, indent=2))
-            atomic_write(RESULTS / f"table4_splits_{tag}.md", markdown(table, args))
+            save_results(f"table4_splits_{tag}", payload, markdown(table, args))
     print(markdown(summarize(runs), args))
 
 
