@@ -62,6 +62,23 @@ def add_run_args(parser, work=True):
     parser.add_argument("--tag", default=None, help="suffix of the result files")
 
 
+def parse_settings(parser, values):
+    """``dataset:rate`` strings (``--settings``) as ``(dataset, float(rate))`` pairs; any
+    other dataset or a rate outside (0, 1) is a ``parser.error`` naming the value."""
+    settings = []
+    for s in values:
+        ds, _, r = s.partition(":")
+        try:
+            rate = float(r)
+        except ValueError:
+            rate = float("nan")
+        if ds not in ("mnist", "fashion-mnist") or not 0 < rate < 1:
+            parser.error(f"--settings: expected dataset:rate with dataset mnist or "
+                         f"fashion-mnist and 0 < rate < 1, got {s!r}")
+        settings.append((ds, rate))
+    return settings
+
+
 def atomic_write(path, text):
     """Write ``text`` to ``path`` through a temporary file, so no half-written result
     file is ever left behind."""

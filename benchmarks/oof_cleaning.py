@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, save_results  # noqa: E402
+from _common import add_run_args, parse_settings, save_results  # noqa: E402
 from table3_noise_cleaning import cleanlab_select, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -187,13 +187,7 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=5)
     add_run_args(p, work=False)
     args = p.parse_args(argv)
-    settings = []
-    for s in args.settings:
-        ds, _, r = s.partition(":")
-        if ds not in ("mnist", "fashion-mnist") or not r or not 0 < float(r) < 1:
-            p.error(f"--settings: expected dataset:rate with dataset mnist or fashion-mnist "
-                    f"and 0 < rate < 1, got {s!r}")
-        settings.append((ds, float(r)))
+    settings = parse_settings(p, args.settings)
     if args.folds < 2:
         p.error(f"--folds must be at least 2, got {args.folds}")
     if args.threads:

@@ -163,14 +163,20 @@ def accuracy(net, X, y):
 # ------------------------------------------------------------------------- methods
 
 
-def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):
+def oof_probs(net, X, y, seed, n_folds=5):
+    """Out-of-fold class probabilities of ``net`` (stratified ``n_folds``-fold, seeded):
+    what cleanlab's confident learning scores the rows with."""
     from sklearn.model_selection import StratifiedKFold
 
     probs = np.zeros((len(y), 10))
     for k, (tr, te) in enumerate(StratifiedKFold(n_folds, shuffle=True,
                                                  random_state=seed).split(X, y)):
         probs[te] = fit_net(net, X[tr], y[tr], seed + 1 + k).predict_proba(X[te])
-    return cleanlab_select(y, probs, fraction)
+    return probs
+
+
+def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):
+    return cleanlab_select(y, oof_probs(net, X, y, seed, n_folds), fraction)
 
 
 def cleanlab_select(y, probs, fraction):
