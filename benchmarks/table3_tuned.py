@@ -192,7 +192,8 @@ def markdown(results, args):
              f"{args.grid} (g = 1: the paper's r); each ranking's row is "
              f"the fraction with the best validation accuracy after retraining (seed "
              f"{args.seed}), then retrained with seeds {retrain_seeds(args)}. No filtering "
-             f"and oracle: from `table3_{args.reference}`.", "",
+             f"and oracle: " + ("retrained in this run." if args.reference == "none" else
+                                f"from `table3_{args.reference}`."), "",
              "| dataset | r | method | fraction | precision | recall | valid acc (%) | "
              "test acc, mean ± sd (%) |", "|---|---|---|---|---|---|---|---|"]
     for res in results:
@@ -200,7 +201,8 @@ def markdown(results, args):
             va = f"{100 * r['valid_accuracy']:.2f}" if "valid_accuracy" in r else "-"
             fr = f"{r['fraction']:.3f}" if "fraction" in r else "-"
             acc = (f"{100 * r['test_accuracy_mean']:.2f} ± "
-                   f"{100 * r['test_accuracy_std']:.2f}" if "test_accuracy_mean" in r
+                   f"{100 * r['test_accuracy_std']:.2f}"
+                   if len(r.get("test_accuracies", ())) > 1
                    else f"{100 * r['test_accuracy']:.2f} (one seed)")
             lines.append(f"| {res['dataset']} | {res['rate']:.0%} | {r['method']} | {fr} | "
                          f"{r['precision']:.4f} | {r['recall']:.4f} | {va} | {acc} |")
