@@ -408,7 +408,7 @@ def markdown(results, args):
     for res in results:
         by = {r["method"]: r for r in res["rows"] if "error" not in r}
         o = by.get("oracle")
-        for hname in [m for m in by if m.startswith("hydra_fast")]:
+        for hname in [m for m in by if m.startswith("hydra_")]:
             note = _checks(by, hname, o)
             if note:
                 lines.append(f"- {res['dataset']} r={res['rate']:.0%}: " + note)
