@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, parse_settings, save_results  # noqa: E402
-from table3_noise_cleaning import cleanlab_select, noisy_setting  # noqa: E402
+from table3_noise_cleaning import cleanlab_select, hybrid_scores, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -136,9 +136,6 @@ def run_setting(args, dataset, rate):
 
     selfconf = probs[np.arange(n), y]
 
-    def rank(s):
-        return np.argsort(np.argsort(s, kind="stable"), kind="stable")
-
     def prec(s):
         return float(flipped[remove_lowest(s, rate, y)].mean())
 
@@ -148,7 +145,7 @@ def run_setting(args, dataset, rate):
             {"method": "hydra_both_ends", "precision": prec(oof + ins)},
             {"method": "self_confidence", "precision": prec(selfconf)},
             {"method": "cleanlab", "precision": float(flipped[cl].mean())},
-            {"method": "hybrid_ranks", "precision": prec(rank(ins) + rank(selfconf))}]
+            {"method": "hybrid_ranks", "precision": prec(hybrid_scores(ins, probs, y))}]
     return {"dataset": dataset, "rate": rate, "rows": rows,
             "pearson_oof_in_sample": float(np.corrcoef(oof, ins)[0, 1]),
             "zero_weight_check_max_abs_diff": check,

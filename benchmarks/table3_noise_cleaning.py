@@ -204,6 +204,16 @@ def cleanlab_select(y, probs, fraction):
                      "cleanlab_found_default": default_found}
 
 
+def hybrid_scores(scores, probs, y):
+    """The hybrid ranking of ``oof_cleaning`` and ``table3_tuned``: the rank of each row's
+    contribution ``scores`` plus the rank of its out-of-fold probability of the given
+    label ``y`` (0-based ranks, ties by position); the lowest are removed."""
+    def rank(v):
+        return np.argsort(np.argsort(v, kind="stable"), kind="stable")
+
+    return rank(scores) + rank(probs[np.arange(len(y)), y])
+
+
 def pr(removed, flipped):
     tp = int((removed & flipped).sum())
     return (tp / max(int(removed.sum()), 1), tp / max(int(flipped.sum()), 1))

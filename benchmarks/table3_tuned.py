@@ -59,17 +59,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, add_run_args, parse_settings, save_results  # noqa: E402
 from table3_noise_cleaning import (accuracy, cleanlab_select, fit_net,  # noqa: E402
-                                   noisy_setting, oof_probs, pr, retrain_seeds)
+                                   hybrid_scores, noisy_setting, oof_probs, pr,
+                                   retrain_seeds)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
 
 RANKINGS = ("hydra_pc", "cleanlab", "hybrid_pc")
-
-
-def rank(s):
-    """0-based ranks of ``s`` (ties by position)."""
-    return np.argsort(np.argsort(s, kind="stable"), kind="stable")
 
 
 def scores(args, d, y, flipped, net, dataset, rate):
@@ -108,8 +104,7 @@ def removed_by(ranking, fraction, hydra, probs, y):
         return remove_lowest(hydra, fraction, y)
     if ranking == "cleanlab":
         return cleanlab_select(y, probs, fraction)[0]
-    selfconf = probs[np.arange(len(y)), y]
-    return remove_lowest(rank(hydra) + rank(selfconf), fraction, y)
+    return remove_lowest(hybrid_scores(hydra, probs, y), fraction, y)
 
 
 def reference_rows(args, dataset, rate):
