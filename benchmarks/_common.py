@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 from pathlib import Path
 
@@ -34,6 +35,17 @@ def paper_lenet(epochs, lr=0.01, callbacks=(), **kwargs):
                   verbose=0, callbacks=list(callbacks))
     params.update(kwargs)
     return NeuralNetClassifier(LeNet5, **params)
+
+
+def environment():
+    """What a result depends on besides the code and its arguments: the torch and Python
+    versions, torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``, e.g.
+    ``AVX2`` or ``AVX512``: kernels of different levels round differently in the last
+    bits, and a training run of thousands of steps amplifies that into different
+    weights) and the number of torch threads."""
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def step_schedule(step_size=5, gamma=0.1):

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import traceback
@@ -56,7 +55,7 @@ import torch
 from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, paper_lenet, save_results  # noqa: E402
+from _common import add_run_args, environment, paper_lenet, save_results  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -457,7 +456,8 @@ def merge_results(tags):
     Every (dataset, rate) keeps each method once. A method present in more than one run
     (no_filtering, hydra_fast_pc and oracle are in every run) must agree to the last bit
     in its removed count, precision and test accuracy, which checks that the runs share
-    data, noise, seed and code path; otherwise the merge is refused. The test accuracy
+    data, noise, seed, code path and CPU kernel level (results record
+    ``cpu_capability``); otherwise the merge is refused. The test accuracy
     compared is the first retraining's; of two agreeing rows, the one retrained with more
     seeds (``--retrain-seeds``) is kept.
     """
@@ -475,6 +475,7 @@ def merge_results(tags):
         diff = [k for k in SETTING_KEYS if part["args"][k] != ref[k]]
         if diff:
             raise SystemExit(f"--merge: {t} differs from {tags[0]} in {diff}")
+    part_caps = {t: part.get("cpu_capability", "unrecorded") for t, part in zip(tags, parts)}
     merged = {}
     for t, part in zip(tags, parts):
         for res in part["results"]:
@@ -491,8 +492,12 @@ def merge_results(tags):
                            np.isnan(old.get(k, 0.0)) and np.isnan(row.get(k, 0.0)))
                            for k in ("n_removed", "precision", "test_accuracy"))
                 if not same:
+                    caps = {part_caps[into["from"][row["method"]]], part_caps[t]}
+                    hint = (f" (run on different CPU kernel levels, {' and '.join(sorted(caps))}"
+                            ": their floats differ in the last bits, which training amplifies)"
+                            if len(caps) > 1 and "unrecorded" not in caps else "")
                     raise SystemExit(f"--merge: {row['method']} at {key} differs between "
-                                     f"{into['from'][row['method']]} and {t}")
+                                     f"{into['from'][row['method']]} and {t}{hint}")
                 if len(row.get("test_accuracies", ())) > len(old.get("test_accuracies", ())):
                     # same first retraining, more seeds: keep the row with more of them
                     into["rows"][into["rows"].index(old)] = row
@@ -580,9 +585,7 @@ def main(argv=None):
             results.append(run_one(args, dataset, rate))
             # saved after every setting, so a long run that is stopped keeps its rows
             payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv,
-                       "args": vars(args), "torch": torch.__version__,
-                       "python": platform.python_version(),
-                       "threads": torch.get_num_threads(),
+                       "args": vars(args), **environment(),
                        "total_s": time.perf_counter() - t0, "results": results}
             md = markdown(results, args)
             save_results(f"table3_{tag}", payload, md)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import warnings
@@ -57,7 +56,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, add_run_args, parse_settings, save_results  # noqa: E402
+from _common import (RESULTS, add_run_args, environment, parse_settings,  # noqa: E402
+                     save_results)
 from table3_noise_cleaning import (accuracy, cleanlab_select, fit_net,  # noqa: E402
                                    hybrid_scores, noisy_setting, oof_probs, pr,
                                    retrain_seeds)
@@ -284,9 +284,7 @@ def main(argv=None):
         save_results(f"table3_tuned_{tag}" if args.quick or not args.tag else
                      f"parts/table3_tuned_{tag}",
                      {"benchmark": "table3_tuned", "argv": sys.argv, "args": vars(args),
-                      "torch": torch.__version__, "python": platform.python_version(),
-                      "threads": torch.get_num_threads(),
-                      "total_s": time.perf_counter() - t0, "results": results}, md)
+                      **environment(), "total_s": time.perf_counter() - t0, "results": results}, md)
     print(md)
 
 
