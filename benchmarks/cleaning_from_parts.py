@@ -32,16 +32,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, save_results  # noqa: E402
+from _common import add_run_args, environment, save_results  # noqa: E402
 from table4_ensemble_parts import part_path  # noqa: E402
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -163,7 +161,7 @@ def main(argv=None):
     peers = table3_peers(args)
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_{args.dataset}"
     payload = {"benchmark": "cleaning_from_parts", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
+               **environment(),
                "rows": rows, "errors": errors, "table3_peers": peers}
     md = markdown(rows, errors, peers, args)
     save_results(f"cleaning_from_parts_{tag}", payload, md)

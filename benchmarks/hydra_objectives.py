@@ -135,6 +135,12 @@ def run_seed(args, dataset, rate, seed):
     return out, err
 
 
+def _mean_sd(values):
+    """``mean ± sd`` (sample sd; 0 for one seed) to four decimals."""
+    sd = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.4f} ± {sd:.4f}"
+
+
 def markdown(results, args):
     lines = ["# Which fast-HYDRA objective ranks wrong labels best?", "",
              f"Command: `{' '.join(['benchmarks/hydra_objectives.py'] + sys.argv[1:])}`", "",
@@ -147,9 +153,7 @@ def markdown(results, args):
         lines += [f"## {res['dataset']}, r = {res['rate']:.0%}", "",
                   "| score | precision overall | precision per class |", "|---|---|---|"]
         for name, v in res["precision"].items():
-            g, c = np.array(v).T
-            lines.append(f"| {name} | {g.mean():.4f} ± {g.std(ddof=1) if len(g) > 1 else 0:.4f}"
-                         f" | {c.mean():.4f} ± {c.std(ddof=1) if len(c) > 1 else 0:.4f} |")
+            lines.append(f"| {name} | " + " | ".join(_mean_sd(p) for p in np.array(v).T) + " |")
         lines += ["", f"Largest relative gap between the checkpoint sweep's last row and the "
                       f"fast scores: {max(res['check_rel_err']):.1e}.", ""]
     return "\n".join(lines)

@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -31,7 +30,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, save_results  # noqa: E402
+from _common import add_run_args, environment, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor, LeaveOneOutAttributor  # noqa: E402
@@ -110,8 +109,7 @@ def main(argv=None):
     print(f"subset of {2 * k}: {sub} ({t_loo:.0f} s)", flush=True)
 
     payload = {"benchmark": "loo_cleaning", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
-               "threads": torch.get_num_threads(), "noisy_model_test_accuracy": acc,
+               **environment(), "noisy_model_test_accuracy": acc,
                "full_set": full, "subset_rows": rows.tolist(), "subset": sub,
                "median_abs_loo_over_exact": ratio,
                "seconds": {"hydra_fast_and_exact": t_hydra, "loo": t_loo,

@@ -38,7 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, parse_settings, save_results  # noqa: E402
+from _common import add_run_args, environment, parse_settings, save_results  # noqa: E402
 from table3_noise_cleaning import cleanlab_select, hybrid_scores, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -194,7 +193,7 @@ def main(argv=None):
     results = [run_setting(args, ds, r) for ds, r in settings]
     tag = args.tag or f"n{args.n_train}_e{args.epochs}"
     payload = {"benchmark": "oof_cleaning", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
+               **environment(),
                "results": results}
     md = markdown(results, args)
     save_results(f"oof_cleaning_{tag}", payload, md)

@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, save_results  # noqa: E402
+from _common import add_run_args, environment, save_results  # noqa: E402
 from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -149,7 +148,7 @@ def main(argv=None):
             print(f"== {dataset} r={rate}", flush=True)
             results.append(run_one(args, dataset, rate))
             payload = {"benchmark": "table3_gap", "argv": sys.argv, "args": vars(args),
-                       "torch": torch.__version__, "python": platform.python_version(),
+                       **environment(),
                        "total_s": time.perf_counter() - t0, "results": results}
             md = markdown(results, args)
             save_results(f"table3_gap_{tag}", payload, md)

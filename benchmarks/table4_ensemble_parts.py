@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -45,7 +44,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, save_results  # noqa: E402
+from _common import add_run_args, environment, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import PAPER, evaluate, evaluate_splits, markdown  # noqa: E402
 
@@ -137,7 +136,7 @@ def run_combine(args):
     res = {"dataset": args.dataset, "rate": args.rate, "rows": rows,
            "paper": PAPER.get(args.dataset)}
     payload = {"benchmark": "table4_ensemble_parts", "argv": sys.argv, "args": vars(args),
-               "torch": torch.__version__, "python": platform.python_version(),
+               **environment(),
                "results": [res]}
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
     md = markdown([res], args) + (
