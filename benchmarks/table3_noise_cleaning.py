@@ -11,6 +11,10 @@ test accuracy. Rows, all in one run with the same network, seed and data:
 * ``if``: :class:`~hydrattr.influence.InfluenceFunctionAttributor` (LiSSA) scores;
 * ``hydra_fast``: :class:`~hydrattr.cleaning.LabelNoiseCleaner` with
   ``HydraAttributor(mode="fast")``;
+* ``hydra_fast_final_lr`` (method ``final_lr``): the same fast scores truncated to the
+  final learning-rate phase (``HydraAttributor(last_epochs="final_lr")``: sample weights
+  act only in the epochs since the rate last changed), from the same recorded run;
+  ``hydra_fast_ens<K>_final_lr`` (method ``ens_final_lr``): K such runs averaged;
 * ``hydra_exact``: the exact hypergradient of the *same* recorded run (the fast
   attributor keeps its trajectory with ``storage="replay"``; switching ``mode`` to
   "exact" runs the adjoint sweep over it, identical to a fresh exact fit);
@@ -272,6 +276,24 @@ def run_one(args, dataset, rate):
     assert np.array_equal(cleaner.removed_mask_, remove_lowest(cleaner.scores_, rate))
     retrain_rules("hydra_fast", cleaner.scores_)
 
+    if "final_lr" in args.methods:
+        # the hypergradient truncated to the final learning-rate phase
+        # (HydraAttributor(last_epochs="final_lr")): the same fitted trajectory, replayed
+        # over the window only, so no second training
+        try:
+            t0 = time.perf_counter()
+            fitted.set_params(last_epochs="final_lr")
+            s_win = fitted.attribute(Xv, yv, objective="mean")[:, 0]
+            timings["hydra_fast_final_lr_score"] = time.perf_counter() - t0
+            extra = {"window_start_step": int(fitted.window_start_),
+                     "n_steps": len(fitted.trajectory_),
+                     "pearson_vs_fast": float(np.corrcoef(cleaner.scores_, s_win)[0, 1])}
+            fitted.set_params(last_epochs=None)
+            retrain_rules("hydra_fast_final_lr", s_win, extra)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"method": "hydra_fast_final_lr", "error": repr(exc)[:300]})
+
     if "rounds" in args.methods:  # LabelNoiseCleaner(stratify=True, n_rounds=2)
         try:
             t0 = time.perf_counter()
@@ -289,19 +311,21 @@ def run_one(args, dataset, rate):
             traceback.print_exc()
             rows.append({"method": f"hydra_fast_pc_r{args.n_rounds}", "error": repr(exc)[:300]})
 
-    if {"ens", "ens_rounds"} & set(args.methods):
+    for ens_method in [m for m in ("ens", "ens_rounds", "ens_final_lr") if m in args.methods]:
         # EnsembleAttributor: HYDRA fast averaged over seeds ("ens_rounds": with
-        # LabelNoiseCleaner(stratify=True, n_rounds=--n-rounds))
-        name = f"hydra_fast_ens{args.n_estimators}"
+        # LabelNoiseCleaner(stratify=True, n_rounds=--n-rounds); "ens_final_lr": members
+        # truncated to the final learning-rate phase)
+        window = "final_lr" if ens_method == "ens_final_lr" else None
+        name = f"hydra_fast_ens{args.n_estimators}" + ("_final_lr" if window else "")
         try:
             t0 = time.perf_counter()
             # store_dir=None: a memmap store lives in a temporary directory that is
             # removed with its member
             member = HydraAttributor(net, mode="fast", storage=args.ens_storage,
-                                     trajectory=traj_kind, verbose=0)
+                                     trajectory=traj_kind, last_epochs=window, verbose=0)
             ens = EnsembleAttributor(member, n_estimators=args.n_estimators,
                                      random_state=seed)
-            rounds = args.n_rounds if "ens_rounds" in args.methods else 1
+            rounds = args.n_rounds if ens_method == "ens_rounds" else 1
             ecl = LabelNoiseCleaner(ens, validation_data=(Xv, yv), fraction=rate,
                                     stratify=rounds > 1, n_rounds=rounds, random_state=seed)
             ecl.fit_resample(X, y)
@@ -520,8 +544,11 @@ def main(argv=None):
     p.add_argument("--rates", nargs="+", type=float, default=[0.8, 0.5])
     p.add_argument("--n-rounds", type=int, default=2,
                    help="rounds of the iterative HYDRA row (method 'rounds')")
-    p.add_argument("--methods", nargs="+", default=["ens", "rounds", "exact", "if", "cleanlab"],
-                   help="optional rows besides no_filtering, hydra_fast and oracle")
+    p.add_argument("--methods", nargs="+",
+                   default=["final_lr", "ens", "ens_final_lr", "rounds", "exact", "if",
+                            "cleanlab"],
+                   help="optional rows besides no_filtering, hydra_fast and oracle "
+                        "(final_lr, ens_final_lr: HydraAttributor(last_epochs='final_lr'))")
     p.add_argument("--n-estimators", type=int, default=3,
                    help="members of the EnsembleAttributor row (method 'ens')")
     p.add_argument("--ens-storage", default="half",

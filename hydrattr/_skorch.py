@@ -274,6 +274,9 @@ class TrajectoryRecorder(Callback):
                         if p.requires_grad]
         self.dataset.fetched = []
 
+    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        self.trajectory_.begin_epoch()
+
     def on_batch_begin(self, net, batch=None, training=False, **kwargs):
         if not training:
             return

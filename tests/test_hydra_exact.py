@@ -163,11 +163,12 @@ class _LinearRegression(torch.nn.Module):
         return self.lin(x).squeeze(-1)
 
 
-def _numpy_least_squares_C(att, X, y, Xt, yt, hessian):
+def _numpy_least_squares_C(att, X, y, Xt, yt, hessian, start=0):
     """Independent float64 recurrence for ``loss = (x.w + b - y)^2`` with torch SGD rules.
 
     Simulates training from the recorded start, batches and learning rates, with the
-    Hessian ``H_t = 2 sum_k w_t z_k z_k^T`` (z = [x, 1]) known in closed form.
+    Hessian ``H_t = 2 sum_k w_t z_k z_k^T`` (z = [x, 1]) known in closed form. The sample
+    weights act from step ``start`` on (``last_epochs``).
     """
     traj = att.trajectory_
     hyper = traj.hyper
@@ -189,7 +190,8 @@ def _numpy_least_squares_C(att, X, y, Xt, yt, hessian):
         g = 2 * w * (r[:, None] * zb).sum(0)
         H = 2 * w * zb.T @ zb
         dg = dth @ H.T if hessian else np.zeros_like(dth)
-        dg[idx] += 2 * w * r[:, None] * zb  # injection: the sample's own gradient
+        if t >= start:
+            dg[idx] += 2 * w * r[:, None] * zb  # injection: the sample's own gradient
         d, dd = g + wd * theta, dg + wd * dth
         if first:
             v, dv = d.copy(), dd.copy()
@@ -200,7 +202,8 @@ def _numpy_least_squares_C(att, X, y, Xt, yt, hessian):
     return -dth @ Gt.T
 
 
-def test_exact_and_fast_match_closed_form_least_squares_recurrence():
+@pytest.mark.parametrize("last_epochs", [None, 1, 2])
+def test_exact_and_fast_match_closed_form_least_squares_recurrence(last_epochs):
     rs = np.random.RandomState(5)
     X, Xt = rs.randn(30, D), rs.randn(4, D)
     wtrue = rs.randn(D)
@@ -211,12 +214,16 @@ def test_exact_and_fast_match_closed_form_least_squares_recurrence():
                     optimizer__weight_decay=1e-2, batch_size=8, max_epochs=3,
                     train_split=None, verbose=0, iterator_train__shuffle=True,
                     callbacks=[("lr", LRScheduler(StepLR, step_size=1, gamma=0.5))])
+    # 30 rows in batches of 8: 4 steps per epoch, so the last k of 3 epochs start at 4 (3 - k)
+    start = 0 if last_epochs is None else 4 * (3 - last_epochs)
     out = {}
     for mode in ("exact", "fast"):
-        att = HydraAttributor(net, mode=mode, storage="replay", random_state=0, verbose=0)
+        att = HydraAttributor(net, mode=mode, storage="replay", last_epochs=last_epochs,
+                              random_state=0, verbose=0)
         att.fit(X, y)
         out[mode] = att.attribute(Xt, yt)
-        ref = _numpy_least_squares_C(att, X, y, Xt, yt, hessian=(mode == "exact"))
+        ref = _numpy_least_squares_C(att, X, y, Xt, yt, hessian=(mode == "exact"),
+                                     start=start)
         # independent float64 code, same math: rounding only
         np.testing.assert_allclose(out[mode], ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
     # and the Hessian term is not negligible here, so the comparison separates the modes

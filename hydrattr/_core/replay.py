@@ -18,7 +18,7 @@ __all__ = ["replay_training"]
 
 
 def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, device=None,
-                    n_steps=None, bn=None, running0=None, v0=None, counts0=None):
+                    n_steps=None, bn=None, running0=None, v0=None, counts0=None, start=0):
     """Re-run the recorded optimizer steps (SGD or Adam/AdamW); returns the final flat parameters.
 
     Parameters
@@ -51,6 +51,9 @@ def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, devic
     counts0 : list of int or None
         BatchNorm ``num_batches_tracked`` before the first replayed step (matters only
         for ``momentum=None`` layers; default: from ``buffers0``).
+    start : int, default=0
+        The multipliers act only in steps ``t >= start`` (earlier steps use weight 1):
+        the ground truth of a hypergradient truncated to the end of training.
 
     Returns
     -------
@@ -84,7 +87,7 @@ def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, devic
         idx = traj.indices[t]
         x, y = data_fn(idx)
         w = torch.full((len(idx),), traj.weights[t], dtype=theta.dtype)
-        if mult is not None:
+        if mult is not None and t >= start:
             w = w * mult[torch.as_tensor(idx)]
         w = w.to(theta.device)
         with rng_context(traj.rng_states[t], theta.device if theta.is_cuda else None):

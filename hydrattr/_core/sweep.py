@@ -13,6 +13,10 @@ batch loss with weight ``w_t * (1 + N eps_i)``).
   forward-over-reverse product per objective per step.
 * :func:`exact_forward`: the paper's forward recurrence for a few tracked samples
   (one HVP per tracked sample per step); the reference the adjoint is tested against.
+
+Each takes ``start`` (default 0): the sample weights ``eps`` act only in steps
+``t >= start`` (a hypergradient truncated to the end of training); earlier steps still
+move the parameters but contribute no per-sample term, and the reverse sweep stops there.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ from .steps import batch_grad, steps_for
 
 __all__ = ["build_fast_store", "fast_replay", "exact_adjoint", "exact_forward",
            "running_coefficients"]
+
+
+def _window(order, start):
+    """The steps of ``order`` (forward or backward) from ``start`` on."""
+    return [t for t in order if t >= start]
 
 
 def _tracked(rows_map, idx):
@@ -86,7 +95,7 @@ def _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent, need_batch, de
 
 
 def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=True,
-                     device=None, progress=None):
+                     device=None, progress=None, start=0):
     """Accumulate ``S[slot(i)] = sum_t w_t * coef_t * g_{t,i}`` into ``store``.
 
     ``rows_map`` maps data rows to store slots (-1 = not tracked). ``coef_t`` is the
@@ -94,8 +103,8 @@ def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=Tru
     Adam, see :mod:`~hydrattr._core.steps`); Adam's are computed last step first.
     """
     fast = steps_for(traj).fast()
-    bar = _bar(progress, len(traj), "HYDRA fast: per-sample gradients")
-    for t in fast.order:
+    bar = _bar(progress, len(traj) - start, "HYDRA fast: per-sample gradients")
+    for t in _window(fast.order, start):
         sel, slots = _tracked(rows_map, traj.indices[t])
         if sel.any() or fast.needs_grad:
             theta, g, g_batch = _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent,
@@ -111,13 +120,13 @@ def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=Tru
 
 
 def fast_replay(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
-                independent=True, device=None, progress=None):
+                independent=True, device=None, progress=None, start=0):
     """Fast mode without a store: ``D = S @ test_grads.T`` by replaying the trajectory."""
     fast = steps_for(traj).fast()
     G = test_grads.to(device)
     out = torch.zeros(n_tracked, G.shape[0], dtype=torch.float64)
-    bar = _bar(progress, len(traj), "HYDRA fast: replay")
-    for t in fast.order:
+    bar = _bar(progress, len(traj) - start, "HYDRA fast: replay")
+    for t in _window(fast.order, start):
         sel, slots = _tracked(rows_map, traj.indices[t])
         if sel.any() or fast.needs_grad:
             theta, g, g_batch = _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent,
@@ -152,7 +161,7 @@ def running_coefficients(traj, bn):
 
 def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                   hessian=True, device=None, progress=None, vectorize=True, bn=None,
-                  stats_grads=None):
+                  stats_grads=None, start=0):
     """Reverse-mode sweep: ``D`` for a block of objectives ``test_grads`` (m, P).
 
     Runs the transposed optimizer step backward from ``theta_bar_T = test_grads``;
@@ -175,8 +184,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
         coef = running_coefficients(traj, bn)
         r_bar = stats_grads.to(theta_bar.device, theta_bar.dtype)
         stats_fn = bn.loss_and_stats(loss_fn)
-    bar = _bar(progress, len(traj), "HYDRA exact: adjoint sweep")
-    for t in range(len(traj) - 1, -1, -1):
+    bar = _bar(progress, len(traj) - start, "HYDRA exact: adjoint sweep")
+    for t in range(len(traj) - 1, start - 1, -1):
         ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
         d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
         idx = traj.indices[t]
@@ -207,7 +216,7 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
 
 
 def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
-                  progress=None, vectorize=True, bn=None):
+                  progress=None, vectorize=True, bn=None, start=0):
     """The paper's forward recurrence for the data rows ``rows``.
 
     Returns the tangents ``(1/N) d theta_T / d eps_i`` stacked ``(len(rows), P)``;
@@ -227,8 +236,8 @@ def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
         stats_fn = bn.loss_and_stats(loss_fn)
         dR = torch.zeros(len(rows), bn.n_stats, dtype=theta0.dtype, device=theta0.device)
     pos = {int(r): k for k, r in enumerate(rows)}
-    bar = _bar(progress, len(traj), "HYDRA forward recurrence")
-    for t in range(len(traj)):
+    bar = _bar(progress, len(traj) - start, "HYDRA forward recurrence")
+    for t in range(start, len(traj)):  # the tangents are zero before ``start``
         idx = traj.indices[t]
         x, y = data_fn(idx)
         theta = traj.theta(t, device)

@@ -104,6 +104,7 @@ class Trajectory:
         self._opt_series = None  # optimizer state snapshots (Adam: exp_avg, exp_avg_sq)
         self.theta_final = None
         self.hyper = None
+        self.epoch_starts = []  # step index at which each training epoch began
 
     # -- recording -------------------------------------------------------------------
     def append(self, theta, indices, weight, hyper_row, rng_state=None, opt_state=None):
@@ -146,9 +147,35 @@ class Trajectory:
         if all(s is None for s in self.rng_states):
             self.rng_states = [None] * len(self.indices)
 
+    def begin_epoch(self):
+        """Mark that the next recorded step is the first of a new training epoch."""
+        self.epoch_starts.append(len(self.indices))
+
     # -- reading ---------------------------------------------------------------------
     def __len__(self):
         return len(self.indices)
+
+    def start_of_last_epochs(self, k):
+        """Index of the first step of the last ``k`` training epochs (0 for the whole run).
+
+        ``k=None``, or ``k`` at least the number of recorded epochs, gives 0. ``k="final_lr"``
+        takes the epochs since the learning rate (of any parameter group) last changed: the
+        final phase of the schedule (the whole run at a constant rate; the last epoch if the
+        rate changes every step). Epochs without a training step do not count.
+        """
+        if k is None:
+            return 0
+        starts = sorted(set(s for s in getattr(self, "epoch_starts", []) if s < len(self)))
+        if not starts:
+            raise ValueError("this trajectory has no epoch boundaries recorded (it was "
+                             "recorded by an older hydrattr); refit to use last_epochs.")
+        if isinstance(k, str):  # "final_lr", validated by the estimator
+            lr = np.asarray(self.hyper.lr, dtype=np.float64)
+            changed = np.flatnonzero(np.any(lr[1:] != lr[:-1], axis=1)) + 1
+            if not len(changed):
+                return 0
+            return max(s for s in starts if s <= changed[-1])
+        return 0 if k >= len(starts) else starts[-k]
 
     def theta(self, t, device=None):
         """Parameters before step ``t`` as a tensor on ``device``."""
