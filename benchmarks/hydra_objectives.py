@@ -101,18 +101,23 @@ def checkpoint_contributions(attr, X, y, checkpoints):
 
 
 def variants(C, yv, y, C_ckpt, B, windows, s_final_lr):
-    """Every score variant of one fit, as ``{name: (n_train,) scores}``."""
+    """Every score variant of one fit, as ``{name: (n_train,) scores}``; ``C`` is one
+    column per validation point, or only the mean column (no aggregations then)."""
     K = 10
-    M = np.stack([C[:, yv == k].mean(1) for k in range(K)], 1)
-    same = M[np.arange(len(y)), y]
+    out = {"mean": C.mean(1)}
+    if C.shape[1] > 1:
+        M = np.stack([C[:, yv == k].mean(1) for k in range(K)], 1)
+        same = M[np.arange(len(y)), y]
+        out.update({
+            "class_balanced": M.mean(1),
+            "equal_weight": (C / np.linalg.norm(C, axis=0, keepdims=True)).mean(1),
+            "sign_vote": np.sign(C).mean(1),
+            "median": np.median(C, 1),
+            "same_class": same,
+            "other_classes": (M.sum(1) - same) / (K - 1),
+        })
     return {
-        "mean": C.mean(1),
-        "class_balanced": M.mean(1),
-        "equal_weight": (C / np.linalg.norm(C, axis=0, keepdims=True)).mean(1),
-        "sign_vote": np.sign(C).mean(1),
-        "median": np.median(C, 1),
-        "same_class": same,
-        "other_classes": (M.sum(1) - same) / (K - 1),
+        **out,
         "epoch1": C_ckpt[:, 0],
         "all_epochs": C_ckpt.sum(1),
         **{f"last_{k}_epochs": B[:, -k:].sum(1) for k in windows if k < B.shape[1]},
@@ -126,7 +131,7 @@ def run_seed(args, dataset, rate, seed):
     Xv, yv = d.X_valid, d.y_valid.astype(np.int64)
     attr = HydraAttributor(net, mode="fast", storage="replay", random_state=seed, verbose=0)
     attr.fit(d.X_train, y)
-    C = attr.attribute(Xv, yv)
+    C = attr.attribute(Xv, yv, objective="mean" if args.no_columns else "per_sample")
     per_epoch = len(attr.trajectory_) // args.epochs
     checkpoints = [per_epoch * (e + 1) for e in range(args.epochs)]
     if checkpoints[-1] != len(attr.trajectory_):
@@ -197,6 +202,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--milestone", type=int, default=8)
     p.add_argument("--no-cleanlab", action="store_true")
+    p.add_argument("--no-columns", action="store_true",
+                   help="score the mean validation loss only (no per-validation-point "
+                        "columns, so none of their aggregations): for the paper's size, "
+                        "where 10,000 columns would cost a replay each block")
     p.add_argument("--windows", nargs="+", type=int, default=[1, 2, 4, 8],
                    help="last_<k>_epochs variants: the fast scores of the last k epochs' "
                         "steps only (HydraAttributor(last_epochs=k))")

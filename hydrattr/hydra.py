@@ -242,12 +242,13 @@ class HydraAttributor(BaseAttributor):
         """First step of the window ``last_epochs`` (0: the whole run)."""
         self._check_params()
         if self.store_ is not None:
-            if self.last_epochs != self._store_last_epochs:
+            fitted = getattr(self, "_store_last_epochs", None)  # None: an older pickle
+            if self.last_epochs != fitted:
                 raise ValueError(
                     f"last_epochs={self.last_epochs!r}, but the fast-mode store was filled "
-                    f"at fit with last_epochs={self._store_last_epochs!r}. Refit, or fit "
+                    f"at fit with last_epochs={fitted!r}. Refit, or fit "
                     "with storage='replay' to change last_epochs after fit.")
-            return self.window_start_
+            return getattr(self, "window_start_", 0)
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
         return self.window_start_
 
