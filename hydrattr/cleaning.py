@@ -57,8 +57,11 @@ class _ContributionSampler(BaseEstimator):
     Subclasses implement
     ``_select(X_train, y_train_enc, X_val, y_val_enc, train_rows, n_samples)``
     which sets their fitted attributes and returns the boolean removal mask over
-    ``train_rows``.
+    ``train_rows``. ``_default_hydra`` holds the extra ``HydraAttributor`` parameters a
+    bare skorch net is wrapped with.
     """
+
+    _default_hydra = {}
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -78,7 +81,7 @@ class _ContributionSampler(BaseEstimator):
             from .hydra import HydraAttributor
 
             return HydraAttributor(clone(attributor), random_state=self.random_state,
-                                   verbose=0)
+                                   verbose=0, **self._default_hydra)
         if not (hasattr(attributor, "fit") and hasattr(attributor, "attribute")):
             raise TypeError(
                 f"attributor must be an attributor with fit(X, y) and attribute(X, y, "
@@ -258,9 +261,14 @@ class LabelNoiseCleaner(_ContributionSampler):
     Parameters
     ----------
     attributor : attributor or skorch.NeuralNet
-        E.g. ``HydraAttributor(net, mode="fast", verbose=0)``; cloned at fit. A bare
-        skorch net is wrapped as ``HydraAttributor(net, random_state=random_state,
-        verbose=0)``. The net must output one logit per class of ``y`` and should use
+        E.g. ``HydraAttributor(net, last_epochs="final_lr", verbose=0)``; cloned at fit.
+        A bare skorch net is wrapped as ``HydraAttributor(net, last_epochs="final_lr",
+        random_state=random_state, verbose=0)``: the hypergradient of the final
+        learning-rate phase only, which ranks wrong labels more precisely than the whole
+        run when the schedule drops the rate (LeNet-5, 50,000 rows, 80% wrong labels,
+        per-class precision of the removed set: 0.972 to 0.978 on MNIST, 0.950 to 0.954
+        on Fashion-MNIST; ``benchmarks/table3_noise_cleaning.py``); at a constant rate it
+        is the whole run. The net must output one logit per class of ``y`` and should use
         ``train_split=None`` (see the module notes).
     validation_size : float in (0, 1) or int, default=0.2
         Fraction (or number) of the samples held out as validation set when
@@ -332,10 +340,12 @@ class LabelNoiseCleaner(_ContributionSampler):
     Examples
     --------
     >>> from hydrattr import HydraAttributor, LabelNoiseCleaner  # doctest: +SKIP
-    >>> cleaner = LabelNoiseCleaner(HydraAttributor(net, verbose=0), fraction=0.2,
-    ...                             random_state=0)  # doctest: +SKIP
+    >>> cleaner = LabelNoiseCleaner(HydraAttributor(net, last_epochs="final_lr", verbose=0),
+    ...                             fraction=0.2, random_state=0)  # doctest: +SKIP
     >>> X_kept, y_kept = cleaner.fit_resample(X, y)  # doctest: +SKIP
     """
+
+    _default_hydra = {"last_epochs": "final_lr"}
 
     def __init__(self, attributor=None, validation_size=0.2, validation_data=None,
                  fraction=None, threshold=None, stratify=False, n_rounds=1,
