@@ -148,7 +148,10 @@ def run_seed(args, dataset, rate, seed):
     attr.set_params(last_epochs=None)
     err = max(err, float(np.abs(B[:, k_final:].sum(1) - s_final_lr).max()
                          / np.abs(s_final_lr).max()))
-    if err > 1e-4:  # float32 sums in a different order: ~1e-6 expected
+    # float32 sums in a different order: 6e-7 to 8e-7 at 4,000 rows, 1.3e-4 (of the
+    # largest score) at 50,000 rows and 20 epochs; a window off by one epoch or a lost
+    # step would be off by percents
+    if err > 1e-3:
         raise RuntimeError(f"checkpoint sweep differs from the fast scores "
                            f"(relative {err:.2e})")
     out = {}
