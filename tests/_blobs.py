@@ -21,3 +21,27 @@ def three_blobs(n, seed):
     rs = np.random.RandomState(seed)
     y = rs.randint(len(CENTERS), size=n)
     return CENTERS[y] + rs.randn(n, CENTERS.shape[1]), y
+
+
+def bn_dropout_net(momentum=0.9, **kw):
+    """Float64 MLP classifier on :func:`three_blobs` with BatchNorm, dropout, weight decay
+    and a StepLR schedule (SGD with ``momentum``; None leaves the optimizer's default,
+    e.g. for ``optimizer=torch.optim.Adam``): batches of 20, 3 epochs, no train split."""
+    import torch
+    from skorch import NeuralNetClassifier
+    from skorch.callbacks import LRScheduler
+    from torch.optim.lr_scheduler import StepLR
+
+    from hydrattr.models import MLP
+
+    params = dict(module=MLP, module__n_features=4, module__n_classes=3, module__hidden=(8,),
+                  module__activation="tanh", module__dropout=0.2, module__batchnorm=True,
+                  module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
+                  optimizer=torch.optim.SGD, lr=0.1, optimizer__weight_decay=1e-3,
+                  batch_size=20, max_epochs=3, train_split=None, verbose=0,
+                  iterator_train__shuffle=True,
+                  callbacks=[("lr", LRScheduler(StepLR, step_size=1, gamma=0.5))])
+    if momentum is not None:
+        params["optimizer__momentum"] = momentum
+    params.update(kw)
+    return NeuralNetClassifier(**params)

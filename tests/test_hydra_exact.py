@@ -21,12 +21,11 @@ from hydrattr._core.replay import replay_training
 from hydrattr._core.running_stats import BatchNormStats
 from hydrattr._core.sweep import exact_adjoint
 from hydrattr._skorch import module_mode
-from hydrattr.models import MLP
 
 N, D, K, N_TEST = 100, 4, 3, 8
 
 
-from _blobs import three_blobs  # noqa: E402
+from _blobs import bn_dropout_net, three_blobs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,24 +34,12 @@ def _data(n, seed):
     return three_blobs(n, seed)
 
 
-def _bn_dropout_net(lr=0.1, **kw):
-    params = dict(module=MLP, module__n_features=D, module__n_classes=K, module__hidden=(8,),
-                  module__activation="tanh", module__dropout=0.2, module__batchnorm=True,
-                  module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
-                  optimizer=torch.optim.SGD, lr=lr, optimizer__momentum=0.9,
-                  optimizer__weight_decay=1e-3, batch_size=20, max_epochs=3,
-                  train_split=None, verbose=0, iterator_train__shuffle=True,
-                  callbacks=[("lr", LRScheduler(StepLR, step_size=1, gamma=0.5))])
-    params.update(kw)
-    return NeuralNetClassifier(**params)
-
-
 @pytest.fixture(scope="module")
 def bn_fitted():
     torch.set_num_threads(1)
     X, y = _data(N, 0)
     Xt, yt = _data(N_TEST, 1)
-    att = HydraAttributor(_bn_dropout_net(), mode="exact", random_state=0, verbose=0)
+    att = HydraAttributor(bn_dropout_net(), mode="exact", random_state=0, verbose=0)
     att.fit(X, y)
     return att, X, y, Xt, yt, att.attribute(Xt, yt)
 

@@ -14,7 +14,6 @@ Sample weights act only in the steps of the last ``k`` epochs. Checked against:
 import numpy as np
 import pytest
 import torch
-from skorch import NeuralNetClassifier
 from skorch.callbacks import LRScheduler
 from torch.optim.lr_scheduler import MultiStepLR, StepLR
 
@@ -22,27 +21,12 @@ from hydrattr import HydraAttributor
 from hydrattr._core.replay import replay_training
 from hydrattr._core.running_stats import BatchNormStats
 from hydrattr._skorch import module_mode
-from hydrattr.models import MLP
 
-from _blobs import three_blobs  # noqa: E402
+from _blobs import bn_dropout_net, three_blobs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-N, D, K, N_TEST, EPOCHS, BATCH = 60, 4, 3, 5, 3, 20  # 3 steps per epoch
-
-
-def _net(momentum=0.9, **kw):
-    params = dict(module=MLP, module__n_features=D, module__n_classes=K, module__hidden=(8,),
-                  module__activation="tanh", module__dropout=0.2, module__batchnorm=True,
-                  module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
-                  optimizer=torch.optim.SGD, lr=0.1,
-                  optimizer__weight_decay=1e-3, batch_size=BATCH, max_epochs=EPOCHS,
-                  train_split=None, verbose=0, iterator_train__shuffle=True,
-                  callbacks=[("lr", LRScheduler(StepLR, step_size=1, gamma=0.5))])
-    if momentum is not None:
-        params["optimizer__momentum"] = momentum
-    params.update(kw)
-    return NeuralNetClassifier(**params)
+N, N_TEST, EPOCHS, BATCH = 60, 5, 3, 20  # bn_dropout_net: batches of 20, 3 epochs
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,7 @@ def fitted():
     torch.set_num_threads(1)
     X, y = three_blobs(N, 0)
     Xt, yt = three_blobs(N_TEST, 1)
-    att = HydraAttributor(_net(), mode="exact", last_epochs=1, random_state=0, verbose=0)
+    att = HydraAttributor(bn_dropout_net(), mode="exact", last_epochs=1, random_state=0, verbose=0)
     att.fit(X, y)
     return att, X, y, Xt, yt
 
@@ -106,7 +90,7 @@ def test_exact_window_forward_recurrence_equals_adjoint(fitted):
 def test_fast_windows_add_up_to_the_whole_run():
     X, y = three_blobs(N, 0)
     Xt, yt = three_blobs(N_TEST, 1)
-    att = HydraAttributor(_net(), storage="replay", random_state=0, verbose=0).fit(X, y)
+    att = HydraAttributor(bn_dropout_net(), storage="replay", random_state=0, verbose=0).fit(X, y)
     C_all = att.attribute(Xt, yt)
     windows = [att.set_params(last_epochs=k).attribute(Xt, yt) for k in range(1, EPOCHS + 2)]
     # fast mode's contributions are a sum over steps (coefficients fixed by the whole run):
@@ -124,8 +108,8 @@ def test_fast_windows_add_up_to_the_whole_run():
 def test_fast_store_is_filled_for_the_window_and_keeps_it():
     X, y = three_blobs(N, 0)
     Xt, yt = three_blobs(N_TEST, 1)
-    dense = HydraAttributor(_net(), last_epochs=2, random_state=0, verbose=0).fit(X, y)
-    replay = HydraAttributor(_net(), storage="replay", last_epochs=2, random_state=0,
+    dense = HydraAttributor(bn_dropout_net(), last_epochs=2, random_state=0, verbose=0).fit(X, y)
+    replay = HydraAttributor(bn_dropout_net(), storage="replay", last_epochs=2, random_state=0,
                              verbose=0).fit(X, y)
     # same training (same seed), two code paths: store at fit vs replay at attribute
     np.testing.assert_allclose(dense.attribute(Xt, yt), replay.attribute(Xt, yt),
@@ -138,7 +122,7 @@ def test_fast_store_is_filled_for_the_window_and_keeps_it():
 def test_bad_last_epochs_is_named(bad):
     X, y = three_blobs(N, 0)
     with pytest.raises(ValueError, match="last_epochs must be None, a positive int or 'final_lr'"):
-        HydraAttributor(_net(max_epochs=1), last_epochs=bad, verbose=0).fit(X, y)
+        HydraAttributor(bn_dropout_net(max_epochs=1), last_epochs=bad, verbose=0).fit(X, y)
 
 
 def test_trajectory_without_epoch_boundaries_says_so(fitted):
@@ -164,7 +148,7 @@ def test_trajectory_without_epoch_boundaries_says_so(fitted):
 def test_final_lr_window_starts_at_the_last_rate_change(schedule, expected):
     X, y = three_blobs(N, 0)
     callbacks = [] if schedule is None else [("lr", LRScheduler(schedule[0], **schedule[1]))]
-    att = HydraAttributor(_net(max_epochs=5, callbacks=callbacks), storage="replay",
+    att = HydraAttributor(bn_dropout_net(max_epochs=5, callbacks=callbacks), storage="replay",
                           last_epochs="final_lr", random_state=0, verbose=0).fit(X, y)
     steps = -(-N // BATCH)
     assert att.window_start_ == steps * expected
@@ -180,8 +164,9 @@ def test_adam_window_exact_equals_finite_differences_and_fast_paths_agree():
     # backward pass at its start, and exact mode must differentiate the moments from there
     X, y = three_blobs(N, 0)
     Xt, yt = three_blobs(N_TEST, 1)
-    net = _net(momentum=None, optimizer=torch.optim.Adam, lr=0.01, optimizer__weight_decay=1e-3,
-               module__dropout=0.0, module__batchnorm=False, callbacks=[])
+    net = bn_dropout_net(momentum=None, optimizer=torch.optim.Adam, lr=0.01,
+                         optimizer__weight_decay=1e-3, module__dropout=0.0,
+                         module__batchnorm=False, callbacks=[])
     for k in (1, 2):
         att = HydraAttributor(net, mode="exact", last_epochs=k, random_state=0,
                               verbose=0).fit(X, y)
