@@ -49,8 +49,9 @@ from _common import add_run_args, environment, parse_settings, save_results  # n
 from table3_noise_cleaning import cleanlab_select, noisy_setting, oof_probs, pr  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
-from hydrattr._core.functional import per_sample_dots_and_hvp, per_sample_grads  # noqa: E402
-from hydrattr._core.steps import steps_for  # noqa: E402
+from hydrattr._core.functional import per_sample_grads  # noqa: E402
+from hydrattr._core.sweep import exact_adjoint  # noqa: E402
+from hydrattr._skorch import module_mode  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 
 
@@ -67,37 +68,38 @@ def checkpoint_contributions(attr, X, y, checkpoints):
     """Fast-mode contributions to the mean loss on ``(X, y)`` at each checkpoint.
 
     ``checkpoints`` are step counts (the parameters after that many steps); the last
-    must be the end of training. A reverse sweep with the Hessian dropped (the fast
-    mode's adjoint) adds the objective's gradient at each checkpoint as it passes it, one
-    objective row per checkpoint. Returns ``C`` of shape ``(n_train, len(checkpoints))``
-    and ``B`` of shape ``(n_train, len(checkpoints))``: the final objective's
-    contributions split by the interval between checkpoints whose steps carried them
-    (``B.sum(1) == C[:, -1]``; with epoch checkpoints, ``B[:, -k:].sum(1)`` is
-    ``HydraAttributor(last_epochs=k)``'s score).
+    must be the end of training. One reverse sweep with the Hessian dropped (the fast
+    mode's adjoint: ``exact_adjoint(hessian=False)``) carries one objective row per
+    checkpoint, each added as the sweep passes its checkpoint (``inject``). Returns
+    ``C`` of shape ``(n_train, len(checkpoints))`` and ``B`` of the same shape: the final
+    objective's contributions split by the interval between checkpoints whose steps
+    carried them (``split``; ``B.sum(1) == C[:, -1]``; with epoch checkpoints,
+    ``B[:, -k:].sum(1)`` is ``HydraAttributor(last_epochs=k)``'s score).
     """
     traj = attr.trajectory_
     loss_fn, data_fn = attr._loss_fn(), attr._data_fn()
-    n_steps = len(traj)
-    slot = {c: k for k, c in enumerate(checkpoints)}
-    steps = steps_for(traj)
-    theta_bar = torch.zeros(len(checkpoints), traj.theta(0).numel(), dtype=traj.theta(0).dtype)
-    state_bar = steps.adjoint_state(theta_bar)
-    D = torch.zeros(traj.n_rows, len(checkpoints), dtype=torch.float64)
-    B = torch.zeros_like(D)
-    interval = np.searchsorted(np.asarray(checkpoints), np.arange(n_steps), side="right")
-    for t in range(n_steps - 1, -1, -1):
-        if t + 1 in slot:
-            theta = traj.theta_final if t + 1 == n_steps else traj.theta(t + 1)
-            theta_bar[slot[t + 1]] += mean_loss_grad(loss_fn, theta, X, y)
-        d_bar, theta_bar, state_bar = steps.adjoint(t, theta_bar, state_bar, None)
-        idx = traj.indices[t]
-        x, yb = data_fn(idx)
-        w = torch.full((len(idx),), traj.weights[t], dtype=d_bar.dtype)
-        dots, _ = per_sample_dots_and_hvp(loss_fn, traj.theta(t), x, yb, w, d_bar,
-                                          hessian=False, rng_state=traj.rng_states[t])
-        D[torch.as_tensor(idx)] += traj.weights[t] * dots.T.double()
-        B[torch.as_tensor(idx), interval[t]] += traj.weights[t] * dots[-1].double()
-    return -D.numpy(), -B.numpy()
+    n_steps, m = len(traj), len(checkpoints)
+    if checkpoints[-1] != n_steps:
+        raise ValueError(f"the last checkpoint must be the end of training ({n_steps} "
+                         f"steps), got {checkpoints[-1]}")
+    theta_T = traj.theta_final
+
+    def rows(k, c):  # the objective at theta_c in row k, the other rows zero
+        G = torch.zeros(m, theta_T.numel(), dtype=theta_T.dtype)
+        G[k] = mean_loss_grad(loss_fn, theta_T if c == n_steps else traj.theta(c), X, y)
+        return G
+
+    with module_mode(attr.net_.module_, training=False):
+        inject = {c: rows(k, c) for k, c in enumerate(checkpoints[:-1])}
+        G_T = rows(m - 1, n_steps)
+    split = np.searchsorted(np.asarray(checkpoints), np.arange(n_steps), side="right")
+    with module_mode(attr.net_.module_, training=True):
+        D = exact_adjoint(traj, loss_fn, data_fn, G_T, attr._rows_map, len(attr.rows_),
+                          hessian=False, inject=inject, split=split).numpy()
+    C = np.full((traj.n_rows, m), np.nan)
+    B = np.full((traj.n_rows, m), np.nan)
+    C[attr.rows_], B[attr.rows_] = -D.sum(-1), -D[:, -1, :]
+    return C, B
 
 
 def variants(C, yv, y, C_ckpt, B, windows, s_final_lr):

@@ -161,7 +161,7 @@ def running_coefficients(traj, bn):
 
 def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                   hessian=True, device=None, progress=None, vectorize=True, bn=None,
-                  stats_grads=None, start=0):
+                  stats_grads=None, start=0, inject=None, split=None):
     """Reverse-mode sweep: ``D`` for a block of objectives ``test_grads`` (m, P).
 
     Runs the transposed optimizer step backward from ``theta_bar_T = test_grads``;
@@ -174,11 +174,31 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     each step also adds ``J_{S_t}^T (c_t * stats_grads)`` to the parameter adjoint, in
     the same forward-over-reverse pass, so ``D`` includes the path
     ``eps -> theta_t -> batch statistics -> R_T -> eval-mode test loss``.
+
+    ``inject`` (optional) maps step counts ``k`` (``start < k < len(traj)``) to (m, P)
+    gradients of objectives evaluated at ``theta_k`` (the weights after ``k`` steps),
+    added to the adjoint as the sweep passes ``theta_k``: an objective row that is zero
+    in ``test_grads`` and set in ``inject[k]`` is a loss at an intermediate checkpoint.
+    ``split`` (optional, one non-negative int per step) sorts every step's per-sample
+    term into a column of its own: ``D`` is then (n_tracked, m, split.max() + 1) and its
+    sum over the last axis is the unsplit ``D``.
     """
     steps = steps_for(traj)
     theta_bar = test_grads.to(device).clone()
     v_bar = steps.adjoint_state(theta_bar)
-    out = torch.zeros(n_tracked, theta_bar.shape[0], dtype=torch.float64)
+    inject = {} if inject is None else dict(inject)
+    bad = [k for k in inject if not start < k < len(traj)]
+    if bad:
+        raise ValueError(f"inject: step counts must lie in ({start}, {len(traj)}), got {bad}")
+    if split is None:
+        out = torch.zeros(n_tracked, theta_bar.shape[0], dtype=torch.float64)
+    else:
+        split = np.asarray(split, dtype=np.int64)
+        if split.shape != (len(traj),) or (len(split) and split.min() < 0):
+            raise ValueError(f"split: expected {len(traj)} non-negative ints (one per "
+                             f"step), got shape {split.shape}")
+        out = torch.zeros(n_tracked, theta_bar.shape[0], int(split.max()) + 1,
+                          dtype=torch.float64)
     use_stats = bn is not None and len(bn) > 0 and stats_grads is not None and hessian
     if use_stats:
         coef = running_coefficients(traj, bn)
@@ -186,6 +206,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
         stats_fn = bn.loss_and_stats(loss_fn)
     bar = _bar(progress, len(traj) - start, "HYDRA exact: adjoint sweep")
     for t in range(len(traj) - 1, start - 1, -1):
+        if t + 1 in inject:
+            theta_bar = theta_bar + inject[t + 1].to(theta_bar.device, theta_bar.dtype)
         ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
         d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
         idx = traj.indices[t]
@@ -207,7 +229,10 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                 theta_bar = theta_bar + hv
             if sel.any():
                 contrib = traj.weights[t] * dots.T[torch.as_tensor(sel, device=dots.device)]
-                out[torch.as_tensor(slots[sel])] += contrib.double().cpu()
+                if split is None:
+                    out[torch.as_tensor(slots[sel])] += contrib.double().cpu()
+                else:
+                    out[torch.as_tensor(slots[sel]), :, split[t]] += contrib.double().cpu()
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -179,3 +179,71 @@ def test_adjoint_without_hessian_is_fast_mode(fitted):
     # both drop the Hessian; they differ only in summation order
     np.testing.assert_allclose(D.numpy(), store.matmul_t(G).numpy(), rtol=1e-9,
                                atol=1e-12 * D.abs().max().item())
+
+
+def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
+    """``inject`` adds a loss at an intermediate checkpoint, ``split`` sorts the steps.
+
+    Ground truth: central finite differences of the replayed training stopped at the
+    checkpoint (``replay_training(n_steps=k)``) with row ``i``'s loss multiplier moved by
+    +-h; ``D[i] = (1/N) d obj / d eps_i = d obj / d multiplier_i``.
+    """
+    att, X, y = fitted
+    traj, loss_fn, data_fn = att.trajectory_, att._loss_fn(), att._data_fn()
+    Xt, yt = att._to_tensors(*_data(5, seed=1))
+    k, T = 4, len(traj)  # the end of the first epoch (60 rows, batch 15), of 8 steps
+    assert traj.epoch_starts[1] == k
+
+    def objective(theta):  # eval-mode test loss with the net's buffers held fixed
+        with module_mode(att.net_.module_, training=False):
+            return loss_fn(theta, Xt, yt).mean()
+
+    def theta_k(mult=None):
+        with module_mode(att.net_.module_, training=True):
+            return replay_training(traj, loss_fn, data_fn, multipliers=mult, n_steps=k)
+
+    t = theta_k().clone().requires_grad_(True)
+    (g_k,) = torch.autograd.grad(objective(t), t)
+    G_T = att._test_grads(Xt, yt, "mean")
+    zeros = torch.zeros_like(G_T)
+    rows_map = np.arange(len(X))
+    split = np.repeat([0, 1], [k, T - k])
+    with module_mode(att.net_.module_, training=True):
+        args = (traj, loss_fn, data_fn, torch.cat([G_T, zeros]), rows_map, len(X))
+        D = exact_adjoint(*args, inject={k: torch.cat([zeros, g_k[None]])})
+        Ds = exact_adjoint(*args, inject={k: torch.cat([zeros, g_k[None]])}, split=split)
+        D_final = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X))
+        D_late = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X), start=k)
+
+    h = 1e-5
+    for i in [0, 7, 19, 33, 58]:
+        m = np.ones(len(X))
+        m[i] = 1 + h
+        up = objective(theta_k(m))
+        m[i] = 1 - h
+        fd = (up - objective(theta_k(m))) / (2 * h)
+        # float64, central differences: truncation ~h^2, rounding ~1e-16 / h
+        np.testing.assert_allclose(D[i, 1].item(), fd.item(), rtol=1e-6,
+                                   atol=1e-9 * D[:, 1].abs().max().item())
+    assert D[:, 1].abs().max() > 1e-4  # the checkpoint objective depends on the rows
+    # the final objective's row is the plain sweep's, untouched by the injection
+    np.testing.assert_allclose(D[:, 0].numpy(), D_final[:, 0].numpy(), rtol=1e-12,
+                               atol=1e-14 * D_final.abs().max().item())
+    # split: the columns sum to the unsplit sweep; the later epoch's column is the
+    # window sweep from ``start=k``; steps after the checkpoint do not move theta_k
+    scale = D.abs().max().item()
+    np.testing.assert_allclose(Ds.sum(-1).numpy(), D.numpy(), rtol=1e-12, atol=1e-14 * scale)
+    np.testing.assert_allclose(Ds[:, 0, 1].numpy(), D_late[:, 0].numpy(), rtol=1e-12,
+                               atol=1e-14 * scale)
+    assert Ds[:, 1, 1].abs().max() == 0
+    assert Ds[:, 0, 0].abs().max() > 1e-4  # both epochs carry part of the final objective
+
+
+def test_adjoint_rejects_bad_inject_and_split(fitted):
+    att, X, y = fitted
+    G = att._test_grads(*att._to_tensors(*_data(2, seed=1)), "mean")
+    args = (att.trajectory_, att._loss_fn(), att._data_fn(), G, np.arange(len(X)), len(X))
+    with pytest.raises(ValueError, match="inject: step counts must lie in"):
+        exact_adjoint(*args, inject={len(att.trajectory_): G})
+    with pytest.raises(ValueError, match="split: expected 8 non-negative ints"):
+        exact_adjoint(*args, split=np.zeros(3, dtype=int))
