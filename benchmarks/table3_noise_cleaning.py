@@ -276,23 +276,31 @@ def run_one(args, dataset, rate):
     assert np.array_equal(cleaner.removed_mask_, remove_lowest(cleaner.scores_, rate))
     retrain_rules("hydra_fast", cleaner.scores_)
 
-    if "final_lr" in args.methods:
-        # the hypergradient truncated to the final learning-rate phase
-        # (HydraAttributor(last_epochs="final_lr")): the same fitted trajectory, replayed
-        # over the window only, so no second training
+    def rescore(name, **params):
+        """Rows ``name`` from the cleaner's fitted attributor with other parameters: the
+        same recorded trajectory, replayed (``mode``, ``last_epochs``), no second
+        training."""
         try:
             t0 = time.perf_counter()
-            fitted.set_params(last_epochs="final_lr")
-            s_win = fitted.attribute(Xv, yv, objective="mean")[:, 0]
-            timings["hydra_fast_final_lr_score"] = time.perf_counter() - t0
-            extra = {"window_start_step": int(fitted.window_start_),
-                     "n_steps": len(fitted.trajectory_),
-                     "pearson_vs_fast": float(np.corrcoef(cleaner.scores_, s_win)[0, 1])}
-            fitted.set_params(last_epochs=None)
-            retrain_rules("hydra_fast_final_lr", s_win, extra)
-        except Exception as exc:  # noqa: BLE001
+            fitted.set_params(**params)
+            s = fitted.attribute(Xv, yv, objective="mean")[:, 0]
+            timings[f"{name}_score"] = time.perf_counter() - t0
+            extra = {"pearson_vs_fast": float(np.corrcoef(cleaner.scores_, s)[0, 1])}
+            if fitted.last_epochs is not None:
+                extra.update(window_start_step=int(fitted.window_start_),
+                             n_steps=len(fitted.trajectory_))
+            retrain_rules(name, s, extra)
+        except Exception as exc:  # noqa: BLE001 - recorded in the results
             traceback.print_exc()
-            rows.append({"method": "hydra_fast_final_lr", "error": repr(exc)[:300]})
+            rows.append({"method": name, "error": repr(exc)[:300]})
+        finally:
+            fitted.set_params(mode="fast", last_epochs=None)
+
+    if "final_lr" in args.methods:
+        # the hypergradient truncated to the final learning-rate phase
+        # (HydraAttributor(last_epochs="final_lr")): sample weights act only in the
+        # epochs since the rate last changed
+        rescore("hydra_fast_final_lr", last_epochs="final_lr")
 
     if "rounds" in args.methods:  # LabelNoiseCleaner(stratify=True, n_rounds=2)
         try:
@@ -341,19 +349,9 @@ def run_one(args, dataset, rate):
             traceback.print_exc()
             rows.append({"method": name, "error": repr(exc)[:300]})
 
-    if "exact" in args.methods:
-        try:
-            t0 = time.perf_counter()
-            fitted.set_params(mode="exact")
-            s_exact = fitted.attribute(Xv, yv, objective="mean")[:, 0]
-            timings["hydra_exact_score"] = time.perf_counter() - t0
-            s_fast = cleaner.scores_
-            corr = float(np.corrcoef(s_fast, s_exact)[0, 1])
-            retrain_rules("hydra_exact", s_exact, {"pearson_vs_fast": corr})
-        except Exception as exc:  # noqa: BLE001 - recorded in the results
-            traceback.print_exc()
-            rows.append({"method": "hydra_exact", "error": repr(exc)[:300]})
-    del fitted, cleaner, attr
+    if "exact" in args.methods:  # the exact hypergradient of the same run
+        rescore("hydra_exact", mode="exact")
+    fitted = cleaner = attr = None  # free the trajectory (rescore is done with them)
 
     if "if" in args.methods:
         try:
