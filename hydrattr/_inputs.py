@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["input_kind", "check_mapping", "check_dataset", "n_rows", "input_shape",
            "cast_inputs", "slice_rows", "take_rows", "to_device", "dataset_data_fn",
-           "collate_fn_of", "collate_all"]
+           "collate_fn_of", "collate_all", "select_rows"]
 
 
 def input_kind(X):
@@ -183,3 +183,29 @@ def dataset_data_fn(dataset, collate, device):
         return to_device(x, device), to_device(y, device)
 
     return data_fn
+
+
+def select_rows(value, n, random_state, name):
+    """The training rows a parameter ``name`` picks out of ``n``, sorted.
+
+    ``value`` is None (every row), an int k (k rows drawn without replacement with
+    ``random_state``, a ``check_random_state`` argument) or a 1-d array of unique row
+    indices. Raises ``ValueError`` naming ``name`` otherwise.
+    """
+    import numbers
+
+    from sklearn.utils import check_random_state
+
+    if value is None:
+        return np.arange(n)
+    if isinstance(value, numbers.Integral):
+        if not 0 < value <= n:
+            raise ValueError(f"{name} must be between 1 and n_samples={n}, got {value}.")
+        rs = check_random_state(random_state)
+        return np.sort(rs.choice(n, size=int(value), replace=False))
+    rows = np.asarray(value)
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or len(rows) == 0:
+        raise ValueError(f"{name} must be None, an int or a 1-d array of row indices.")
+    if rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows):
+        raise ValueError(f"{name} must hold unique row indices in [0, {n}).")
+    return rows.astype(np.int64)

@@ -5,12 +5,12 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.utils import check_random_state
 
 from ._core.running_stats import BatchNormStats
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
 from ._skorch import module_mode
+from ._inputs import select_rows
 from .base import BaseAttributor
 
 __all__ = ["HydraAttributor"]
@@ -149,20 +149,7 @@ class HydraAttributor(BaseAttributor):
                              f"got {k!r}.")
 
     def _tracked_rows(self, n):
-        track = self.track
-        if track is None:
-            return np.arange(n)
-        if isinstance(track, numbers.Integral):
-            if not 0 < track <= n:
-                raise ValueError(f"track must be between 1 and n_samples={n}, got {track}.")
-            rs = check_random_state(self.random_state)
-            return np.sort(rs.choice(n, size=int(track), replace=False))
-        rows = np.asarray(track)
-        if rows.ndim != 1 or rows.dtype.kind not in "iu" or len(rows) == 0:
-            raise ValueError("track must be None, an int or a 1-d array of row indices.")
-        if rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows):
-            raise ValueError(f"track must hold unique row indices in [0, {n}).")
-        return rows.astype(np.int64)
+        return select_rows(self.track, n, self.random_state, "track")
 
     @property
     def _independent(self):

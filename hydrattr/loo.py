@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._core.optim import SGDHyper
 from ._core.replay import replay_training
 from ._core.running_stats import BatchNormStats
 from ._inputs import collate_fn_of, dataset_data_fn, input_kind, n_rows, slice_rows, \
-    take_rows, to_device
+    select_rows, take_rows, to_device
 from ._skorch import flat_params, make_data_fn, make_loss_fn, module_mode, param_spec
 from .base import BaseAttributor
 
@@ -147,20 +146,7 @@ class LeaveOneOutAttributor(BaseAttributor):
             raise ValueError(f"n_jobs must be None or an int, got {self.n_jobs!r}.")
 
     def _selected_rows(self, n):
-        sel = self.indices
-        if sel is None:
-            return np.arange(n)
-        if isinstance(sel, numbers.Integral):
-            if not 0 < sel <= n:
-                raise ValueError(f"indices must be between 1 and n_samples={n}, got {sel}.")
-            rs = check_random_state(self.random_state)
-            return np.sort(rs.choice(n, size=int(sel), replace=False))
-        rows = np.asarray(sel)
-        if rows.ndim != 1 or rows.dtype.kind not in "iu" or len(rows) == 0:
-            raise ValueError("indices must be None, an int or a 1-d array of row indices.")
-        if rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows):
-            raise ValueError(f"indices must hold unique row indices in [0, {n}).")
-        return rows.astype(np.int64)
+        return select_rows(self.indices, n, self.random_state, "indices")
 
     def _seed_torch(self):
         seed = super()._seed_torch()

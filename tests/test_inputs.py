@@ -111,3 +111,32 @@ def test_input_errors_are_clear():
     att.fit(SliceDict(a=X_TRAIN[:, :2], b=X_TRAIN[:, 2:]), Y_TRAIN)
     with pytest.raises(ValueError, match="keys and per-sample shapes"):
         att.attribute({"a": X_TEST[:, :3], "b": X_TEST[:, 3:]}, Y_TEST)
+
+
+def test_select_rows_values_and_errors():
+    """``select_rows`` (HydraAttributor(track=...), LeaveOneOutAttributor(indices=...))."""
+    from hydrattr._inputs import select_rows
+
+    np.testing.assert_array_equal(select_rows(None, 5, 0, "track"), np.arange(5))
+    np.testing.assert_array_equal(select_rows([4, 1], 5, 0, "track"), [4, 1])
+    drawn = select_rows(3, 10, 0, "track")
+    assert len(set(drawn)) == 3 and list(drawn) == sorted(drawn) and drawn.max() < 10
+    np.testing.assert_array_equal(select_rows(3, 10, 0, "track"), drawn)  # seeded
+    assert not np.array_equal(select_rows(3, 1000, 1, "track"), select_rows(3, 1000, 0, "track"))
+    for bad, msg in [(0, "between 1 and n_samples=5, got 0"), (6, "got 6"),
+                     ([[1, 2]], "1-d array"), ([], "1-d array"), ([1.0], "1-d array"),
+                     ([1, 1], r"unique row indices in \[0, 5\)"), ([5], r"\[0, 5\)"),
+                     ([-1], r"\[0, 5\)")]:
+        with pytest.raises(ValueError, match=msg):
+            select_rows(bad, 5, 0, "indices")
+    with pytest.raises(ValueError, match="^track must"):
+        select_rows([7], 5, 0, "track")
+
+
+def test_row_selection_errors_name_the_parameter():
+    from hydrattr import LeaveOneOutAttributor
+
+    with pytest.raises(ValueError, match=r"^track must hold unique row indices in \[0, 40\)"):
+        HydraAttributor(_net(), track=[3, 3], verbose=0).fit(X_TRAIN, Y_TRAIN)
+    with pytest.raises(ValueError, match="^indices must be between 1 and n_samples=40, got 41"):
+        LeaveOneOutAttributor(_net(), indices=41, verbose=0).fit(X_TRAIN, Y_TRAIN)
