@@ -94,16 +94,17 @@ def _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent, need_batch, de
     return theta, g, g_batch
 
 
-def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=True,
-                     device=None, progress=None, start=0):
-    """Accumulate ``S[slot(i)] = sum_t w_t * coef_t * g_{t,i}`` into ``store``.
+def _fast_steps(traj, loss_fn, data_fn, rows_map, independent, device, progress, start,
+                desc):
+    """The fast sweep's steps that hold tracked rows, in the order its coefficients need.
 
-    ``rows_map`` maps data rows to store slots (-1 = not tracked). ``coef_t`` is the
-    fast-mode adjoint coefficient of step ``t`` (per group for SGD, per coordinate for
-    Adam, see :mod:`~hydrattr._core.steps`); Adam's are computed last step first.
+    Yields ``(slots, g, coef, w)``: the tracked rows' slots, their per-sample gradients,
+    the step's fast-mode adjoint coefficient ``coef_t`` (per group for SGD, per
+    coordinate for Adam, see :mod:`~hydrattr._core.steps`; Adam's are computed last step
+    first) and its sample weight ``w_t``.
     """
     fast = steps_for(traj).fast()
-    bar = _bar(progress, len(traj) - start, "HYDRA fast: per-sample gradients")
+    bar = _bar(progress, len(traj) - start, desc)
     for t in _window(fast.order, start):
         sel, slots = _tracked(rows_map, traj.indices[t])
         if sel.any() or fast.needs_grad:
@@ -111,35 +112,36 @@ def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=Tru
                                                  fast.needs_grad, device)
             coef = fast.coef_at(t, theta, g_batch)
             if g is not None:
-                store.add(slots[sel], g * (traj.weights[t] * coef).to(g.device, g.dtype))
+                yield slots[sel], g, coef, traj.weights[t]
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+
+
+def build_fast_store(traj, loss_fn, data_fn, store, rows_map, *, independent=True,
+                     device=None, progress=None, start=0):
+    """Accumulate ``S[slot(i)] = sum_t w_t * coef_t * g_{t,i}`` into ``store``.
+
+    ``rows_map`` maps data rows to store slots (-1 = not tracked); ``coef_t`` is the
+    fast-mode adjoint coefficient of step ``t`` (:func:`_fast_steps`).
+    """
+    for slots, g, coef, w in _fast_steps(traj, loss_fn, data_fn, rows_map, independent,
+                                         device, progress, start,
+                                         "HYDRA fast: per-sample gradients"):
+        store.add(slots, g * (w * coef).to(g.device, g.dtype))
     return store
 
 
 def fast_replay(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                 independent=True, device=None, progress=None, start=0):
     """Fast mode without a store: ``D = S @ test_grads.T`` by replaying the trajectory."""
-    fast = steps_for(traj).fast()
     G = test_grads.to(device)
     out = torch.zeros(n_tracked, G.shape[0], dtype=torch.float64)
-    bar = _bar(progress, len(traj) - start, "HYDRA fast: replay")
-    for t in _window(fast.order, start):
-        sel, slots = _tracked(rows_map, traj.indices[t])
-        if sel.any() or fast.needs_grad:
-            theta, g, g_batch = _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent,
-                                                 fast.needs_grad, device)
-            coef = fast.coef_at(t, theta, g_batch)
-            if g is not None:
-                d_bar = coef.to(G.device, G.dtype) * G
-                out[torch.as_tensor(slots[sel])] += \
-                    traj.weights[t] * (g @ d_bar.T).double().cpu()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    for slots, g, coef, w in _fast_steps(traj, loss_fn, data_fn, rows_map, independent,
+                                         device, progress, start, "HYDRA fast: replay"):
+        d_bar = coef.to(G.device, G.dtype) * G
+        out[torch.as_tensor(slots)] += w * (g @ d_bar.T).double().cpu()
     return out
 
 
