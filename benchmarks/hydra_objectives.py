@@ -22,6 +22,9 @@ target is about; no retraining). Variants, all from one fast-HYDRA fit per seed:
   epoch of each step, and ``final_lr``, the epochs since the learning rate last changed,
   computed by the package (``HydraAttributor(last_epochs="final_lr")``) and checked
   against the sweep's split.
+* with ``--exact``: ``exact``, ``exact_final_lr`` and ``exact_last_<k>_epochs``, the
+  exact hypergradient (``mode="exact"``, Hessian kept) of the same recorded run, whole
+  and truncated like the fast readouts.
 * ``cleanlab``: confident learning on 5-fold out-of-fold probabilities of the same
   network (Table 3's peer), for reference.
 
@@ -156,8 +159,16 @@ def run_seed(args, dataset, rate, seed):
     if err > 1e-3:
         raise RuntimeError(f"checkpoint sweep differs from the fast scores "
                            f"(relative {err:.2e})")
+    scores = variants(C, yv, y, C_ckpt, B, args.windows, s_final_lr)
+    if args.exact:  # the exact hypergradient of the same run, whole and truncated
+        for name, k in [("exact", None), ("exact_final_lr", "final_lr"),
+                        *[(f"exact_last_{w}_epochs", w) for w in args.windows
+                          if w < args.epochs]]:
+            attr.set_params(mode="exact", last_epochs=k)
+            scores[name] = attr.attribute(Xv, yv, objective="mean")[:, 0]
+        attr.set_params(mode="fast", last_epochs=None)
     out = {}
-    for name, s in variants(C, yv, y, C_ckpt, B, args.windows, s_final_lr).items():
+    for name, s in scores.items():
         out[name] = (pr(remove_lowest(s, rate), flipped)[0],
                      pr(remove_lowest(s, rate, y), flipped)[0])
     if not args.no_cleanlab:
@@ -214,6 +225,9 @@ def main(argv=None):
     p.add_argument("--windows", nargs="+", type=int, default=[1, 2, 4, 8],
                    help="last_<k>_epochs variants: the fast scores of the last k epochs' "
                         "steps only (HydraAttributor(last_epochs=k))")
+    p.add_argument("--exact", action="store_true",
+                   help="also the exact hypergradient (mode='exact') of the same run: "
+                        "whole, final_lr and last_<k>_epochs")
     add_run_args(p, work=False)
     args = p.parse_args(argv)
     settings = parse_settings(p, args.settings)
