@@ -72,7 +72,8 @@ def checkpoint_contributions(attr, X, y, checkpoints):
 
     ``checkpoints`` are step counts (the parameters after that many steps); the last
     must be the end of training. One reverse sweep with the Hessian dropped (the fast
-    mode's adjoint: ``exact_adjoint(hessian=False)``) carries one objective row per
+    mode's adjoint: ``exact_adjoint(hessian=False)``, its adjoints carried in float64 as
+    the fast mode's coefficients are) carries one objective row per
     checkpoint, each added as the sweep passes its checkpoint (``inject``). Returns
     ``C`` of shape ``(n_train, len(checkpoints))`` and ``B`` of the same shape: the final
     objective's contributions split by the interval between checkpoints whose steps
@@ -98,7 +99,8 @@ def checkpoint_contributions(attr, X, y, checkpoints):
     split = np.searchsorted(np.asarray(checkpoints), np.arange(n_steps), side="right")
     with module_mode(attr.net_.module_, training=True):
         D = exact_adjoint(traj, loss_fn, data_fn, G_T, attr._rows_map, len(attr.rows_),
-                          hessian=False, inject=inject, split=split).numpy()
+                          hessian=False, inject=inject, split=split,
+                          adjoint_dtype=torch.float64).numpy()
     C = np.full((traj.n_rows, m), np.nan)
     B = np.full((traj.n_rows, m), np.nan)
     C[attr.rows_], B[attr.rows_] = -D.sum(-1), -D[:, -1, :]

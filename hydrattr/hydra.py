@@ -276,7 +276,8 @@ class HydraAttributor(BaseAttributor):
                             self.trajectory_, loss_fn, data_fn, block, self._rows_map,
                             len(self.rows_), hessian=True, device=self._device,
                             progress=progress, bn=bn, start=t0,
-                            stats_grads=None if GR is None else GR[sl]))
+                            stats_grads=None if GR is None else GR[sl],
+                            adjoint_dtype=torch.float64))
                     start += block.shape[0]
             D = torch.cat(parts, dim=1)
         C = np.full((self.n_train_, G.shape[0]), np.nan)

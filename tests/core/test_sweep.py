@@ -247,3 +247,42 @@ def test_adjoint_rejects_bad_inject_and_split(fitted):
         exact_adjoint(*args, inject={len(att.trajectory_): G})
     with pytest.raises(ValueError, match="split: expected 8 non-negative ints"):
         exact_adjoint(*args, split=np.zeros(3, dtype=int))
+
+
+def test_float64_adjoint_keeps_what_float32_rounds_away():
+    """A float32 run of 1,200 steps: its ``lr * weight_decay`` increment (1e-9 per step,
+    1e-8 with momentum's 1 / (1 - 0.9)) is below float32's resolution (6e-8), and the
+    momentum adjoint's sums round at every step.
+
+    Reference: ``fast_replay``, whose per-step adjoint coefficients are computed in
+    float64 (then one float32 rounding of ``coef * G`` per step). The sweep with the
+    Hessian dropped is the same quantity. Carried in float64 it agrees to float32 product
+    rounding (measured 1.4e-8 of the largest score; bound 2e-7); carried in float32 its
+    error grows with the steps (measured 4.8e-6 here, 8.5e-7 at 300 steps; checked to
+    exceed 1e-6 so the test can fail).
+    """
+    from _blobs import three_blobs
+
+    from hydrattr._core.sweep import fast_replay
+
+    X, y = three_blobs(60, 0)
+    net = NeuralNetClassifier(
+        module=MLP, module__n_features=4, module__n_classes=3, module__hidden=(8,),
+        module__activation="tanh", criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD, lr=0.01, optimizer__momentum=0.9,
+        optimizer__weight_decay=1e-7, batch_size=20, max_epochs=400, train_split=None,
+        verbose=0, iterator_train__shuffle=True)
+    att = HydraAttributor(net, mode="exact", random_state=0, verbose=0)
+    att.fit(X.astype(np.float32), y)
+    assert att.param_dtype_ == torch.float32 and len(att.trajectory_) == 1200
+    Xt, yt = att._to_tensors(*three_blobs(4, 1))
+    G = att._test_grads(Xt, yt, "per_sample")
+    rows_map = np.arange(len(X))
+    with module_mode(att.net_.module_, training=True):
+        args = (att.trajectory_, att._loss_fn(), att._data_fn(), G, rows_map, len(X))
+        ref = fast_replay(*args, independent=True).numpy()
+        d64 = exact_adjoint(*args, hessian=False, adjoint_dtype=torch.float64).numpy()
+        d32 = exact_adjoint(*args, hessian=False).numpy()
+    scale = np.abs(ref).max()
+    assert np.abs(d64 - ref).max() < 2e-7 * scale
+    assert np.abs(d32 - ref).max() > 1e-6 * scale
