@@ -465,7 +465,7 @@ def _checks(by, hname, o):
     if "cleanlab" in by:
         c = by["cleanlab"]
         notes.append(f"vs cleanlab {diff(c)}, "
-                     f"precision {h['precision']:.3f} vs {c['precision']:.3f}")
+                     f"precision {h['precision']:.4f} vs {c['precision']:.4f}")
     return "; ".join(notes)
 
 
