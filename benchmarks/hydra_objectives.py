@@ -132,6 +132,21 @@ def variants(C, yv, y, C_ckpt, B, windows, s_final_lr):
     }
 
 
+def check_gap(a, b, k=10):
+    """``(k-th largest, largest)`` row gap ``|a - b|`` relative to ``max |b|``.
+
+    The sweep and the replays are the same sums evaluated differently in float32, and a
+    float32 evaluation can put a pre-activation within rounding of zero on the other side
+    of a ReLU. At 50,000 rows (MNIST, 50% noise) one row's term at one step came out 1.4%
+    apart that way (the batched forward-mode dot against the per-sample gradient; float64
+    agrees with the latter), 1.3e-4 of the largest score, while every other row agreed to
+    2e-5. The k-th largest gap ignores up to k - 1 such rows; a lost step (64 rows) or a
+    window off by an epoch (every row, by 10% or more at 50,000 rows) still fails it.
+    """
+    g = np.sort(np.abs(a - b))[::-1] / np.abs(b).max()
+    return float(g[min(k, len(g)) - 1]), float(g[0])
+
+
 def run_seed(args, dataset, rate, seed):
     args.seed = seed
     d, y, flipped, net = noisy_setting(args, dataset, rate)
@@ -145,22 +160,18 @@ def run_seed(args, dataset, rate, seed):
         raise RuntimeError("steps per epoch differ between epochs; use train_split=None "
                            "and full epochs")
     C_ckpt, B = checkpoint_contributions(attr, Xv, yv, checkpoints)
-    final, mean = C_ckpt[:, -1], C.mean(1)
-    err = float(np.abs(final - mean).max() / np.abs(mean).max())
     # the package's truncated hypergradient (a replay of the window only) against the
     # sweep's per-epoch split of the same fast scores
     s_final_lr = attr.set_params(last_epochs="final_lr").attribute(
         Xv, yv, objective="mean")[:, 0]
     k_final = int(np.searchsorted(checkpoints, attr.window_start_, side="right"))
     attr.set_params(last_epochs=None)
-    err = max(err, float(np.abs(B[:, k_final:].sum(1) - s_final_lr).max()
-                         / np.abs(s_final_lr).max()))
-    # float32 sums in a different order: 6e-7 to 8e-7 at 4,000 rows, 1.3e-4 (of the
-    # largest score) at 50,000 rows and 20 epochs; a window off by one epoch or a lost
-    # step would be off by percents
-    if err > 1e-3:
-        raise RuntimeError(f"checkpoint sweep differs from the fast scores "
-                           f"(relative {err:.2e})")
+    gaps = [check_gap(C_ckpt[:, -1], C.mean(1)),
+            check_gap(B[:, k_final:].sum(1), s_final_lr)]
+    err, err_max = max(g[0] for g in gaps), max(g[1] for g in gaps)
+    if err > 1e-4:
+        raise RuntimeError(f"checkpoint sweep differs from the fast scores (10th largest "
+                           f"row gap {err:.2e} of the largest score)")
     scores = variants(C, yv, y, C_ckpt, B, args.windows, s_final_lr)
     if args.exact:  # the exact hypergradient of the same run, whole and truncated
         for name, k in [("exact", None), ("exact_final_lr", "final_lr"),
@@ -177,7 +188,7 @@ def run_seed(args, dataset, rate, seed):
         removed = cleanlab_select(y, oof_probs(net, d.X_train, y, seed), rate)[0]
         p = pr(removed, flipped)[0]
         out["cleanlab"] = (p, p)
-    return out, err, len(checkpoints) - k_final
+    return out, (err, err_max), len(checkpoints) - k_final
 
 
 def _mean_sd(values):
@@ -200,10 +211,12 @@ def markdown(results, args):
         for name, v in res["precision"].items():
             lines.append(f"| {name} | " + " | ".join(_mean_sd(p) for p in np.array(v).T) + " |")
         lines += ["", f"`final_lr` (`HydraAttributor(last_epochs=\"final_lr\")`) covered the "
-                      f"last {res['final_lr_epochs']} epochs (per seed). Largest relative "
-                      f"gap between the checkpoint sweep and the fast scores (its last row "
-                      f"against `mean`, its per-epoch split of the final phase against "
-                      f"`final_lr`): {max(res['check_rel_err']):.1e}.", ""]
+                      f"last {res['final_lr_epochs']} epochs (per seed). Gap between the "
+                      f"checkpoint sweep and the fast scores (its last row against `mean`, "
+                      f"its per-epoch split of the final phase against `final_lr`), relative "
+                      f"to the largest score: 10th largest row "
+                      f"{max(res['check_rel_err']):.1e}, largest "
+                      f"{max(res.get('check_max_rel_err', [float('nan')])):.1e}.", ""]
     return "\n".join(lines)
 
 
@@ -245,8 +258,9 @@ def main(argv=None):
         res = {"dataset": dataset, "rate": rate, "precision": {}, "check_rel_err": [],
                "final_lr_epochs": []}
         for j in range(args.seeds):
-            out, err, k = run_seed(args, dataset, rate, base_seed + j)
+            out, (err, err_max), k = run_seed(args, dataset, rate, base_seed + j)
             res["check_rel_err"].append(err)
+            res.setdefault("check_max_rel_err", []).append(err_max)
             res["final_lr_epochs"].append(k)
             for name, v in out.items():
                 res["precision"].setdefault(name, []).append(v)

@@ -190,8 +190,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     the per-step products stay in the parameters' dtype. With float32 parameters,
     float64 adjoints keep increments that float32 rounds away: weight decay's
     ``lr * weight_decay`` (2e-8 per step at lr 1e-3, weight decay 2e-5) is below
-    float32's resolution, and thousands of such steps leave a float32 adjoint off by
-    about 1e-4 (measured at 15,640 steps).
+    float32's resolution; over 15,640 LeNet-5 steps a float32 adjoint shrank every
+    score by about 2.6e-5 of itself against float64 coefficients.
     """
     steps = steps_for(traj)
     theta_bar = test_grads.to(device=device, dtype=adjoint_dtype).clone()
