@@ -195,7 +195,7 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     """
     steps = steps_for(traj)
     theta_bar = test_grads.to(device=device, dtype=adjoint_dtype).clone()
-    pdt = traj.theta(start).dtype
+    pdt = traj.dtype  # the per-step products run in the parameters' dtype
     v_bar = steps.adjoint_state(theta_bar)
     inject = {} if inject is None else dict(inject)
     bad = [k for k in inject if not start < k < len(traj)]
