@@ -9,8 +9,8 @@ import torch
 from ._core.running_stats import BatchNormStats
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
-from ._skorch import module_mode
 from ._inputs import select_rows
+from ._skorch import module_mode
 from .base import BaseAttributor
 
 __all__ = ["HydraAttributor"]
@@ -148,9 +148,6 @@ class HydraAttributor(BaseAttributor):
             raise ValueError(f"last_epochs must be None, a positive int or 'final_lr', "
                              f"got {k!r}.")
 
-    def _tracked_rows(self, n):
-        return select_rows(self.track, n, self.random_state, "track")
-
     @property
     def _independent(self):
         if self.per_sample == "auto":
@@ -159,7 +156,7 @@ class HydraAttributor(BaseAttributor):
 
     def _after_fit(self):
         n = self.n_train_
-        self.rows_ = self._tracked_rows(n)
+        self.rows_ = select_rows(self.track, n, self.random_state, "track")
         self._rows_map = np.full(n, -1, dtype=np.int64)
         self._rows_map[self.rows_] = np.arange(len(self.rows_))
         self.store_ = None

@@ -145,9 +145,6 @@ class LeaveOneOutAttributor(BaseAttributor):
         if self.n_jobs is not None and not isinstance(self.n_jobs, numbers.Integral):
             raise ValueError(f"n_jobs must be None or an int, got {self.n_jobs!r}.")
 
-    def _selected_rows(self, n):
-        return select_rows(self.indices, n, self.random_state, "indices")
-
     def _seed_torch(self):
         seed = super()._seed_torch()
         if seed is None:  # draw one seed and reuse it for every retraining
@@ -162,7 +159,7 @@ class LeaveOneOutAttributor(BaseAttributor):
         n = self.n_train_
         if not self._record_trajectory:  # (the recorder sets spec_ otherwise)
             self.spec_ = param_spec(self.net_)
-        self.indices_ = self._selected_rows(n)
+        self.indices_ = select_rows(self.indices, n, self.random_state, "indices")
         if self.order == "same":
             job, fn = self._replay_job(), _replay_rows
         else:
