@@ -201,15 +201,13 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     bad = [k for k in inject if not start < k < len(traj)]
     if bad:
         raise ValueError(f"inject: step counts must lie in ({start}, {len(traj)}), got {bad}")
-    if split is None:
-        out = torch.zeros(n_tracked, theta_bar.shape[0], dtype=torch.float64)
-    else:
-        split = np.asarray(split, dtype=np.int64)
-        if split.shape != (len(traj),) or (len(split) and split.min() < 0):
-            raise ValueError(f"split: expected {len(traj)} non-negative ints (one per "
-                             f"step), got shape {split.shape}")
-        out = torch.zeros(n_tracked, theta_bar.shape[0], int(split.max()) + 1,
-                          dtype=torch.float64)
+    cols = np.zeros(len(traj), dtype=np.int64) if split is None else \
+        np.asarray(split, dtype=np.int64)
+    if cols.shape != (len(traj),) or (len(cols) and cols.min() < 0):
+        raise ValueError(f"split: expected {len(traj)} non-negative ints (one per "
+                         f"step), got shape {cols.shape}")
+    out = torch.zeros(n_tracked, theta_bar.shape[0], int(cols.max(initial=0)) + 1,
+                      dtype=torch.float64)
     use_stats = bn is not None and len(bn) > 0 and stats_grads is not None and hessian
     if use_stats:
         coef = running_coefficients(traj, bn)
@@ -241,15 +239,12 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                 theta_bar = theta_bar + hv
             if sel.any():
                 contrib = traj.weights[t] * dots.T[torch.as_tensor(sel, device=dots.device)]
-                if split is None:
-                    out[torch.as_tensor(slots[sel])] += contrib.double().cpu()
-                else:
-                    out[torch.as_tensor(slots[sel]), :, split[t]] += contrib.double().cpu()
+                out[torch.as_tensor(slots[sel]), :, cols[t]] += contrib.double().cpu()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return out
+    return out if split is not None else out[:, :, 0]
 
 
 def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
