@@ -19,11 +19,13 @@ Row ``i`` of the contribution matrix is always item ``i`` of ``X`` as given to `
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
 import scipy.sparse
 import torch
+from sklearn.utils import check_random_state
 
 __all__ = ["input_kind", "check_mapping", "check_dataset", "n_rows", "input_shape",
            "cast_inputs", "slice_rows", "take_rows", "to_device", "dataset_data_fn",
@@ -192,10 +194,6 @@ def select_rows(value, n, random_state, name):
     ``random_state``, a ``check_random_state`` argument) or a 1-d array of unique row
     indices. Raises ``ValueError`` naming ``name`` otherwise.
     """
-    import numbers
-
-    from sklearn.utils import check_random_state
-
     if value is None:
         return np.arange(n)
     if isinstance(value, numbers.Integral):
