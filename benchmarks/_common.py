@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import resource
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +48,18 @@ def environment():
     return {"torch": torch.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads()}
+
+
+def run_record(benchmark, args, t0=None, **fields):
+    """The head of every saved result: the benchmark's name, its command line
+    (``sys.argv``), its parsed ``args`` and :func:`environment`, then ``total_s`` (seconds
+    since ``t0``, a :func:`time.perf_counter` reading) when ``t0`` is given, then
+    ``fields``."""
+    record = {"benchmark": benchmark, "argv": sys.argv, "args": vars(args), **environment()}
+    if t0 is not None:
+        record["total_s"] = time.perf_counter() - t0
+    record.update(fields)
+    return record
 
 
 def step_schedule(step_size=5, gamma=0.1):

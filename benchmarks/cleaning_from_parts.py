@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table4_ensemble_parts import part_path  # noqa: E402
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -160,9 +160,8 @@ def main(argv=None):
     rows, errors = analyse(scores, y, d.y_train, flipped, args.rate)
     peers = table3_peers(args)
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_{args.dataset}"
-    payload = {"benchmark": "cleaning_from_parts", "argv": sys.argv, "args": vars(args),
-               **environment(),
-               "rows": rows, "errors": errors, "table3_peers": peers}
+    payload = run_record("cleaning_from_parts", args, rows=rows, errors=errors,
+                         table3_peers=peers)
     md = markdown(rows, errors, peers, args)
     save_results(f"cleaning_from_parts_{tag}", payload, md)
     print(md)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, parse_settings, save_results  # noqa: E402
+from _common import add_run_args, parse_settings, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import cleanlab_select, noisy_setting, oof_probs, pr  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -268,8 +268,7 @@ def main(argv=None):
                   ", ".join(f"{k} {v[1]:.4f}" for k, v in out.items()), flush=True)
         results.append(res)
     args.seed = base_seed
-    payload = {"benchmark": "hydra_objectives", "argv": sys.argv, "args": vars(args),
-               **environment(), "total_s": time.perf_counter() - t0, "results": results}
+    payload = run_record("hydra_objectives", args, t0, results=results)
     md = markdown(results, args)
     tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
     save_results(f"hydra_objectives_{tag}", payload, md)

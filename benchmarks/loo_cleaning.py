@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor, LeaveOneOutAttributor  # noqa: E402
@@ -108,12 +108,11 @@ def main(argv=None):
     ratio = float(np.median(np.abs(s_loo[rows]) / np.maximum(np.abs(s_exact[rows]), 1e-30)))
     print(f"subset of {2 * k}: {sub} ({t_loo:.0f} s)", flush=True)
 
-    payload = {"benchmark": "loo_cleaning", "argv": sys.argv, "args": vars(args),
-               **environment(), "noisy_model_test_accuracy": acc,
-               "full_set": full, "subset_rows": rows.tolist(), "subset": sub,
-               "median_abs_loo_over_exact": ratio,
-               "seconds": {"hydra_fast_and_exact": t_hydra, "loo": t_loo,
-                           "total": time.perf_counter() - t_start}}
+    payload = run_record("loo_cleaning", args, noisy_model_test_accuracy=acc,
+                         full_set=full, subset_rows=rows.tolist(), subset=sub,
+                         median_abs_loo_over_exact=ratio,
+                         seconds={"hydra_fast_and_exact": t_hydra, "loo": t_loo,
+                                  "total": time.perf_counter() - t_start})
     lines = ["# Leave-one-out as a label cleaner (LeNet-5)", "",
              f"Command: `{' '.join(sys.argv)}`", "",
              f"{args.dataset}, n_train={args.n_train}, n_valid={args.n_valid} (clean; the "

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, parse_settings, save_results  # noqa: E402
+from _common import add_run_args, parse_settings, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import cleanlab_select, hybrid_scores, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -192,9 +192,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="cleanlab")
     results = [run_setting(args, ds, r) for ds, r in settings]
     tag = args.tag or f"n{args.n_train}_e{args.epochs}"
-    payload = {"benchmark": "oof_cleaning", "argv": sys.argv, "args": vars(args),
-               **environment(),
-               "results": results}
+    payload = run_record("oof_cleaning", args, results=results)
     md = markdown(results, args)
     save_results(f"oof_cleaning_{tag}", payload, md)
     print(md)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import accuracy, cleanlab_removed, fit_net, noisy_setting  # noqa: E402
 
 from hydrattr import HydraAttributor  # noqa: E402
@@ -147,9 +147,7 @@ def main(argv=None):
         for rate in args.rates:
             print(f"== {dataset} r={rate}", flush=True)
             results.append(run_one(args, dataset, rate))
-            payload = {"benchmark": "table3_gap", "argv": sys.argv, "args": vars(args),
-                       **environment(),
-                       "total_s": time.perf_counter() - t0, "results": results}
+            payload = run_record("table3_gap", args, t0, results=results)
             md = markdown(results, args)
             save_results(f"table3_gap_{tag}", payload, md)
     print(md)

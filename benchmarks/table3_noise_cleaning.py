@@ -59,7 +59,7 @@ import torch
 from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, paper_lenet, save_results  # noqa: E402
+from _common import add_run_args, paper_lenet, run_record, save_results  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -609,9 +609,7 @@ def main(argv=None):
             print(f"== {dataset} r={rate}", flush=True)
             results.append(run_one(args, dataset, rate))
             # saved after every setting, so a long run that is stopped keeps its rows
-            payload = {"benchmark": "table3_noise_cleaning", "argv": sys.argv,
-                       "args": vars(args), **environment(),
-                       "total_s": time.perf_counter() - t0, "results": results}
+            payload = run_record("table3_noise_cleaning", args, t0, results=results)
             md = markdown(results, args)
             save_results(f"table3_{tag}", payload, md)
     print(md)

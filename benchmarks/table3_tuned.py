@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, add_run_args, environment, parse_settings,  # noqa: E402
-                     save_results)
+from _common import (RESULTS, add_run_args, parse_settings,  # noqa: E402
+                     run_record, save_results)
 from table3_noise_cleaning import (accuracy, cleanlab_select, fit_net,  # noqa: E402
                                    hybrid_scores, noisy_setting, oof_probs, pr,
                                    retrain_seeds)
@@ -283,8 +283,7 @@ def main(argv=None):
         md = markdown(results, args)
         save_results(f"table3_tuned_{tag}" if args.quick or not args.tag else
                      f"parts/table3_tuned_{tag}",
-                     {"benchmark": "table3_tuned", "argv": sys.argv, "args": vars(args),
-                      **environment(), "total_s": time.perf_counter() - t0, "results": results}, md)
+                     run_record("table3_tuned", args, t0, results=results), md)
     print(md)
 
 

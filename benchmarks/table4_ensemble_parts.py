@@ -44,7 +44,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import PAPER, evaluate, evaluate_splits, markdown  # noqa: E402
 
@@ -135,9 +135,7 @@ def run_combine(args):
                                     {"e": seconds}, "e"))
     res = {"dataset": args.dataset, "rate": args.rate, "rows": rows,
            "paper": PAPER.get(args.dataset)}
-    payload = {"benchmark": "table4_ensemble_parts", "argv": sys.argv, "args": vars(args),
-               **environment(),
-               "results": [res]}
+    payload = run_record("table4_ensemble_parts", args, results=[res])
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
     md = markdown([res], args) + (
         "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "

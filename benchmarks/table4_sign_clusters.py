@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
@@ -231,9 +231,7 @@ def main(argv=None):
         print(f"== {dataset} r={args.rate}", flush=True)
         results.append(run_one(args, dataset))
         # saved after every dataset, so a long run that is stopped keeps its rows
-        payload = {"benchmark": "table4_sign_clusters", "argv": sys.argv,
-                   "args": vars(args), **environment(),
-                   "total_s": time.perf_counter() - t0, "results": results}
+        payload = run_record("table4_sign_clusters", args, t0, results=results)
         md = markdown(results, args)
         save_results(f"table4_{tag}", payload, md)
     print(md)

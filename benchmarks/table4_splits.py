@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, environment, save_results  # noqa: E402
+from _common import add_run_args, run_record, save_results  # noqa: E402
 from table3_noise_cleaning import noisy_setting  # noqa: E402
 from table4_sign_clusters import evaluate_splits  # noqa: E402
 
@@ -109,9 +109,7 @@ def main(argv=None):
                       f"{100 * r['signs']['jaccard_random']:.2f} mean "
                       f"{100 * r['mean']['jaccard_random']:.2f}", flush=True)
             table = summarize(runs)  # saved as it goes: a stopped run keeps its rows
-            payload = {"benchmark": "table4_splits", "argv": sys.argv, "args": vars(args),
-                       **environment(),
-                       "total_s": time.perf_counter() - t0, "runs": runs, "summary": table}
+            payload = run_record("table4_splits", args, t0, runs=runs, summary=table)
             save_results(f"table4_splits_{tag}", payload, markdown(table, args))
     print(markdown(summarize(runs), args))
 
