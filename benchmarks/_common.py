@@ -117,9 +117,12 @@ def atomic_write(path, text):
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def save_results(stem, payload, md):
-    """Write ``benchmarks/results/<stem>.json`` (``payload``, indented JSON) and
-    ``<stem>.md`` (the markdown table ``md``), each through :func:`atomic_write`."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / f"{stem}.json", json.dumps(payload, indent=2))
-    atomic_write(RESULTS / f"{stem}.md", md)
+def save_results(stem, payload, md, out=None):
+    """Write ``<out>/<stem>.json`` (``payload``, indented JSON) and, unless ``md`` is None,
+    ``<stem>.md`` (the markdown table ``md``), each through :func:`atomic_write`;
+    ``out`` defaults to ``benchmarks/results``."""
+    out = RESULTS if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{stem}.json", json.dumps(payload, indent=2))
+    if md is not None:
+        atomic_write(out / f"{stem}.md", md)

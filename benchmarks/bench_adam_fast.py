@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import save_results  # noqa: E402
 
 
 def _hessian_free(att, G, freeze):
@@ -117,12 +118,7 @@ def main(argv=None):
                    "exact_attribute_over_plain_fit": t_exact / t_plain}
             rows.append(row)
             print(row, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_adam_fast" + (f"_{args.tag}" if args.tag else ""))
     cmd = " ".join(sys.argv)
-    with open(stem + ".json", "w") as f:
-        json.dump({"command": cmd, "n_train": n, "epochs": args.epochs, "n_test": args.n_test,
-                   "device": "cpu", "rows": rows}, f, indent=2)
     lines = ["# bench_adam_fast: fast mode vs exact mode with Adam / AdamW", "",
              f"`{cmd}`: float64 MLP (16 tanh units), {n} training rows, {args.epochs} epochs, "
              f"batch 32, lr 0.005, {args.n_test} test points, CPU.", "",
@@ -137,8 +133,9 @@ def main(argv=None):
         f"{r['optimizer']} {r['exact_attribute_over_plain_fit']:.1f}" for r in rows[::2]),
         "", "`fast` (what HydraAttributor does) drops only the Hessian; `frozen` also "
             "treats Adam's preconditioner as constant."]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save_results("bench_adam_fast" + (f"_{args.tag}" if args.tag else ""),
+                 {"command": cmd, "n_train": n, "epochs": args.epochs, "n_test": args.n_test,
+                  "device": "cpu", "rows": rows}, "\n".join(lines) + "\n", out=args.out)
     print("\n".join(lines))
     return 0
 

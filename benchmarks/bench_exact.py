@@ -25,7 +25,6 @@ Results go to ``benchmarks/results/bench_exact[_TAG].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet, peak_rss_gib, step_schedule  # noqa: E402
+from _common import paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
 PAPER = {"fast_vs_hessian_speedup_densenet": 971, "speedup_quoted_in_issue": 22}
 
 
@@ -164,10 +163,7 @@ def main(argv=None):
     }
     res["meets"] = {"mean_objective_all_samples_ratio":
                     res["ratios_to_plain_fit"]["mean_objective_all_samples"] <= 6.0}
-    os.makedirs(args.out, exist_ok=True)
     name = "bench_exact" + (f"_{args.tag}" if args.tag else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump(res, f, indent=2)
     md = [f"# bench_exact ({N} train, {args.epochs} epochs = {n_steps} steps, "
           f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()})", "",
           "CPU seconds of this process (one torch thread; the machine is shared, so CPU "
@@ -194,8 +190,7 @@ def main(argv=None):
           f"trajectory {res['setting']['trajectory_gib']:.2f} GiB ({args.trajectory}). "
           f"Load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           f"(shared machine: absolute times are noisy, ratios less so).", ""]
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(md))
+    save_results(name, res, "\n".join(md), out=args.out)
     print("\n".join(md))
     return 0
 

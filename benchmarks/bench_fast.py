@@ -21,7 +21,6 @@ Results go to ``benchmarks/results/bench_fast.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet, peak_rss_gib, step_schedule  # noqa: E402
+from _common import paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
 
 
 def make_net(epochs):
@@ -107,10 +106,7 @@ def main(argv=None):
         "targets": {"tracked_fit_ratio": 3.0, "attribute_ratio": 0.5, "peak_rss_gib": 16.0},
     }
     res["meets"] = {k: res[k] <= v for k, v in res["targets"].items()}
-    os.makedirs(args.out, exist_ok=True)
     name = "bench_fast" + (f"_{args.tag}" if args.tag else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump(res, f, indent=2)
     md = [f"# bench_fast ({len(X)} train, {len(Xt)} test, {args.epochs} epochs, "
           f"storage={args.storage}, {os.cpu_count()} CPU cores)", "",
           "| measure | value | ratio to plain fit | target |", "|---|---|---|---|",
@@ -120,8 +116,7 @@ def main(argv=None):
           f"| peak RSS | {rss:.2f} GiB | | <= 16 GiB |",
           f"| per-sample store | {res['store_gib']:.2f} GiB | | |",
           f"| trained weights identical to plain fit | {same} | | |", ""]
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(md))
+    save_results(name, res, "\n".join(md), out=args.out)
     print("\n".join(md))
     return 0
 

@@ -43,7 +43,6 @@ Results go to ``benchmarks/results/bench_influence[_TAG].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -55,6 +54,8 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import save_results  # noqa: E402
 
 THESIS = {  # Table 5.1: Pearson correlation with actual influence
     "IF (CG)": (0.742, 0.805),
@@ -127,14 +128,10 @@ def pearson(a, b):
 
 
 def save(args, result):
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_influence" + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    if "correlations" in result:
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(result))
-    return stem
+    name = "bench_influence" + (f"_{args.tag}" if args.tag else "")
+    save_results(name, result, markdown(result) if "correlations" in result else None,
+                 out=args.out)
+    return os.path.join(args.out, name)
 
 
 def markdown(r):

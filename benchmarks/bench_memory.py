@@ -39,6 +39,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import save_results  # noqa: E402
 
 
 # -- child: one configuration ---------------------------------------------------------------
@@ -223,10 +225,6 @@ def main(argv=None):
             "torch": torch.__version__, "threads": args.threads,
             "ram_limit_gib": args.ram_limit_gib, "command": " ".join(sys.argv),
             "load_avg_at_end": os.getloadavg()}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_memory" + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results, "summary": summary}, f, indent=2)
     lines = ["# bench_memory: fast mode with the per-sample store and trajectory on disk",
              "", f"`{meta['command']}` (times: min over {max(1, args.repeat)} interleaved "
              f"run(s)) - LeNet-5, MNIST, {args.epochs} epoch(s), "
@@ -251,8 +249,9 @@ def main(argv=None):
         lines.append(f"Full run peak RSS {summary['full_peak_rss_gib']:.2f} GiB "
                      f"(limit {args.ram_limit_gib} GiB): "
                      f"{'within' if summary['full_within_ram_limit'] else 'OVER'} the limit.")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save_results("bench_memory" + (f"_{args.tag}" if args.tag else ""),
+                 {"meta": meta, "results": results, "summary": summary},
+                 "\n".join(lines) + "\n", out=args.out)
     print("\n".join(lines))
     return 0
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -51,6 +50,8 @@ from torch import nn
 from torch.nn import functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import save_results  # noqa: E402
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -192,11 +193,7 @@ def measure(model, n, device, args):
 
 def _write(args, meta, results):
     """Save JSON and the markdown table (called after every measurement)."""
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_scaling" + (f"_{args.tag}" if args.tag else ""))
     meta = {**meta, "load_avg_at_end": os.getloadavg()}
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
     lines = ["# bench_scaling: fast-mode HYDRA cost per tracked sample per parameter", "",
              f"`{meta['command']}` on **{meta['device']}** ({meta['device_name']}), torch "
              f"{meta['torch']}, {meta['data']} inputs, per_sample={meta['per_sample']}, 1 epoch, "
@@ -213,8 +210,8 @@ def _write(args, meta, results):
                      f"{r['store_gib']:.2f} GiB | {r['plain_fit_s']:.1f} | {r['hydra_fit_s']:.1f}"
                      f" | {r['ratio']:.1f} | {r['overhead_ns_per_sample_param']:.3f} | "
                      f"{r['attribute_s']:.2f} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save_results("bench_scaling" + (f"_{args.tag}" if args.tag else ""),
+                 {"meta": meta, "results": results}, "\n".join(lines) + "\n", out=args.out)
     return lines
 
 

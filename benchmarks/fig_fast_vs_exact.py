@@ -26,8 +26,6 @@ Writes ``benchmarks/results/fig_fast_vs_exact[_TAG].json``, ``.md`` and three PN
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import time
@@ -37,7 +35,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet  # noqa: E402
+from _common import paper_lenet, save_results  # noqa: E402
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
@@ -52,30 +50,6 @@ def make_net(epochs):
     return paper_lenet(epochs, callbacks=[
         ("lr", LRScheduler(ReduceLROnPlateau, monitor="train_loss", factor=0.5, patience=2,
                            threshold=1e-4))])
-
-
-class Prefix:
-    """The first ``n`` steps of a trajectory (training stopped after them)."""
-
-    def __init__(self, traj, n):
-        self._traj = traj
-        self.spec = traj.spec
-        self.indices = traj.indices[:n]
-        self.weights = traj.weights[:n]
-        self.rng_states = traj.rng_states[:n]
-        h = traj.hyper
-        self.hyper = type(h)(**{f.name: getattr(h, f.name)[:n] for f in dataclasses.fields(h)})
-        self.buffers0 = getattr(traj, "buffers0", None)
-        self.theta_final = traj.theta(n) if n < len(traj) else traj.theta_final
-
-    def __len__(self):
-        return len(self.indices)
-
-    def theta(self, t, device=None):
-        return self._traj.theta(t, device)
-
-    def opt_state(self, t, device=None):
-        return self._traj.opt_state(t, device)
 
 
 def stratified_rows(y, n_track, seed=0):
@@ -206,7 +180,7 @@ def main(argv=None):
     per_epoch = []
     C_final = {}
     for e in eval_epochs:
-        pre = Prefix(traj, int(ends[e - 1]))
+        pre = traj.head(int(ends[e - 1]))
         G = mean_test_grad(att, pre.theta_final, Xt, yt)
         t0 = time.perf_counter()
         with module_mode(att.net_.module_, training=True):
@@ -223,25 +197,22 @@ def main(argv=None):
 
     result_if = None
     if not args.no_if:
-        try:
-            from hydrattr import InfluenceFunctionAttributor
-        except ImportError:
-            InfluenceFunctionAttributor = None
-        if InfluenceFunctionAttributor is not None:
-            t0 = time.perf_counter()
-            inf = InfluenceFunctionAttributor(make_net(args.epochs), solver="cg",
-                                              damping=args.if_damping,
-                                              cg_maxiter=args.if_maxiter, random_state=0,
-                                              verbose=0)
-            inf.fit(X, y)
-            same = all(torch.equal(a, b) for a, b in zip(inf.net_.module_.parameters(),
-                                                          att.net_.module_.parameters()))
-            ci = inf.attribute(Xt_np, yt_np, objective="mean")[rows, 0]
-            result_if = compare(ci, C_final["exact"])
-            result_if.update({"solver": "cg", "damping": args.if_damping,
-                              "cg_maxiter": args.if_maxiter, "same_weights_as_exact": same,
-                              "time_s": time.perf_counter() - t0})
-            print(f"influence functions vs exact: {result_if}", flush=True)
+        from hydrattr import InfluenceFunctionAttributor
+
+        t0 = time.perf_counter()
+        inf = InfluenceFunctionAttributor(make_net(args.epochs), solver="cg",
+                                          damping=args.if_damping,
+                                          cg_maxiter=args.if_maxiter, random_state=0,
+                                          verbose=0)
+        inf.fit(X, y)
+        same = all(torch.equal(a, b) for a, b in zip(inf.net_.module_.parameters(),
+                                                      att.net_.module_.parameters()))
+        ci = inf.attribute(Xt_np, yt_np, objective="mean")[rows, 0]
+        result_if = compare(ci, C_final["exact"])
+        result_if.update({"solver": "cg", "damping": args.if_damping,
+                          "cg_maxiter": args.if_maxiter, "same_weights_as_exact": same,
+                          "time_s": time.perf_counter() - t0})
+        print(f"influence functions vs exact: {result_if}", flush=True)
 
     tangents = []
     if args.tangent_rows:
@@ -261,10 +232,7 @@ def main(argv=None):
            "per_epoch_fast_vs_exact": per_epoch, "final_fast_vs_exact": per_epoch[-1],
            "influence_functions_vs_exact": result_if, "tangent_error_per_epoch": tangents,
            "timings": timings, "paper": PAPER}
-    os.makedirs(args.out, exist_ok=True)
     name = "fig_fast_vs_exact" + (f"_{args.tag}" if args.tag else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump(res, f, indent=2)
     plots = make_plots(res, args.out, name)
     fin = per_epoch[-1]
     md = [f"# fig_fast_vs_exact (Fashion-MNIST, {len(X)} train, {len(rows)} tracked, "
@@ -280,8 +248,7 @@ def main(argv=None):
                   f"{result_if['spearman']:.3f} | {result_if['sign_error']:.3f} | "
                   f"{result_if['rel_l2_error']:.3f} | 0.820 / 0.130 |")
     else:
-        md.append("| influence functions | TODO: InfluenceFunctionAttributor not available "
-                  "(or --no-if) | | | 0.820 / 0.130 |")
+        md.append("| influence functions | not run (--no-if) | | | 0.820 / 0.130 |")
     md += ["", "Per epoch (Figures 4 and 5; Figure 3 from the forward recurrences):", "",
            "| epoch | lr | Spearman | sign error | rel. L2 error | tangent l2 error (mean) | tangent rel. error |",
            "|---|---|---|---|---|---|---|"]
@@ -292,8 +259,7 @@ def main(argv=None):
                   + (f"{tan['mean_l2_error']:.3g} | {tan['mean_rel_error']:.3f} |"
                      if tan else " | |"))
     md += ["", "Plots: " + ", ".join(os.path.basename(q) for q in plots), ""]
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(md))
+    save_results(name, res, "\n".join(md), out=args.out)
     print("\n".join(md))
     return 0
 

@@ -8,6 +8,8 @@ of the batch (to replay dropout masks). Parameters live in memory or in a disk m
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -184,6 +186,28 @@ class Trajectory:
             touch(self._thetas, th.nbytes)  # memmap: keep RSS bounded on long passes
             th = torch.from_numpy(np.array(th))
         return th.to(device) if device is not None else th
+
+    def head(self, n):
+        """The first ``n`` steps as a trajectory of their own: training stopped after them.
+
+        Its ``theta_final`` is the parameters after step ``n`` (``theta(n)``); snapshots,
+        optimizer states and RNG states are shared with this trajectory, not copied. Any
+        sweep or replay of the result differentiates, or reproduces, the checkpoint
+        ``theta(n)`` (e.g. the exact contributions to a loss measured at an earlier
+        epoch). ``n == len(self)`` returns this trajectory itself.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= len(self):
+            raise ValueError(f"n: expected an int in [1, {len(self)}], got {n!r}")
+        if n == len(self):
+            return self
+        out = copy.copy(self)
+        out.indices, out.weights = self.indices[:n], self.weights[:n]
+        out.rng_states, out._hyper_rows = self.rng_states[:n], self._hyper_rows[:n]
+        out.hyper = hyper_from_rows(out._hyper_rows)
+        out._thetas = self._thetas[:n]
+        out.theta_final = self.theta(n).clone()
+        out.epoch_starts = [s for s in self.epoch_starts if s < n]
+        return out
 
     def opt_state(self, t, device=None):
         """Optimizer state before step ``t`` (tuple of flat tensors), or None if not recorded."""

@@ -8,6 +8,8 @@
   that replays the RNG state for each vector.
 * ``exact_adjoint(hessian=False)`` equals the fast-mode store: the two modes differ by
   the Hessian term only.
+* ``exact_adjoint`` with ``inject`` and ``split``, and on ``Trajectory.head(k)``, against
+  finite differences of training replayed for ``k`` steps.
 """
 import numpy as np
 import pytest
@@ -214,6 +216,7 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
         Ds = exact_adjoint(*args, inject={k: torch.cat([zeros, g_k[None]])}, split=split)
         D_final = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X))
         D_late = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X), start=k)
+        D_head = exact_adjoint(traj.head(k), loss_fn, data_fn, g_k[None], rows_map, len(X))
 
     h = 1e-5
     for i in [0, 7, 19, 33, 58]:
@@ -226,6 +229,14 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
         np.testing.assert_allclose(D[i, 1].item(), fd.item(), rtol=1e-6,
                                    atol=1e-9 * D[:, 1].abs().max().item())
     assert D[:, 1].abs().max() > 1e-4  # the checkpoint objective depends on the rows
+    # the same objective by sweeping the trajectory's first k steps as a run of their own
+    head = traj.head(k)  # the per-step records stop at k too
+    assert (len(head), len(head.hyper.lr), head.epoch_starts) == (k, k, [0])
+    assert len(traj) == T and traj.epoch_starts == [0, k]  # the original is untouched
+    # (theta_final is the recorded checkpoint; the replay rounds in the last bits)
+    torch.testing.assert_close(traj.head(k).theta_final, theta_k(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(D_head[:, 0].numpy(), D[:, 1].numpy(), rtol=1e-12,
+                               atol=1e-14 * D[:, 1].abs().max().item())
     # the final objective's row is the plain sweep's, untouched by the injection
     np.testing.assert_allclose(D[:, 0].numpy(), D_final[:, 0].numpy(), rtol=1e-12,
                                atol=1e-14 * D_final.abs().max().item())
@@ -239,7 +250,7 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
     assert Ds[:, 0, 0].abs().max() > 1e-4  # both epochs carry part of the final objective
 
 
-def test_adjoint_rejects_bad_inject_and_split(fitted):
+def test_adjoint_and_head_reject_bad_arguments(fitted):
     att, X, y = fitted
     G = att._test_grads(*att._to_tensors(*_data(2, seed=1)), "mean")
     args = (att.trajectory_, att._loss_fn(), att._data_fn(), G, np.arange(len(X)), len(X))
@@ -247,6 +258,10 @@ def test_adjoint_rejects_bad_inject_and_split(fitted):
         exact_adjoint(*args, inject={len(att.trajectory_): G})
     with pytest.raises(ValueError, match="split: expected 8 non-negative ints"):
         exact_adjoint(*args, split=np.zeros(3, dtype=int))
+    for n in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match=r"n: expected an int in \[1, 8\]"):
+            att.trajectory_.head(n)
+    assert att.trajectory_.head(8) is att.trajectory_
 
 
 def test_float64_adjoint_keeps_what_float32_rounds_away():
