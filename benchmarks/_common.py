@@ -114,7 +114,9 @@ def atomic_write(path, text):
     os.replace(tmp, path)
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go: benchmarks/results, or $HYDRATTR_BENCH_RESULTS (the tests' smoke runs)
+RESULTS = Path(os.environ.get("HYDRATTR_BENCH_RESULTS")
+               or Path(__file__).resolve().parent / "results")
 
 
 def save_results(stem, payload, md, out=None):

@@ -32,7 +32,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import save_results  # noqa: E402
+from _common import RESULTS, save_results  # noqa: E402
 
 
 def _hessian_free(att, G, freeze):
@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--n-test", type=int, default=20)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.quick:

@@ -35,7 +35,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
+from _common import RESULTS, paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
 PAPER = {"fast_vs_hessian_speedup_densenet": 971, "speedup_quoted_in_issue": 22}
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true",
                    help="5,000 rows, 2 epochs, 1,000 test points for the mean, 20 columns")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:

@@ -31,7 +31,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
+from _common import RESULTS, paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
 
 
 def make_net(epochs):
@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--trajectory", default="memory", choices=["memory", "memmap"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="5,000 rows, 1 epoch, 200 test points")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:

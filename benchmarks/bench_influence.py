@@ -55,7 +55,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import save_results  # noqa: E402
+from _common import RESULTS, save_results  # noqa: E402
 
 THESIS = {  # Table 5.1: Pearson correlation with actual influence
     "IF (CG)": (0.742, 0.805),
@@ -203,7 +203,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="1,000 rows, batch 100, 20 epochs, 20 LOO rows per test image, "
                         "1 LOO epoch")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:

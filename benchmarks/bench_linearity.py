@@ -39,6 +39,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _common import RESULTS  # noqa: E402
 
 DELTAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6)
 MODELS = {"lr": ("lr", {}), "mlp_relu": ("mlp", {}),
@@ -162,7 +163,7 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     args.n_rows = args.n_rows or (5 if args.quick else 20)

@@ -40,7 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import save_results  # noqa: E402
+from _common import RESULTS, save_results  # noqa: E402
 
 
 # -- child: one configuration ---------------------------------------------------------------
@@ -151,7 +151,7 @@ def main(argv=None):
                         "half = 2 bytes per sample per parameter)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="run only these of baseline, disk-same-n, disk-full, memory-full")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     p.add_argument("--repeat", type=int, default=1,
                    help="run baseline and disk-same-n this many times, interleaved; times "

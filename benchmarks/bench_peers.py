@@ -55,6 +55,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import RESULTS, atomic_write  # noqa: E402
 
 # Published reference points (MNIST-10, 5,000 train / 500 test; dattri's benchmark,
 # Deng et al., "dattri: A Library for Efficient Data Attribution", NeurIPS 2024 D&B).
@@ -131,7 +133,7 @@ def parse_args(argv=None):
                    help="seconds per method run before it is given up (0: none; "
                         "default 300 with --quick, else none)")
     p.add_argument("--peers-dir", default=str(HERE / "_work" / "peers"))
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None, help="output file stem (default bench_peers[_quick])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default="", help="free text added to the markdown report")
@@ -846,9 +848,6 @@ def write_markdown(res, path):
 
 def _save(res, out, tag):
     """JSON and markdown, each written through a temporary file (never half-written)."""
-    sys.path.insert(0, str(HERE))
-    from _common import atomic_write
-
     atomic_write(out / f"{tag}.json", json.dumps(res, indent=1, default=str))
     write_markdown(res, out / f"{tag}.md.tmp")
     os.replace(out / f"{tag}.md.tmp", out / f"{tag}.md")

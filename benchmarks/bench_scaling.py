@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import save_results  # noqa: E402
+from _common import RESULTS, save_results  # noqa: E402
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
                    help="400 tracked for every model, LeNet-5 also 2,000")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.threads:

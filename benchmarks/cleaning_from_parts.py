@@ -39,13 +39,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, run_record, save_results  # noqa: E402
+from _common import RESULTS, add_run_args, run_record, save_results  # noqa: E402
 from table4_ensemble_parts import part_path  # noqa: E402
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def member_scores(args):

@@ -35,7 +35,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import paper_lenet, save_results  # noqa: E402
+from _common import RESULTS, paper_lenet, save_results  # noqa: E402
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
@@ -142,7 +142,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true",
                    help="3,000 rows, 10 epochs (evaluated every 2), 500 test points")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.quick:
@@ -233,6 +233,7 @@ def main(argv=None):
            "influence_functions_vs_exact": result_if, "tangent_error_per_epoch": tangents,
            "timings": timings, "paper": PAPER}
     name = "fig_fast_vs_exact" + (f"_{args.tag}" if args.tag else "")
+    os.makedirs(args.out, exist_ok=True)  # the plots go there before the results
     plots = make_plots(res, args.out, name)
     fin = per_epoch[-1]
     md = [f"# fig_fast_vs_exact (Fashion-MNIST, {len(X)} train, {len(rows)} tracked, "

@@ -15,8 +15,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import RESULTS  # noqa: E402
 
 
 def load(results_dir):
@@ -40,7 +43,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = os.path.join(HERE, "results")
+    results = str(RESULTS)
     runs = load(results)
     if not runs:
         raise SystemExit(f"no bench_scaling_*.json results under {results}: run "

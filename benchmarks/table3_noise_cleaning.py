@@ -59,13 +59,11 @@ import torch
 from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, paper_lenet, run_record, save_results  # noqa: E402
+from _common import RESULTS, add_run_args, paper_lenet, run_record, save_results  # noqa: E402
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
 from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 PAPER = {  # test accuracy (%), Table 3 (r=0.8) and supplement Table 4 (r=0.5)
     ("mnist", 0.8): {"no_filtering": 72.93, "if": 90.07, "hydra": 98.31},
