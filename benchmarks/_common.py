@@ -124,7 +124,7 @@ def save_results(stem, payload, md, out=None):
     ``<stem>.md`` (the markdown table ``md``), each through :func:`atomic_write`;
     ``out`` defaults to ``benchmarks/results``."""
     out = RESULTS if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / stem).parent.mkdir(parents=True, exist_ok=True)  # stem may name a subfolder
     atomic_write(out / f"{stem}.json", json.dumps(payload, indent=2))
     if md is not None:
         atomic_write(out / f"{stem}.md", md)
