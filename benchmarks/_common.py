@@ -122,7 +122,7 @@ RESULTS = Path(os.environ.get("HYDRATTR_BENCH_RESULTS")
 def save_results(stem, payload, md, out=None):
     """Write ``<out>/<stem>.json`` (``payload``, indented JSON) and, unless ``md`` is None,
     ``<stem>.md`` (the markdown table ``md``), each through :func:`atomic_write`;
-    ``out`` defaults to ``benchmarks/results``."""
+    ``out`` defaults to :data:`RESULTS`."""
     out = RESULTS if out is None else Path(out)
     (out / stem).parent.mkdir(parents=True, exist_ok=True)  # stem may name a subfolder
     atomic_write(out / f"{stem}.json", json.dumps(payload, indent=2))
