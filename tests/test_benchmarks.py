@@ -142,6 +142,19 @@ def test_table3_noise_cleaning(tmp_path):
     assert np.isclose(rows["oracle"]["test_accuracy_mean"],
                       np.mean(rows["oracle"]["test_accuracies"]))
 
+    # a second run of the same setting with another optional row, merged into the first:
+    # the merge refuses rows that differ, so the shared rows (no filtering, fast HYDRA,
+    # oracle) must come out bitwise the same from a second process with the same seed
+    run("table3_noise_cleaning", "--n-train", 300, "--n-valid", 100, "--n-test", 100,
+        "--epochs", 1, "--datasets", "mnist", "--rates", 0.5, "--methods", "rounds",
+        "--rules", "per_class", "--retrain-seeds", 2, "--seeds-for", "oracle",
+        "--threads", 1, "--work-dir", tmp_path / "work", "--tag", "t2", tmp_path=tmp_path)
+    run("table3_noise_cleaning", "--merge", "t,t2", "--tag", "merged", tmp_path=tmp_path)
+    (merged,) = saved(tmp_path, "table3_merged")["results"]
+    merged_rows = {r["method"]: r for r in merged["rows"]}
+    assert set(merged_rows) == set(rows) | {"hydra_fast_pc_r2"}
+    assert merged_rows["hydra_fast_pc"] == rows["hydra_fast_pc"]
+
 
 def test_table4_sign_clusters(tmp_path):
     run("table4_sign_clusters", "--datasets", "mnist", "--methods", "if_arnoldi",
