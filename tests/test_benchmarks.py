@@ -8,7 +8,8 @@ reads another's results) in a subprocess on a few hundred MNIST rows and one or 
 epochs, with its results redirected to ``tmp_path`` (``HYDRATTR_BENCH_RESULTS``), and
 checks invariants that hold at any size and that a broken script would violate:
 trained weights identical to a plain skorch fit, the oracle row removing exactly the
-flipped labels, forward and adjoint recurrences agreeing, shapes and finiteness.
+flipped labels, forward and adjoint recurrences agreeing, two same-seed runs agreeing
+bitwise, shapes and finiteness.
 Figures are not checked: at this size they mean nothing.
 
 The scripts read the real MNIST files, so these tests need ``HYDRATTR_DATA`` (``.ci/run``
