@@ -234,7 +234,7 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
     assert (len(head), len(head.hyper.lr), head.epoch_starts) == (k, k, [0])
     assert len(traj) == T and traj.epoch_starts == [0, k]  # the original is untouched
     # (theta_final is the recorded checkpoint; the replay rounds in the last bits)
-    torch.testing.assert_close(traj.head(k).theta_final, theta_k(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(head.theta_final, theta_k(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(D_head[:, 0].numpy(), D[:, 1].numpy(), rtol=1e-12,
                                atol=1e-14 * D[:, 1].abs().max().item())
     # the final objective's row is the plain sweep's, untouched by the injection
