@@ -10,9 +10,15 @@ several seeds (data split, noise, training run, references) and noise rates, and
 reports the Jaccard index (correct / random labels, averaged over classes) of both
 splits: mean and standard deviation over seeds, and in how many seeds ``mean`` wins.
 
+``--windows`` repeats each fit with the hypergradient truncated to the end of training
+(``HydraAttributor(last_epochs=...)``: ``final_lr`` or a number of epochs; ``all`` is
+the whole run, the paper's). Each window is a separate fit of the same seeded run
+(identical training), so the windows are paired too.
+
 Usage::
 
     python benchmarks/table4_splits.py --seeds 0 1 2 3 4 --rates 0.1 0.3 0.5
+    python benchmarks/table4_splits.py --rates 0.5 --windows all final_lr 2
 """
 from __future__ import annotations
 
@@ -36,25 +42,36 @@ from hydrattr.detection import SignClusterDetector  # noqa: E402
 SPLITS = ("signs", "mean")
 
 
-def run(args, dataset, rate, seed):
+def last_epochs(window):
+    """``--windows`` value to ``HydraAttributor(last_epochs=...)``."""
+    if window == "all":
+        return None
+    return window if window == "final_lr" else int(window)
+
+
+def run(args, dataset, rate, seed, window="all"):
     a = argparse.Namespace(**{**vars(args), "seed": seed})
     d, y, flipped, net = noisy_setting(a, dataset, rate)
     t0 = time.perf_counter()
     det = SignClusterDetector(
-        HydraAttributor(net, mode="fast", storage="dense", random_state=seed, verbose=0),
+        HydraAttributor(net, mode="fast", storage="dense", last_epochs=last_epochs(window),
+                        random_state=seed, verbose=0),
         n_reference=args.n_reference, validation_data=(d.X_valid, d.y_valid),
         random_state=seed).fit(d.X_train, y)
     rows = evaluate_splits("hydra_fast", det, flipped, y, {"t": time.perf_counter() - t0}, "t")
-    return {"dataset": dataset, "rate": rate, "seed": seed,
+    return {"dataset": dataset, "rate": rate, "seed": seed, "window": window,
+            "window_start_step": int(det.attributor_.window_start_),
             **{s: {k: r[k] for k in ("jaccard_correct", "jaccard_random", "n_flagged",
                                      "precision", "recall")} for s, r in zip(SPLITS, rows)}}
 
 
 def summarize(runs):
     table = []
-    for key in sorted({(r["dataset"], r["rate"]) for r in runs}):
-        rs = [r for r in runs if (r["dataset"], r["rate"]) == key]
-        row = {"dataset": key[0], "rate": key[1], "n_seeds": len(rs)}
+    order = list(dict.fromkeys(r.get("window", "all") for r in runs))
+    keys = {(r["dataset"], r["rate"], r.get("window", "all")) for r in runs}
+    for key in sorted(keys, key=lambda k: (k[0], k[1], order.index(k[2]))):
+        rs = [r for r in runs if (r["dataset"], r["rate"], r.get("window", "all")) == key]
+        row = {"dataset": key[0], "rate": key[1], "window": key[2], "n_seeds": len(rs)}
         for s in SPLITS:
             for j in ("jaccard_correct", "jaccard_random"):
                 v = 100 * np.array([r[s][j] for r in rs])
@@ -71,13 +88,17 @@ def markdown(table, args):
              f"n_train={args.n_train}, n_valid={args.n_valid}, n_reference={args.n_reference}, "
              f"epochs={args.epochs}, lr={args.lr}, MNIST lr drop at epoch {args.milestone}; "
              "HYDRA fast; Jaccard (%) correct / random labels, mean ± std over seeds; "
-             "'mean wins': seeds where the mean split's random-label Jaccard is higher.", "",
-             "| dataset | r | seeds | signs (paper) | mean | mean wins |", "|---|---|---|---|---|---|"]
+             "'mean wins': seeds where the mean split's random-label Jaccard is higher; "
+             "window: the epochs whose sample weights count (`all`: the whole run, the "
+             "paper's; otherwise `HydraAttributor(last_epochs=window)`).", "",
+             "| dataset | r | window | seeds | signs (paper) | mean | mean wins |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
         cell = {s: f"{r[f'{s}_jaccard_correct'][0]:.2f} ± {r[f'{s}_jaccard_correct'][1]:.2f} / "
                    f"{r[f'{s}_jaccard_random'][0]:.2f} ± {r[f'{s}_jaccard_random'][1]:.2f}"
                 for s in SPLITS}
-        lines.append(f"| {r['dataset']} | {r['rate']:.0%} | {r['n_seeds']} | {cell['signs']} | "
+        lines.append(f"| {r['dataset']} | {r['rate']:.0%} | {r.get('window', 'all')} | "
+                     f"{r['n_seeds']} | {cell['signs']} | "
                      f"{cell['mean']} | {r['mean_wins']}/{r['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
@@ -93,8 +114,14 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--milestone", type=int, default=10)
+    p.add_argument("--windows", nargs="+", default=["all"], metavar="WINDOW",
+                   help="'all' (the whole run), 'final_lr' or a number of last epochs: "
+                        "HydraAttributor(last_epochs=...) of each fit")
     add_run_args(p, work=False)
     args = p.parse_args(argv)
+    for w in args.windows:
+        if not (w in ("all", "final_lr") or (w.isdigit() and int(w) >= 1)):
+            p.error(f"--windows: expected 'all', 'final_lr' or a positive int, got {w!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -103,11 +130,12 @@ def main(argv=None):
     for dataset in args.datasets:
         for rate in args.rates:
             for seed in args.seeds:
-                runs.append(run(args, dataset, rate, seed))
-                r = runs[-1]
-                print(f"{dataset} r={rate} seed={seed}: signs "
-                      f"{100 * r['signs']['jaccard_random']:.2f} mean "
-                      f"{100 * r['mean']['jaccard_random']:.2f}", flush=True)
+                for window in args.windows:
+                    runs.append(run(args, dataset, rate, seed, window))
+                    r = runs[-1]
+                    print(f"{dataset} r={rate} seed={seed} window={window}: signs "
+                          f"{100 * r['signs']['jaccard_random']:.2f} mean "
+                          f"{100 * r['mean']['jaccard_random']:.2f}", flush=True)
             table = summarize(runs)  # saved as it goes: a stopped run keeps its rows
             payload = run_record("table4_splits", args, t0, runs=runs, summary=table)
             save_results(f"table4_splits_{tag}", payload, markdown(table, args))
