@@ -21,7 +21,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from .cleaning import _ContributionSampler
+from ._sampler import _ContributionSampler
 
 __all__ = ["SignClusterDetector"]
 

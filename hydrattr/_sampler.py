@@ -1,0 +1,210 @@
+"""The sampler machinery shared by :class:`~hydrattr.cleaning.LabelNoiseCleaner` and
+:class:`~hydrattr.detection.SignClusterDetector`.
+
+Both validate ``(X, y)``, encode the labels, split off a validation part (stratified and
+seeded, or take an explicit ``validation_data``), fit a clone of the attributor on the
+training part, let the subclass decide which rows to remove (``_select``), and return the
+kept rows from ``fit_resample`` with ``sample_indices_`` and ``removed_mask_`` fitted, as an
+imbalanced-learn sampler does (without importing imbalanced-learn).
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.model_selection import train_test_split
+from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import validate_data
+
+
+def _is_skorch_net(obj):
+    try:
+        from skorch import NeuralNet
+    except ImportError:  # pragma: no cover - skorch is a hard dependency
+        return False
+    return isinstance(obj, NeuralNet)
+
+
+def _net_of(attributor):
+    return getattr(attributor, "net", None)
+
+
+class _ContributionSampler(BaseEstimator):
+    """Shared machinery: validation split, label encoding, fitting the attributor.
+
+    Subclasses implement
+    ``_select(X_train, y_train_enc, X_val, y_val_enc, train_rows, n_samples)``
+    which sets their fitted attributes and returns the boolean removal mask over
+    ``train_rows``. ``_default_hydra`` holds the extra ``HydraAttributor`` parameters a
+    bare skorch net is wrapped with.
+    """
+
+    _default_hydra = {}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = False
+        return tags
+
+    # -- parameters ------------------------------------------------------------------
+    def _make_attributor(self):
+        attributor = self.attributor
+        if attributor is None:
+            raise TypeError(
+                f"{type(self).__name__}: attributor is required: pass an attributor such as "
+                f"HydraAttributor(net) (or a skorch net, which is wrapped in "
+                f"HydraAttributor(net, verbose=0)).")
+        if _is_skorch_net(attributor):
+            from .hydra import HydraAttributor
+
+            return HydraAttributor(clone(attributor), random_state=self.random_state,
+                                   verbose=0, **self._default_hydra)
+        if not (hasattr(attributor, "fit") and hasattr(attributor, "attribute")):
+            raise TypeError(
+                f"attributor must be an attributor with fit(X, y) and attribute(X, y, "
+                f"objective) (e.g. HydraAttributor(net)) or a skorch net, got "
+                f"{type(attributor).__name__}.")
+        return clone(attributor)
+
+    def _check_validation_size(self, n):
+        vs = self.validation_size
+        if isinstance(vs, numbers.Integral) and not isinstance(vs, bool):
+            if not 1 <= vs < n:
+                raise ValueError(f"validation_size as an int must be in [1, n_samples={n}), "
+                                 f"got {vs}.")
+            return int(vs)
+        if isinstance(vs, numbers.Real) and not isinstance(vs, bool) and 0 < vs < 1:
+            n_val = int(np.ceil(float(vs) * n))
+            if not 1 <= n_val < n:
+                raise ValueError(f"validation_size={vs} leaves no training or no validation "
+                                 f"samples out of n_samples={n}.")
+            return n_val
+        raise ValueError(f"validation_size must be a float in (0, 1) or a positive int, "
+                         f"got {vs!r}.")
+
+    def _warn_train_split(self, attributor):
+        net = _net_of(attributor)
+        if net is not None and getattr(net, "train_split", None) is not None:
+            warnings.warn(
+                f"{type(self).__name__}: the attributor's net has train_split="
+                f"{net.train_split!r}, so it holds out part of the training rows; those rows "
+                f"never enter a gradient step, get a score of exactly zero and are never "
+                f"removed. Set train_split=None on the net (the cleaner already holds out its "
+                f"own validation part).", UserWarning, stacklevel=3)
+
+    # -- split -----------------------------------------------------------------------
+    def _split(self, X, y_enc):
+        """Indices of the training and validation rows, or the explicit validation set."""
+        n = X.shape[0]
+        if self.validation_data is not None:
+            try:
+                X_val, y_val = self.validation_data
+            except (TypeError, ValueError):
+                raise ValueError("validation_data must be a pair (X_val, y_val).") from None
+            X_val, y_val = validate_data(self, X_val, y_val, reset=False, allow_nd=True,
+                                         dtype="numeric", ensure_all_finite=True)
+            if X_val.shape[1:] != X.shape[1:]:
+                raise ValueError(f"validation_data: X_val must have per-sample shape "
+                                 f"{X.shape[1:]}, got {X_val.shape[1:]}.")
+            unknown = ~np.isin(y_val, self.classes_)
+            if unknown.any():
+                raise ValueError(f"validation_data: y_val holds labels not seen in y: "
+                                 f"{np.unique(y_val[unknown])[:5].tolist()}.")
+            y_val_enc = np.searchsorted(self.classes_, y_val)
+            return np.arange(n), None, X_val, y_val_enc
+        if n < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 samples to split off a "
+                             f"validation part, got n_samples={n}.")
+        n_val = self._check_validation_size(n)
+        counts = np.bincount(y_enc)
+        stratify = y_enc if counts.min() >= 2 and n_val >= len(counts) \
+            and n - n_val >= len(counts) else None
+        if stratify is None and len(counts) > 1:
+            warnings.warn(f"{type(self).__name__}: cannot stratify the validation split "
+                          f"(a class has fewer than 2 samples or validation_size is smaller "
+                          f"than the number of classes); splitting at random.", UserWarning,
+                          stacklevel=3)
+        rs = check_random_state(self.random_state)
+        train_rows, val_rows = train_test_split(np.arange(n), test_size=n_val,
+                                                stratify=stratify, random_state=rs)
+        train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
+        return train_rows, val_rows, X[val_rows], y_enc[val_rows]
+
+    # -- fit -------------------------------------------------------------------------
+    def fit_resample(self, X, y):
+        """Score the samples, decide which to remove, and return the kept rows.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            Inputs (any per-sample shape the attributor's net accepts).
+        y : array-like of shape (n_samples,)
+            Class labels (encoded internally to ``0..n_classes-1`` for the net).
+
+        Returns
+        -------
+        X_resampled : array-like of shape (n_kept, ...)
+            ``X[sample_indices_]`` (pandas objects stay pandas objects; other inputs
+            come back as validated numpy arrays).
+        y_resampled : array-like of shape (n_kept,)
+        """
+        X_in, y_in = X, y
+        X, y = validate_data(self, X, y, reset=True, allow_nd=True, dtype="numeric",
+                             ensure_all_finite=True, ensure_min_samples=2)
+        check_classification_targets(y)
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        y_enc = y_enc.astype(np.int64)
+        attributor = self._make_attributor()
+        self._check_params(X.shape[0])
+        self._warn_train_split(attributor)
+        train_rows, val_rows, X_val, y_val_enc = self._split(X, y_enc)
+        attributor.fit(X[train_rows], y_enc[train_rows])
+        self.attributor_ = attributor
+        self.train_indices_ = train_rows
+        self.validation_indices_ = (np.array([], dtype=np.int64) if val_rows is None
+                                    else val_rows)
+        remove_train = self._select(X[train_rows], y_enc[train_rows], X_val, y_val_enc,
+                                    train_rows, X.shape[0])
+        removed = np.zeros(X.shape[0], dtype=bool)
+        removed[train_rows[remove_train]] = True
+        self.removed_mask_ = removed
+        self.sample_indices_ = np.flatnonzero(~removed)
+        self.n_removed_ = int(removed.sum())
+        idx = self.sample_indices_
+        # pandas objects stay pandas objects; anything else comes back as the
+        # validated numpy array
+        X_out = _safe_indexing(X_in, idx) if hasattr(X_in, "iloc") else X[idx]
+        y_out = _safe_indexing(y_in, idx) if hasattr(y_in, "iloc") else y[idx]
+        return X_out, y_out
+
+    def fit(self, X, y):
+        """Run :meth:`fit_resample` and return the fitted sampler.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self
+        """
+        self.fit_resample(X, y)
+        return self
+
+    def _trained_rows(self, attributor, n_train):
+        mask = getattr(attributor, "trained_mask_", None)
+        if mask is None:
+            return np.ones(n_train, dtype=bool)
+        mask = np.asarray(mask, dtype=bool)
+        if (~mask).any():
+            warnings.warn(
+                f"{type(self).__name__}: {int((~mask).sum())} training rows never entered a "
+                f"gradient step (train_split held them out); they are treated as unscored "
+                f"and kept. Set train_split=None on the attributor's net.", UserWarning,
+                stacklevel=4)
+        return mask
