@@ -250,19 +250,23 @@ class BaseAttributor(BaseEstimator):
         return make_data_fn(self._X, self._y, self._device)
 
     def _test_grads(self, Xt, yt, objective, batch_size=256):
-        """Per-sample test-loss gradients at the trained weights (eval mode), ``(m, P)``."""
+        """Per-sample test-loss gradients at the trained weights (eval mode), ``(m, P)``;
+        with ``objective="mean"`` their mean, ``(1, P)``, summed batch by batch so that
+        the ``(m, P)`` matrix is never held (2.5 GB for LeNet-5 at 10,000 points)."""
         from ._core.functional import per_sample_grads
         from ._skorch import flat_params, module_mode
 
         theta = flat_params(self.net_, self.spec_).to(self._device)
         loss_fn = self._loss_fn()
-        out = []
+        out, total, m = [], None, n_rows(Xt)
         with module_mode(self.net_.module_, training=False):
-            for s in range(0, n_rows(Xt), batch_size):
+            for s in range(0, m, batch_size):
                 x = to_device(slice_rows(Xt, s, s + batch_size), self._device)
                 y = yt[s:s + batch_size].to(self._device)
-                out.append(per_sample_grads(loss_fn, theta, x, y, independent=True).detach())
-        G = torch.cat(out)
-        if objective == "mean":
-            G = G.mean(dim=0, keepdim=True)
-        return G
+                g = per_sample_grads(loss_fn, theta, x, y, independent=True).detach()
+                if objective == "mean":
+                    g = g.sum(dim=0, keepdim=True)
+                    total = g if total is None else total + g
+                else:
+                    out.append(g)
+        return total / m if objective == "mean" else torch.cat(out)

@@ -56,8 +56,12 @@ class SignClusterDetector(_ContributionSampler):
     ----------
     attributor : attributor or skorch.NeuralNet
         E.g. ``HydraAttributor(net, verbose=0)``; cloned at fit. A bare skorch net is
-        wrapped as ``HydraAttributor(net, random_state=random_state, verbose=0)``. Its
-        net should use ``train_split=None``.
+        wrapped as ``HydraAttributor(net, random_state=random_state, verbose=0)``: the
+        whole run (truncating to the final learning-rate phase, which helps
+        :class:`~hydrattr.cleaning.LabelNoiseCleaner`, lowers the Jaccard index here;
+        ``benchmarks/table4_splits.py --windows``) and the dense fast-mode store, which
+        serves all ``n_reference`` columns with one matrix product (``storage="half"``
+        halves it at scale). Its net should use ``train_split=None``.
     n_reference : int, default=1000
         Number of validation points whose contributions form the feature vector (all
         validation points when fewer).

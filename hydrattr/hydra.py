@@ -208,19 +208,23 @@ class HydraAttributor(BaseAttributor):
             return f(th, r, _unsqueeze(xi), _unsqueeze(yi)).sum()
 
         gs, grs = [], []
-        bs = self.test_batch_size
+        bs, m = self.test_batch_size, n_rows(Xt)
         with module_mode(self.net_.module_, training=False):
-            for s in range(0, n_rows(Xt), bs):
+            for s in range(0, m, bs):
                 x = to_device(slice_rows(Xt, s, s + bs), self._device)
                 y = yt[s:s + bs].to(self._device)
                 g, gr = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
                     theta, R, x, y)
-                gs.append(g.detach())
-                grs.append(gr.detach())
-        G, GR = torch.cat(gs), torch.cat(grs)
+                g, gr = g.detach(), gr.detach()
+                if objective == "mean":  # summed as it goes: (m, P) is never held
+                    g, gr = g.sum(dim=0, keepdim=True), gr.sum(dim=0, keepdim=True)
+                    if gs:
+                        g, gr = gs.pop() + g, grs.pop() + gr
+                gs.append(g)
+                grs.append(gr)
         if objective == "mean":
-            G, GR = G.mean(dim=0, keepdim=True), GR.mean(dim=0, keepdim=True)
-        return G, GR
+            return gs[0] / m, grs[0] / m
+        return torch.cat(gs), torch.cat(grs)
 
     def _start(self):
         """First step of the window ``last_epochs`` (0: the whole run)."""

@@ -95,6 +95,19 @@ def test_bench_memory(tmp_path):
     assert summary["same_n"]["same_contributions"] is True
 
 
+def test_bench_cleaner_storage(tmp_path):
+    run("bench_cleaner_storage", "--n-train", 300, "--n-valid", 100, "--epochs", 2,
+        "--milestone", 1, "--threads", 1, "--tag", "t", tmp_path=tmp_path)
+    rows = {r["storage"]: r for r in saved(tmp_path, "bench_cleaner_storage_t")["rows"]}
+    assert set(rows) == {"dense", "half", "replay"}
+    # the same scores however they are computed: replay and the float32 dense store
+    # differ in summation order only; the float16 store keeps ~3 significant digits
+    assert rows["replay"]["max_rel_diff_vs_dense"] < 1e-4
+    assert rows["half"]["max_rel_diff_vs_dense"] < 1e-2
+    assert len({r["n_removed"] for r in rows.values()}) == 1
+    assert all(r["window_start_step"] > 0 for r in rows.values())  # final phase: epoch 2
+
+
 def test_bench_scaling_and_fig_scaling(tmp_path):
     run("bench_scaling", "--models", "lenet5", "--n-tracked", 64, "--n-test", 4,
         "--threads", 1, "--tag", "t", tmp_path=tmp_path)

@@ -335,5 +335,7 @@ def test_bare_net_is_wrapped_in_a_seeded_hydra_attributor():
     assert c.attributor_.random_state == 0 and c.attributor_.verbose == 0
     # the cleaner's default: the final learning-rate phase (here a constant rate: all of it)
     assert c.attributor_.last_epochs == "final_lr" and c.attributor_.window_start_ == 0
+    # one mean column per round: replayed, without the n_train x n_params store
+    assert c.attributor_.storage == "replay" and c.attributor_.store_ is None
     assert c.attributor_.net is not net and not hasattr(net, "module_")  # caller's net untouched
     assert c.n_removed_ == round(0.1 * 90)

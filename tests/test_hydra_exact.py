@@ -93,9 +93,12 @@ def test_forward_recurrence_equals_adjoint(bn_fitted):
     np.testing.assert_allclose(C_fwd, C[rows], rtol=1e-10, atol=1e-13 * np.abs(C).max())
 
 
-def test_mean_objective_is_mean_of_columns(bn_fitted):
+@pytest.mark.parametrize("test_batch_size", [256, 3])
+def test_mean_objective_is_mean_of_columns(bn_fitted, test_batch_size):
     att, X, y, Xt, yt, C = bn_fitted
-    Cm = att.attribute(Xt, yt, objective="mean")
+    # test_batch_size=3 < N_TEST: the mean test gradient is summed over test batches
+    Cm = att.set_params(test_batch_size=test_batch_size).attribute(Xt, yt, objective="mean")
+    att.set_params(test_batch_size=256)
     assert Cm.shape == (N, 1)
     # one sweep with the averaged test gradient vs averaging columns: linear, rounding only
     np.testing.assert_allclose(Cm[:, 0], C.mean(axis=1), rtol=1e-10,
