@@ -46,7 +46,9 @@ class EnsembleAttributor(BaseEstimator):
     ----------
     estimators_ : list of BaseAttributor
         The fitted members. Memory is ``n_estimators`` times one member's: with HYDRA's
-        fast mode at scale, give the member ``storage="half"`` or ``"memmap"``.
+        fast mode at scale, give the member ``storage="half"`` or ``"memmap"`` (many
+        test columns), or ``storage="replay", trajectory="memmap"`` (a few, as for
+        :class:`~hydrattr.cleaning.LabelNoiseCleaner`'s one mean column).
     seeds_ : ndarray of shape (n_estimators,) or None
         The members' ``random_state``.
     n_train_ : int
