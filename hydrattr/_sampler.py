@@ -57,12 +57,12 @@ class _ContributionSampler(BaseEstimator):
             raise TypeError(
                 f"{type(self).__name__}: attributor is required: pass an attributor such as "
                 f"HydraAttributor(net) (or a skorch net, which is wrapped in "
-                f"HydraAttributor(net, verbose=0)).")
+                f"HydraAttributor(net)).")
         if _is_skorch_net(attributor):
             from .hydra import HydraAttributor
 
             return HydraAttributor(clone(attributor), random_state=self.random_state,
-                                   verbose=0, **self._default_hydra)
+                                   verbose=self.verbose, **self._default_hydra)
         if not (hasattr(attributor, "fit") and hasattr(attributor, "attribute")):
             raise TypeError(
                 f"attributor must be an attributor with fit(X, y) and attribute(X, y, "

@@ -71,7 +71,8 @@ class LabelNoiseCleaner(_ContributionSampler):
     attributor : attributor or skorch.NeuralNet
         E.g. ``HydraAttributor(net, storage="replay", last_epochs="final_lr", verbose=0)``;
         cloned at fit. A bare skorch net is wrapped as ``HydraAttributor(net,
-        storage="replay", last_epochs="final_lr", random_state=random_state, verbose=0)``:
+        storage="replay", last_epochs="final_lr", random_state=random_state,
+        verbose=verbose)``:
 
         * ``last_epochs="final_lr"``: the hypergradient of the final learning-rate phase
           only, which ranks wrong labels more precisely than the whole run when the
@@ -128,6 +129,9 @@ class LabelNoiseCleaner(_ContributionSampler):
         validation points with large losses dominate the mean and its gradient).
     random_state : int, RandomState instance or None, default=None
         Seeds the validation split (and the wrapped attributor when a bare net is given).
+    verbose : int, default=0
+        Progress bars (training, sweeps) of the attributor a bare net is wrapped in; an
+        attributor you pass keeps its own ``verbose``.
 
     Attributes
     ----------
@@ -167,7 +171,7 @@ class LabelNoiseCleaner(_ContributionSampler):
 
     def __init__(self, attributor=None, validation_size=0.2, validation_data=None,
                  fraction=None, threshold=None, stratify=False, n_rounds=1,
-                 objective="mean", random_state=None):
+                 objective="mean", random_state=None, verbose=0):
         self.attributor = attributor
         self.validation_size = validation_size
         self.validation_data = validation_data
@@ -177,6 +181,7 @@ class LabelNoiseCleaner(_ContributionSampler):
         self.n_rounds = n_rounds
         self.objective = objective
         self.random_state = random_state
+        self.verbose = verbose
 
     def _check_params(self, n):
         if self.fraction is not None and self.threshold is not None:

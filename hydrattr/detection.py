@@ -56,8 +56,8 @@ class SignClusterDetector(_ContributionSampler):
     ----------
     attributor : attributor or skorch.NeuralNet
         E.g. ``HydraAttributor(net, verbose=0)``; cloned at fit. A bare skorch net is
-        wrapped as ``HydraAttributor(net, random_state=random_state, verbose=0)``: the
-        whole run (truncating to the final learning-rate phase, which helps
+        wrapped as ``HydraAttributor(net, random_state=random_state,
+        verbose=verbose)``: the whole run (truncating to the final learning-rate phase, which helps
         :class:`~hydrattr.cleaning.LabelNoiseCleaner`, lowers the Jaccard index here;
         ``benchmarks/table4_splits.py --windows``) and the dense fast-mode store, which
         serves all ``n_reference`` columns with one matrix product (``storage="half"``
@@ -91,6 +91,9 @@ class SignClusterDetector(_ContributionSampler):
         Each block may cost the attributor one pass over its data.
     random_state : int, RandomState instance or None, default=None
         Seeds the validation split, the choice of references and k-means.
+    verbose : int, default=0
+        Progress bars (training, sweeps) of the attributor a bare net is wrapped in; an
+        attributor you pass keeps its own ``verbose``.
 
     Attributes
     ----------
@@ -121,7 +124,7 @@ class SignClusterDetector(_ContributionSampler):
 
     def __init__(self, attributor=None, n_reference=1000, validation_size=0.2,
                  validation_data=None, n_init=10, clustering="signs", sign_storage="int8",
-                 reference_batch_size=None, random_state=None):
+                 reference_batch_size=None, random_state=None, verbose=0):
         self.attributor = attributor
         self.n_reference = n_reference
         self.validation_size = validation_size
@@ -131,6 +134,7 @@ class SignClusterDetector(_ContributionSampler):
         self.sign_storage = sign_storage
         self.reference_batch_size = reference_batch_size
         self.random_state = random_state
+        self.verbose = verbose
 
     def _check_params(self, n):
         for name in ("n_reference", "n_init"):

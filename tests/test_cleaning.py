@@ -337,5 +337,11 @@ def test_bare_net_is_wrapped_in_a_seeded_hydra_attributor():
     assert c.attributor_.last_epochs == "final_lr" and c.attributor_.window_start_ == 0
     # one mean column per round: replayed, without the n_train x n_params store
     assert c.attributor_.storage == "replay" and c.attributor_.store_ is None
+    # verbose reaches the wrapped attributor (progress bars on long runs), off by default
+    assert c.attributor_.verbose == 0
+    c1 = LabelNoiseCleaner(net, validation_size=0.25, fraction=0.1, random_state=0,
+                           verbose=1).fit(X, y)
+    assert c1.attributor_.verbose == 1
+    np.testing.assert_array_equal(c1.removed_mask_, c.removed_mask_)  # bars change nothing
     assert c.attributor_.net is not net and not hasattr(net, "module_")  # caller's net untouched
     assert c.n_removed_ == round(0.1 * 90)

@@ -231,3 +231,21 @@ def test_detector_with_hydra_inside_cleaned_classifier():
         np.testing.assert_allclose(clf.predict_proba(X), ref_clf.predict_proba(X), rtol=1e-10)
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_bare_net_is_wrapped_in_a_whole_run_hydra_attributor():
+    """A bare skorch net becomes HydraAttributor(net) seeded by random_state, with the
+    detector's verbose, the whole run (no last_epochs) and the caller's net untouched."""
+    d = load_digits_split(random_state=0)
+    X, y = d.X_train[:120].astype(np.float64), d.y_train[:120]
+    net = NeuralNetClassifier(
+        MLP, module__n_features=64, module__n_classes=10, module__hidden=(8,),
+        module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD, lr=0.1, max_epochs=1, batch_size=32, train_split=None,
+        verbose=0)
+    det = SignClusterDetector(net, n_reference=10, validation_size=0.25, random_state=0,
+                              verbose=1).fit(X, y)
+    att = det.attributor_
+    assert isinstance(att, HydraAttributor) and att.net is not net
+    assert att.random_state == 0 and att.verbose == 1 and att.last_epochs is None
+    assert not hasattr(net, "module_")
