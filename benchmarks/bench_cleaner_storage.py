@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,6 @@ STORAGES = ("dense", "half", "replay")
 
 def _child(cfg):
     """One configuration, in this process: fit_resample, then time, memory, scores."""
-    import warnings
-
     import torch
 
     from table3_noise_cleaning import noisy_setting

@@ -183,11 +183,17 @@ def test_table4_sign_clusters(tmp_path):
 
 def test_table4_splits(tmp_path):
     run("table4_splits", "--datasets", "mnist", "--rates", 0.5, "--seeds", 1, "--n-train", 300,
-        "--n-valid", 100, "--n-reference", 20, "--epochs", 1, "--threads", 1, "--tag", "t",
-        tmp_path=tmp_path)
-    (row,) = saved(tmp_path, "table4_splits_t")["summary"]
-    assert row["n_seeds"] == 1
-    assert all(0 <= row[k][0] <= 100 for k in ("signs_jaccard_correct", "mean_jaccard_correct"))
+        "--n-valid", 100, "--n-reference", 20, "--epochs", 2, "--threads", 1,
+        "--windows", "all", 1, "--tag", "t", tmp_path=tmp_path)
+    out = saved(tmp_path, "table4_splits_t")
+    rows = {r["window"]: r for r in out["summary"]}
+    assert set(rows) == {"all", "1"} and all(r["n_seeds"] == 1 for r in rows.values())
+    for row in rows.values():
+        assert all(0 <= row[k][0] <= 100 for k in ("signs_jaccard_correct",
+                                                   "mean_jaccard_correct"))
+    # the window is the last of two epochs: it starts where the first one ended
+    starts = {r["window"]: r["window_start_step"] for r in out["runs"]}
+    assert starts["all"] == 0 and starts["1"] == math.ceil(300 / 64)
 
 
 def test_table4_ensemble_parts_and_cleaning_from_parts(tmp_path):
