@@ -78,6 +78,12 @@ print(f"removed {removed.sum()} rows, {flipped[removed].mean() if removed.any() 
       f"(base rate {flipped[scored].mean():.0%}); found "
       f"{flipped[removed].sum()} of the {flipped[scored].sum()} flipped scored rows")
 
+# %%
+# The decision row by row (``to_frame``), least useful first, with the truth beside it:
+table = fitted_cleaner.to_frame()
+table["flipped"] = flipped
+print(table.sort_values("score").head(10))
+
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.4))
 ax0.plot(fractions, cv_scores, "o-")
 ax0.set_xlabel("cleaner__fraction")

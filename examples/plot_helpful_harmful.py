@@ -20,6 +20,7 @@ from torch import nn
 from hydrattr import HydraAttributor
 from hydrattr.datasets import load_digits_split, make_label_noise
 from hydrattr.models import MLP
+from hydrattr.plotting import top_contributors
 
 data = load_digits_split(valid_size=0.0, random_state=0)
 X_train, X_test, y_test = data.X_train.astype(np.float64), data.X_test.astype(np.float64), \
@@ -48,6 +49,13 @@ print(f"test image {j}: label {y_test[j]}, predicted {proba[j].argmax()}, loss {
 c = attr.attribute(X_test[[j]], y_test[[j]])[:, 0]  # one column: contributions to loss_j
 order = np.argsort(c)
 harmful, helpful = order[:8], order[::-1][:8]
+
+# %%
+# The same rows as a table (``hydrattr.plotting.top_contributors``), with whether each
+# training label was flipped:
+table = top_contributors(c[:, None], n=8, y_train=y_noisy)
+table["flipped"] = flipped[table["row"]]
+print(table.to_string(index=False))
 
 # %%
 # The samples themselves

@@ -13,11 +13,12 @@ import numbers
 import warnings
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import validate_data
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 def _is_skorch_net(obj):
@@ -158,6 +159,7 @@ class _ContributionSampler(BaseEstimator):
         check_classification_targets(y)
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         y_enc = y_enc.astype(np.int64)
+        self._y_enc = y_enc
         attributor = self._make_attributor()
         self._check_params(X.shape[0])
         self._warn_train_split(attributor)
@@ -195,6 +197,17 @@ class _ContributionSampler(BaseEstimator):
         """
         self.fit_resample(X, y)
         return self
+
+    def _decision_frame(self):
+        """The fitted decision, one row per sample given to ``fit`` (the shared part of
+        the subclasses' ``to_frame``): ``label``, ``part``, ``score``, ``removed``."""
+        check_is_fitted(self, "removed_mask_")
+        n = len(self.removed_mask_)
+        part = np.full(n, "train", dtype=object)
+        part[self.validation_indices_] = "validation"
+        return pd.DataFrame({"label": self.classes_[self._y_enc], "part": part,
+                             "score": self.scores_, "removed": self.removed_mask_},
+                            index=pd.RangeIndex(n, name="row"))
 
     def _trained_rows(self, attributor, n_train):
         mask = getattr(attributor, "trained_mask_", None)

@@ -223,6 +223,20 @@ class LabelNoiseCleaner(_ContributionSampler):
         s = self._score(attributor, X_val, y_val)
         return np.where(self._trained_rows(attributor, n_rows), s, np.nan)
 
+    def to_frame(self):
+        """The fitted decision as a table, one row per sample given to ``fit``.
+
+        Returns
+        -------
+        frame : pandas.DataFrame
+            Indexed by ``row`` (the sample's position in ``X``), with columns ``label``
+            (as given in ``y``), ``part`` (``"train"``, or ``"validation"`` for the rows
+            held out to score against, which are never scored nor removed), ``score``
+            (``scores_``; NaN where unscored) and ``removed`` (``removed_mask_``).
+            ``frame.sort_values("score")`` lists the least useful rows first.
+        """
+        return self._decision_frame()
+
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         s = self._scores_of_trained(self.attributor_, len(train_rows), X_val, y_val)
         scored = np.flatnonzero(np.isfinite(s))

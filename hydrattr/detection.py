@@ -268,6 +268,24 @@ class SignClusterDetector(_ContributionSampler):
         out[self.train_indices_] = self._clusters(clustering) == 1
         return out
 
+    def to_frame(self):
+        """The fitted decision as a table, one row per sample given to ``fit``.
+
+        Returns
+        -------
+        frame : pandas.DataFrame
+            Indexed by ``row`` (the sample's position in ``X``), with columns ``label``
+            (as given in ``y``), ``part`` (``"train"``, or ``"validation"`` for the rows
+            held out to score against, which are never scored nor removed), ``score``
+            (``scores_``; NaN where unscored) and ``removed`` (``removed_mask_``),
+            and ``cluster`` (``cluster_labels_``: 1 flagged, 0 kept, -1 not clustered).
+            ``frame.sort_values("score")`` lists the rows that hurt the references most
+            first.
+        """
+        frame = self._decision_frame()
+        frame["cluster"] = self.cluster_labels_
+        return frame
+
     # -- fit -------------------------------------------------------------------------
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         rs = check_random_state(self.random_state)

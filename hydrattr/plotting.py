@@ -10,8 +10,8 @@
   then, "as normalization, we divide every matrix entry by sqrt(column sum x row sum)".
   Contributions can be negative, and so can a row or column sum; we divide by
   ``sqrt(|row sum| * |column sum|)`` (the magnitudes), which keeps each entry's sign.
-* :func:`plot_top_contributors`: the most helpful and most harmful training images for
-  one test point.
+* :func:`top_contributors` (a table) and :func:`plot_top_contributors` (images): the
+  most helpful and most harmful training samples for one test point.
 
 matplotlib is imported lazily (only when plotting).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["interclass_contribution", "plot_interclass_contribution",
-           "plot_top_contributors"]
+           "plot_top_contributors", "top_contributors"]
 
 
 def _check_C(C, n_train=None, n_test=None):
@@ -157,6 +157,57 @@ def _as_image(x, image_shape):
     return x
 
 
+def _top_rows(C, test_index, n):
+    """Column ``test_index`` of ``C`` and its ``n`` largest / smallest finite entries'
+    rows, most extreme first (ties by row)."""
+    if not isinstance(test_index, numbers.Integral) or not -C.shape[1] <= test_index < C.shape[1]:
+        raise ValueError(f"test_index must be an int in [0, {C.shape[1]}), got {test_index!r}.")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+    col = C[:, test_index]
+    valid = np.flatnonzero(np.isfinite(col))
+    n = min(int(n), len(valid))
+    helpful = valid[np.argsort(-col[valid], kind="stable")][:n]
+    harmful = valid[np.argsort(col[valid], kind="stable")][:n]
+    return col, helpful, harmful
+
+
+def top_contributors(C, test_index=0, n=5, y_train=None):
+    """The ``n`` most helpful and ``n`` most harmful training samples for one test point.
+
+    Parameters
+    ----------
+    C : array-like of shape (n_train, n_test)
+        Contributions (positive = helpful), e.g. from ``attributor.attribute``.
+    test_index : int, default=0
+        Column of ``C``.
+    n : int, default=5
+        Rows of each kind (fewer when ``C`` has fewer finite entries in the column).
+    y_train : array-like of shape (n_train,) or None
+        Adds a ``label`` column.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Columns ``kind`` (``"helpful"``: the largest ``C[:, test_index]``, whose removal
+        would raise the test loss most; ``"harmful"``: the smallest), ``rank`` (1 = most
+        extreme), ``row`` (training row) and ``contribution``, plus ``label`` with
+        ``y_train``: helpful rows first. NaN contributions are skipped. The same rows as
+        :func:`plot_top_contributors` shows.
+    """
+    C = _check_C(C, n_train=None if y_train is None else len(y_train))
+    col, helpful, harmful = _top_rows(C, test_index, n)
+    rows = np.concatenate([helpful, harmful])
+    table = pd.DataFrame({
+        "kind": ["helpful"] * len(helpful) + ["harmful"] * len(harmful),
+        "rank": np.concatenate([np.arange(1, len(helpful) + 1),
+                                np.arange(1, len(harmful) + 1)]),
+        "row": rows, "contribution": col[rows]})
+    if y_train is not None:
+        table["label"] = np.asarray(y_train)[rows]
+    return table
+
+
 def plot_top_contributors(C, X_train, y_train=None, test_index=0, n=5, X_test=None,
                           y_test=None, image_shape=None, axes=None, cmap="gray_r"):
     """The ``n`` most helpful and ``n`` most harmful training images for one test point.
@@ -193,16 +244,8 @@ def plot_top_contributors(C, X_train, y_train=None, test_index=0, n=5, X_test=No
     import matplotlib.pyplot as plt
 
     C = _check_C(C, n_train=len(X_train))
-    if not isinstance(test_index, numbers.Integral) or not -C.shape[1] <= test_index < C.shape[1]:
-        raise ValueError(f"test_index must be an int in [0, {C.shape[1]}), got {test_index!r}.")
-    if not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}.")
-    col = C[:, test_index]
-    valid = np.flatnonzero(np.isfinite(col))
-    n = min(int(n), len(valid))
-    order = valid[np.argsort(-col[valid], kind="stable")]
-    helpful = order[:n]
-    harmful = valid[np.argsort(col[valid], kind="stable")][:n]
+    col, helpful, harmful = _top_rows(C, test_index, n)
+    n = len(helpful)
     extra = X_test is not None
     ncols = n + int(extra)
     if axes is None:

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.exceptions import NotFittedError
 import torch
 from skorch import NeuralNetClassifier
 from sklearn.base import BaseEstimator
@@ -195,6 +196,26 @@ def test_string_labels_and_pandas_round_trip():
     assert list(c.classes_) == ["cat", "dog"]
     assert isinstance(Xk, pd.DataFrame) and list(Xk.index) == list(range(105, 120))
     assert list(yk) == list(labels[5:])
+
+
+def test_to_frame_is_the_fitted_decision_row_by_row():
+    X, y = _stub_data()
+    labels = np.array(["cat", "dog"])[y]
+    c = LabelNoiseCleaner(ColumnScores(), validation_size=4, fraction=0.25, random_state=0)
+    with pytest.raises(NotFittedError):
+        c.to_frame()
+    c.fit(X, labels)
+    f = c.to_frame()
+    assert f.index.name == "row" and list(f.index) == list(range(20))
+    assert list(f.columns) == ["label", "part", "score", "removed"]
+    assert list(f["label"]) == list(labels)
+    assert set(f.index[f["part"] == "validation"]) == set(c.validation_indices_)
+    np.testing.assert_array_equal(f["score"].to_numpy(), c.scores_)  # NaN on validation rows
+    np.testing.assert_array_equal(f["removed"].to_numpy(), c.removed_mask_)
+    # sorted by score, the removed rows are the first round(0.25 * 16) training rows
+    ranked = f[f["part"] == "train"].sort_values("score", kind="stable")
+    assert set(ranked.index[:4]) == set(np.flatnonzero(c.removed_mask_))
+    assert not f.loc[f["part"] == "validation", "removed"].any()
 
 
 # ------------------------------------------------------------ real attributor runs

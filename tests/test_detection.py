@@ -249,3 +249,18 @@ def test_bare_net_is_wrapped_in_a_whole_run_hydra_attributor():
     assert isinstance(att, HydraAttributor) and att.net is not net
     assert att.random_state == 0 and att.verbose == 1 and att.last_epochs is None
     assert not hasattr(net, "module_")
+
+
+def test_to_frame_adds_the_clusters():
+    X, y, _ = planted()
+    det = SignClusterDetector(FeatureContributions(), n_reference=D,
+                              validation_data=one_hot_validation(), random_state=0)
+    with pytest.raises(NotFittedError):
+        det.to_frame()
+    det.fit(X, y)
+    f = det.to_frame()
+    assert list(f.columns) == ["label", "part", "score", "removed", "cluster"]
+    np.testing.assert_array_equal(f["cluster"].to_numpy(), det.cluster_labels_)
+    np.testing.assert_array_equal(f["removed"].to_numpy(), det.label_issues_)
+    np.testing.assert_array_equal(f["label"].to_numpy(), y)
+    assert (f["part"] == "train").all()  # an explicit validation set: every row trains

@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from hydrattr.plotting import (interclass_contribution, plot_interclass_contribution,  # noqa: E402
-                               plot_top_contributors)
+                               plot_top_contributors, top_contributors)
 
 # 4 training rows (classes 0, 0, 1, 1) x 3 test points (classes 0, 1, 1)
 C = np.array([[4.0, 1.0, 3.0],
@@ -90,3 +90,28 @@ def test_top_contributors_grid():
     plt.close(fig)
     with pytest.raises(ValueError, match="test_index"):
         plot_top_contributors(Cg, X, test_index=5)
+
+
+def test_top_contributors_table_matches_the_grid():
+    Cg = np.array([[0.5, 0], [-2.0, 0], [3.0, 0], [np.nan, 0], [-0.1, 0], [1.0, 0]])
+    labels = np.array(list("abcdef"))
+    t = top_contributors(Cg, test_index=0, n=2, y_train=labels)
+    assert list(t.columns) == ["kind", "rank", "row", "contribution", "label"]
+    assert list(t["kind"]) == ["helpful", "helpful", "harmful", "harmful"]
+    assert list(t["rank"]) == [1, 2, 1, 2]
+    assert list(t["row"]) == [2, 5, 1, 4]  # by hand: 3.0 > 1.0 and -2.0 < -0.1
+    np.testing.assert_array_equal(t["contribution"], [3.0, 1.0, -2.0, -0.1])
+    assert list(t["label"]) == ["c", "f", "b", "e"]
+    # the rows the image grid shows
+    fig, _, idx = plot_top_contributors(Cg, np.zeros((6, 4, 4)), test_index=0, n=2)
+    plt.close(fig)
+    np.testing.assert_array_equal(t["row"], np.concatenate([idx["helpful"], idx["harmful"]]))
+    # NaN skipped, n clipped to the finite rows; no labels, no label column
+    t = top_contributors(Cg, n=10)
+    assert len(t) == 10 and 3 not in set(t["row"]) and "label" not in t
+    with pytest.raises(ValueError, match="test_index"):
+        top_contributors(Cg, test_index=2)
+    with pytest.raises(ValueError, match="n must"):
+        top_contributors(Cg, n=0)
+    with pytest.raises(ValueError, match="y_train"):
+        top_contributors(Cg, y_train=labels[:3])
