@@ -274,11 +274,10 @@ class SignClusterDetector(_ContributionSampler):
         Returns
         -------
         frame : pandas.DataFrame
-            Indexed by ``row`` (the sample's position in ``X``), with columns ``label``
-            (as given in ``y``), ``part`` (``"train"``, or ``"validation"`` for the rows
-            held out to score against, which are never scored nor removed), ``score``
-            (``scores_``; NaN where unscored) and ``removed`` (``removed_mask_``),
-            and ``cluster`` (``cluster_labels_``: 1 flagged, 0 kept, -1 not clustered).
+            The columns of :meth:`LabelNoiseCleaner.to_frame
+            <hydrattr.cleaning.LabelNoiseCleaner.to_frame>` (``label``, ``part``,
+            ``score``, ``removed``, indexed by ``row``) and ``cluster``
+            (``cluster_labels_``: 1 flagged, 0 kept, -1 not clustered).
             ``frame.sort_values("score")`` lists the rows that hurt the references most
             first.
         """
