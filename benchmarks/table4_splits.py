@@ -67,10 +67,10 @@ def run(args, dataset, rate, seed, window="all"):
 
 def summarize(runs):
     table = []
-    order = list(dict.fromkeys(r.get("window", "all") for r in runs))
-    keys = {(r["dataset"], r["rate"], r.get("window", "all")) for r in runs}
+    order = list(dict.fromkeys(r["window"] for r in runs))
+    keys = {(r["dataset"], r["rate"], r["window"]) for r in runs}
     for key in sorted(keys, key=lambda k: (k[0], k[1], order.index(k[2]))):
-        rs = [r for r in runs if (r["dataset"], r["rate"], r.get("window", "all")) == key]
+        rs = [r for r in runs if (r["dataset"], r["rate"], r["window"]) == key]
         row = {"dataset": key[0], "rate": key[1], "window": key[2], "n_seeds": len(rs)}
         for s in SPLITS:
             for j in ("jaccard_correct", "jaccard_random"):
@@ -97,7 +97,7 @@ def markdown(table, args):
         cell = {s: f"{r[f'{s}_jaccard_correct'][0]:.2f} ± {r[f'{s}_jaccard_correct'][1]:.2f} / "
                    f"{r[f'{s}_jaccard_random'][0]:.2f} ± {r[f'{s}_jaccard_random'][1]:.2f}"
                 for s in SPLITS}
-        lines.append(f"| {r['dataset']} | {r['rate']:.0%} | {r.get('window', 'all')} | "
+        lines.append(f"| {r['dataset']} | {r['rate']:.0%} | {r['window']} | "
                      f"{r['n_seeds']} | {cell['signs']} | "
                      f"{cell['mean']} | {r['mean_wins']}/{r['n_seeds']} |")
     return "\n".join(lines) + "\n"

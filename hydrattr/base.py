@@ -258,15 +258,14 @@ class BaseAttributor(BaseEstimator):
 
         theta = flat_params(self.net_, self.spec_).to(self._device)
         loss_fn = self._loss_fn()
-        out, total, m = [], None, n_rows(Xt)
+        out, total, m = [], 0, n_rows(Xt)
         with module_mode(self.net_.module_, training=False):
             for s in range(0, m, batch_size):
                 x = to_device(slice_rows(Xt, s, s + batch_size), self._device)
                 y = yt[s:s + batch_size].to(self._device)
                 g = per_sample_grads(loss_fn, theta, x, y, independent=True).detach()
                 if objective == "mean":
-                    g = g.sum(dim=0, keepdim=True)
-                    total = g if total is None else total + g
+                    total = total + g.sum(dim=0, keepdim=True)
                 else:
                     out.append(g)
         return total / m if objective == "mean" else torch.cat(out)

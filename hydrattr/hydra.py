@@ -207,7 +207,7 @@ class HydraAttributor(BaseAttributor):
         def one(th, r, xi, yi):
             return f(th, r, _unsqueeze(xi), _unsqueeze(yi)).sum()
 
-        gs, grs = [], []
+        gs, grs, total, total_r = [], [], 0, 0
         bs, m = self.test_batch_size, n_rows(Xt)
         with module_mode(self.net_.module_, training=False):
             for s in range(0, m, bs):
@@ -215,15 +215,14 @@ class HydraAttributor(BaseAttributor):
                 y = yt[s:s + bs].to(self._device)
                 g, gr = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
                     theta, R, x, y)
-                g, gr = g.detach(), gr.detach()
                 if objective == "mean":  # summed as it goes: (m, P) is never held
-                    g, gr = g.sum(dim=0, keepdim=True), gr.sum(dim=0, keepdim=True)
-                    if gs:
-                        g, gr = gs.pop() + g, grs.pop() + gr
-                gs.append(g)
-                grs.append(gr)
+                    total = total + g.detach().sum(dim=0, keepdim=True)
+                    total_r = total_r + gr.detach().sum(dim=0, keepdim=True)
+                else:
+                    gs.append(g.detach())
+                    grs.append(gr.detach())
         if objective == "mean":
-            return gs[0] / m, grs[0] / m
+            return total / m, total_r / m
         return torch.cat(gs), torch.cat(grs)
 
     def _start(self):
