@@ -4,9 +4,14 @@
   data loader fetches, so every batch is known by row index whatever the sampler,
   shuffling or ``train_split`` (skorch's ``Subset`` maps back to original rows).
 * :class:`TrajectoryRecorder` is a plain skorch callback: at ``on_batch_begin`` of every
-  training batch it snapshots the parameters, the hyperparameters in the optimizer's
-  ``param_groups`` (so LR schedulers are honoured step by step), the RNG state and the
-  batch rows. Training itself is untouched: no extra random draws, no change to the loop.
+  training batch it snapshots the parameters, the RNG state and the batch rows; just
+  before ``optimizer.step()`` the hyperparameters in the optimizer's ``param_groups`` (so
+  LR schedulers are honoured step by step); the step is committed only once the
+  optimizer has applied it. Training itself is untouched: no extra random draws, no
+  change to the loop.
+* :func:`watch_interrupts` notes a Ctrl-C during ``fit``, which skorch catches
+  (``KeyboardInterrupt`` ends training early and ``fit`` returns);
+  :func:`check_targets` checks targets against the module's output and criterion.
 * :func:`make_loss_fn` turns the fitted net into ``loss_fn(theta, x, y)``, per-sample
   losses computed by the net's own ``infer`` and ``get_loss`` (so skorch's NLLLoss
   log-probability handling and output squeezing apply), with parameters swapped in
@@ -15,9 +20,12 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 
 import numpy as np
 import torch
+from skorch import NeuralNet
 from skorch.callbacks import Callback
 from skorch.dataset import get_len
 from torch.func import functional_call
@@ -25,8 +33,9 @@ from torch.func import functional_call
 from ._core.functional import ParamSpec
 from ._core.trajectory import Trajectory
 
-__all__ = ["RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
-           "module_flags", "module_mode", "per_sample_reduction"]
+__all__ = ["NeuralNet", "RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
+           "module_flags", "module_mode", "per_sample_reduction", "watch_interrupts",
+           "check_targets"]
 
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -237,8 +246,129 @@ def make_data_fn(X, y, device):
     return data_fn
 
 
+@contextlib.contextmanager
+def watch_interrupts():
+    """Note a Ctrl-C (SIGINT) during the block; yields a list that gets an entry per signal.
+
+    skorch's ``fit`` catches ``KeyboardInterrupt`` (its way to stop training early, also
+    used by ``EarlyStopping``), so a Ctrl-C would otherwise pass unnoticed. The handler
+    raises ``KeyboardInterrupt`` exactly like Python's default one. Only installed in the
+    main thread and when the default handler is in place (otherwise nothing is noted).
+    """
+    seen = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _class_targets(crit):
+    return isinstance(crit, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
+
+
+def check_targets(net, x, y, name):
+    """Check the targets ``y`` (numpy, all rows) against ``net``'s module and criterion.
+
+    ``x`` holds a few input rows (``y[:len(x)]`` are their targets); the module's output
+    on them gives the number of classes and the output shape. Raises ``ValueError``
+    naming ``name`` for labels the criterion cannot take or shapes it would broadcast;
+    returns a list of warnings (a criterion that does not match the module's output).
+    """
+    from skorch.classifier import NeuralNetClassifier
+
+    crit = net.criterion_
+    cname = type(crit).__name__
+    if y.dtype.kind not in "iubf":
+        what = "integer class indices" if _class_targets(crit) else "numbers"
+        raise ValueError(
+            f"{name} must hold {what} for net.criterion={cname}, got dtype {y.dtype}"
+            + (" (encode labels with sklearn.preprocessing.LabelEncoder)."
+               if y.dtype.kind in "OUS" else "."))
+    with torch.no_grad(), module_mode(net.module_, training=False):
+        out = net.infer(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = out.detach().cpu()
+    k = len(out)
+    warns = []
+    if _class_targets(crit):
+        n_classes = out.shape[1] if out.dim() >= 2 else None
+        soft = (isinstance(crit, torch.nn.CrossEntropyLoss) and y.ndim == 2
+                and y.dtype.kind == "f" and y.shape[1] == n_classes)
+        if not soft:
+            if y.ndim != 1:
+                raise ValueError(
+                    f"{name} must have shape (n_samples,) with one class index per row for "
+                    f"net.criterion={cname}, got shape {y.shape}.")
+            if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+                raise ValueError(
+                    f"{name} must hold integer class indices for net.criterion={cname}, "
+                    f"got non-integral floats (e.g. {y[y != np.round(y)][0]!r}).")
+            if n_classes is not None and len(y) and (y.min() < 0 or y.max() >= n_classes):
+                raise ValueError(
+                    f"{name} holds class labels outside [0, {n_classes}) (min {y.min()}, max "
+                    f"{y.max()}), but the module outputs {n_classes} classes: net.criterion="
+                    f"{cname} needs labels 0..{n_classes - 1}.")
+        if isinstance(crit, torch.nn.NLLLoss) and out.dim() == 2 and k:
+            tol = 1e-3
+            if isinstance(net, NeuralNetClassifier):  # skorch feeds log(output) to NLLLoss
+                ok = bool((out >= -tol).all() and (out <= 1 + tol).all()
+                          and ((out.sum(1) - 1).abs() <= tol).all())
+                what = ("NeuralNetClassifier takes the log of the module's output for "
+                        "NLLLoss, so the module must return class probabilities (softmax)")
+            else:
+                ok = bool((out <= tol).all()
+                          and (torch.logsumexp(out.double(), 1).abs() <= tol).all())
+                what = "NLLLoss needs log-probabilities (log_softmax) from the module"
+            if not ok:
+                warns.append(
+                    f"net.criterion=NLLLoss does not match the module's output: {what}, "
+                    f"but on the first {k} training rows it returned values in "
+                    f"[{float(out.min()):.3g}, {float(out.max()):.3g}]. A module that returns "
+                    f"logits needs criterion=torch.nn.CrossEntropyLoss; otherwise training "
+                    f"optimises a meaningless loss.")
+    elif k >= 2:
+        yk = torch.as_tensor(np.asarray(y[:k]))
+        try:
+            shape = tuple(torch.broadcast_shapes(out.shape, yk.shape))
+        except RuntimeError:
+            shape = None
+        if shape != tuple(out.shape):
+            target = "(n_samples" + "".join(f", {d}" for d in out.shape[1:]) + ")"
+            raise ValueError(
+                f"{name} has shape {y.shape}, but the module's output has shape {target}: "
+                f"net.criterion={cname} would "
+                + ("not accept them" if shape is None else
+                   "broadcast them against each other (every output paired with every "
+                   "target)")
+                + f". Pass {name} with shape {target}, e.g. {name}.reshape"
+                f"{(-1,) + tuple(out.shape[1:])}.")
+    return warns
+
+
 class TrajectoryRecorder(Callback):
     """skorch callback that records what HYDRA replays; see the module docstring.
+
+    A step enters the trajectory only once the optimizer has applied it: the batch's
+    parameters, rows and RNG state are noted at ``on_batch_begin``, the hyperparameters
+    and optimizer state just before ``optimizer.step()`` (a pre-step hook), and the step is
+    committed by a post-step hook (skorch computes the gradient in the closure it passes
+    to ``optimizer.step``, so only then is the gradient the update used known). A batch cut short (Ctrl-C, which skorch catches to end
+    training early) therefore leaves no step behind (``interrupted_``). The hooks also
+    watch for anything that changes the update without being differentiated: a gradient
+    altered after backpropagation (gradient clipping), parameters changed outside an
+    optimizer step (weight averaging, restoring a checkpoint) and non-finite losses;
+    :meth:`problems` describes them.
 
     Parameters
     ----------
@@ -273,6 +403,26 @@ class TrajectoryRecorder(Callback):
         self._params = [p for g in net.optimizer_.param_groups for p in g["params"]
                         if p.requires_grad]
         self.dataset.fetched = []
+        self._pending = None  # the batch under way: (theta, rows, weight, rng)
+        self._after = None  # the parameters right after the last applied step
+        self._raw = [None] * len(self._params)  # gradients as backpropagated
+        self.last_grad_ = None  # the gradient the last applied step used (flat)
+        self.interrupted_ = False
+        self.issues_ = {}  # kind -> (number of steps, first step)
+        opt = net.optimizer_
+        self._hooks = [opt.register_step_pre_hook(self._before_step),
+                       opt.register_step_post_hook(self._after_step)]
+        for k, p in enumerate(self._params):
+            self._hooks.append(p.register_post_accumulate_grad_hook(
+                lambda p, k=k: self._raw.__setitem__(k, p.grad.detach().clone())))
+
+    def _note(self, kind, step=None):
+        step = len(self.trajectory_) if step is None else step
+        count, first = self.issues_.get(kind, (0, step))
+        self.issues_[kind] = (count + 1, first)
+
+    def _theta(self):
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
         self.trajectory_.begin_epoch()
@@ -282,10 +432,9 @@ class TrajectoryRecorder(Callback):
             return
         n = get_len(batch[0]) if isinstance(batch, (tuple, list)) else get_len(batch)
         rows = self.dataset.take(n)
-        opt = net.optimizer_
-        row = optimizer_hyper_row(opt)
-        opt_state = optimizer_state_vectors(opt, self._params)
-        theta = torch.cat([p.detach().reshape(-1) for p in self._params])
+        theta = self._theta()
+        if self._after is not None and not torch.equal(theta, self._after):
+            self._note("params")
         rng = None
         if self.record_rng:
             cuda = None
@@ -293,9 +442,96 @@ class TrajectoryRecorder(Callback):
                 cuda = torch.cuda.get_rng_state(theta.device)
             rng = (torch.get_rng_state(), cuda)
         weight = 1.0 / n if self.reduction_ == "mean" else 1.0
+        self._pending = (theta.clone(), rows, weight, rng)
+        self._raw = [None] * len(self._params)
+
+    def _before_step(self, optimizer, args, kwargs):
+        if self._pending is None:
+            raise RuntimeError("hydrattr: net.optimizer_.step() ran outside a training batch; "
+                               "hydrattr can only record steps taken by skorch's fit loop.")
+        # hyperparameters and optimizer state as the step uses them (after any callback)
+        self._pending += (optimizer_hyper_row(optimizer),
+                          optimizer_state_vectors(optimizer, self._params))
+
+    def _after_step(self, optimizer, args, kwargs):
+        # skorch computes the gradient in the closure it passes to optimizer.step(), so
+        # the gradient the update used (clipped or not) is known only now
+        used = [p.grad for p in self._params]
+        if any(r is not None and not torch.equal(g, r) for g, r in zip(used, self._raw)):
+            self._note("grad")
+        self.last_grad_ = torch.cat([torch.zeros_like(p).reshape(-1) if g is None
+                                     else g.detach().reshape(-1)
+                                     for p, g in zip(self._params, used)]).clone()
+        theta, rows, weight, rng, row, opt_state = self._pending
         self.trajectory_.append(theta, rows, weight, row, rng, opt_state=opt_state)
+        self._pending = None
+        self._after = self._theta().clone()
+
+    def on_batch_end(self, net, batch=None, training=False, **kwargs):
+        loss = kwargs.get("loss")
+        if training and loss is not None and not bool(torch.isfinite(loss).all()):
+            self._note("loss", step=len(self.trajectory_) - 1)
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
-        theta = torch.cat([p.detach().reshape(-1) for p in self._params])
+        for h in self._hooks:
+            h.remove()
+        theta = self._theta()
+        if self._pending is not None:
+            # a batch began and its step was never completed: skorch caught a
+            # KeyboardInterrupt there. Nothing was recorded for it; the parameters must
+            # still be those the batch began with.
+            self.interrupted_ = True
+            if not torch.equal(theta, self._pending[0]):
+                self._note("partial")
+            self._pending = None
+        elif self._after is not None and not torch.equal(theta, self._after):
+            self._note("params")
         self.trajectory_.finish(theta)
         self.dataset.fetched = []
+        self._after = self._raw = None
+
+    def problems(self, net):
+        """Messages for what makes the recorded trajectory differ from the real update.
+
+        One string per kind of problem (empty list: the record is faithful), naming the
+        net's own callbacks that may be the cause.
+        """
+        defaults = {name for name, _ in net.get_default_callbacks()}
+        own = [(name, cb) for name, cb in getattr(net, "callbacks_", [])
+               if name not in defaults and cb is not self]
+
+        def suspects(*hooks):
+            names = [f"{name} ({type(cb).__name__})" for name, cb in own
+                     if any(getattr(type(cb), h, None) is not getattr(Callback, h)
+                            for h in hooks)]
+            return ", ".join(names) if names else "none of the net's callbacks"
+
+        steps = len(self.trajectory_)
+        out = []
+        if "grad" in self.issues_:
+            count, first = self.issues_["grad"]
+            out.append(
+                f"net.callbacks: the gradient was changed after backpropagation, before "
+                f"the optimizer step, in {count} of {steps} steps (first at step {first}); "
+                f"suspects: {suspects('on_grad_computed')}. hydrattr differentiates the "
+                f"update of the gradient of the loss, so gradient clipping "
+                f"(GradientNormClipping) and other gradient edits would give a wrong C. "
+                f"Remove that callback (e.g. lower net.lr instead of clipping).")
+        if "params" in self.issues_:
+            count, first = self.issues_["params"]
+            out.append(
+                f"net.callbacks: the parameters were changed outside an optimizer step "
+                f"{count} time(s) (first after {first} steps); suspects: "
+                f"{suspects('on_batch_end', 'on_epoch_end', 'on_epoch_begin', 'on_train_end', 'on_batch_begin')}. "
+                f"hydrattr attributes the recorded optimizer steps only, so callbacks "
+                f"that restore or edit weights (e.g. EarlyStopping(load_best=True), "
+                f"Checkpoint loading, weight averaging) are not supported.")
+        if "partial" in self.issues_:
+            out.append(
+                "training was interrupted inside an optimizer step, which left the "
+                "parameters partly updated; no trajectory describes them. Fit again.")
+        return out
+
+    def first_nonfinite_loss(self):
+        """Index of the first step whose training loss was not finite (None: all finite)."""
+        return self.issues_["loss"][1] if "loss" in self.issues_ else None

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from ._inputs import cast_inputs, check_dataset, check_mapping, collate_all, collate_fn_of, \
     dataset_data_fn, input_kind, input_shape, n_rows, slice_rows, to_device
-from ._skorch import RecordingDataset, TrajectoryRecorder, make_data_fn, make_loss_fn, \
-    module_flags
+from ._skorch import NeuralNet, RecordingDataset, TrajectoryRecorder, check_targets, make_data_fn, \
+    make_loss_fn, module_flags, watch_interrupts
 
 __all__ = ["BaseAttributor"]
 
@@ -37,10 +38,27 @@ class BaseAttributor(BaseEstimator):
     ``C[i, j] ~ loss_j(trained without i) - loss_j(trained with all)``: positive means
     sample ``i`` helped test point ``j``.
 
-    Subclasses implement ``_after_fit()`` and ``_attribute(X_test, y_test, objective)``.
+    What ``fit`` refuses (each with an error naming the cause): targets the net's
+    criterion cannot take (class labels outside the module's outputs, non-integral or
+    string labels, shapes the loss would broadcast), training that diverged (a
+    non-finite loss or non-finite trained parameters) and updates that differ from the
+    recorded ones (gradient clipping, callbacks that edit weights). A Ctrl-C during
+    training follows skorch: training stops, ``fit`` goes on with the net as trained so
+    far, warns, and sets ``interrupted_``; only the optimizer steps actually applied are
+    attributed. Press Ctrl-C again to stop ``fit`` altogether.
+
+    Subclasses implement ``_after_fit()`` and ``_attribute(X_test, y_test, objective)``,
+    and extend ``_parameter_constraints`` (scikit-learn's parameter validation, run
+    first in ``fit``); ``_check_params()`` keeps the rules that tie parameters together.
     """
 
     _record_trajectory = True
+
+    _parameter_constraints = {
+        "net": [NeuralNet],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -126,6 +144,29 @@ class BaseAttributor(BaseEstimator):
         return torch.as_tensor(y, dtype=self.param_dtype_)
 
     # -- fit -------------------------------------------------------------------------
+    def _first_rows(self, X, y, net, k=4):
+        """The first ``k`` rows of ``X`` as the net's input, with their targets."""
+        kind = input_kind(X)
+        if kind == "dataset":
+            return collate_all(X, collate_fn_of(net), rows=range(min(k, n_rows(X))))
+        def head(v):
+            v = np.ascontiguousarray(v[:k])
+            return torch.as_tensor(v, dtype=self.param_dtype_ if v.dtype.kind == "f" else None)
+
+        x = {key: head(v) for key, v in X.items()} if kind == "dict" else head(X)
+        return x, y
+
+    def _check_targets(self, X, y, net, name):
+        if y is None or input_kind(X) == "dataset":
+            return
+        x, _ = self._first_rows(X, y, net)
+        for msg in check_targets(net, x, y, name):
+            warnings.warn(msg, UserWarning, stacklevel=4)
+
+    def _before_train(self, n_rows, n_params):
+        """Hook run after validation and before training (``n_rows`` training rows,
+        ``n_params`` trainable parameters): anything that can fail for a bad parameter should fail here."""
+
     def _fit_net(self, X, y):
         """Clone, initialise, seed and train the net while recording the trajectory."""
         _check_net(self.net)
@@ -133,13 +174,17 @@ class BaseAttributor(BaseEstimator):
             probe = clone(self.net).initialize()
             self.param_dtype_ = next(probe.module_.parameters()).dtype
             has_bn, has_dropout = module_flags(probe.module_)
-            del probe
+            n_params = sum(p.numel() for p in probe.module_.parameters() if p.requires_grad)
         np_dtype = torch.empty(0, dtype=self.param_dtype_).numpy().dtype
         Xc = cast_inputs(X, np_dtype)
         if y is None:
             yc = None
         else:
             yc = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np_dtype, copy=False)
+        with torch.random.fork_rng():
+            self._check_targets(Xc, y, probe, "y")
+        del probe
+        self._before_train(n_rows(X), n_params)
         net = clone(self.net)
         rec_ds = RecordingDataset(net.get_dataset(Xc, yc))
         recorder = None
@@ -153,7 +198,8 @@ class BaseAttributor(BaseEstimator):
             callbacks = [] if own_callbacks in (None, "disable") else list(own_callbacks)
             net.set_params(callbacks=callbacks + [("hydrattr_recorder", recorder)])
         self._seed_torch()
-        net.fit(rec_ds, yc)
+        with watch_interrupts() as sigints:
+            net.fit(rec_ds, yc)
         self.net_ = net
         self.module_flags_ = {"batchnorm": has_bn, "dropout": has_dropout}
         self.input_shape_ = input_shape(X)
@@ -162,11 +208,28 @@ class BaseAttributor(BaseEstimator):
             self._X, self._y = X, None
         else:
             self._X, self._y = self._to_tensors(Xc, yc)
+        self.interrupted_ = bool(sigints) or bool(recorder is not None
+                                                  and recorder.interrupted_)
         if recorder is not None:
             traj = recorder.trajectory_
             self.spec_ = recorder.spec_
             self.trajectory_ = traj
             self.trained_mask_ = traj.used_rows()
+            problems = recorder.problems(net)
+            bad_loss = recorder.first_nonfinite_loss()
+            last_grad = recorder.last_grad_
+            # The fitted net must not keep the recorder: it holds the trajectory and the
+            # training data, which would otherwise stay alive (and be pickled) with net_
+            # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
+            net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
+            net.callbacks = own_callbacks
+            recorder.trajectory_ = recorder.dataset = recorder._params = None
+            recorder.last_grad_ = None
+            self._check_training(bad_loss)
+            if problems:
+                raise ValueError("hydrattr cannot attribute this training run: "
+                                 + " ".join(problems))
+            self._check_last_step(last_grad)
             n_unused = int((~self.trained_mask_).sum())
             if n_unused:
                 warnings.warn(
@@ -174,13 +237,75 @@ class BaseAttributor(BaseEstimator):
                     f"step (skorch's train_split holds out a validation fraction by default); "
                     f"their contributions are exactly zero. Pass train_split=None to the net "
                     f"to attribute every row.", UserWarning, stacklevel=3)
-            # The fitted net must not keep the recorder: it holds the trajectory and the
-            # training data, which would otherwise stay alive (and be pickled) with net_
-            # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
-            net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
-            net.callbacks = own_callbacks
-            recorder.trajectory_ = recorder.dataset = recorder._params = None
+        else:
+            self._check_training(None)
+        if self.interrupted_:
+            steps = "" if recorder is None else f" after {len(self.trajectory_)} optimizer steps"
+            warnings.warn(
+                f"Training was interrupted (KeyboardInterrupt){steps}, in epoch "
+                f"{len(net.history)} of max_epochs={net.max_epochs}. skorch stops training on "
+                f"Ctrl-C and keeps the weights; hydrattr attributes the net as trained so "
+                f"far, the steps actually applied (interrupted_=True). Fit again for the "
+                f"full run.", UserWarning, stacklevel=3)
         return net
+
+    def _check_training(self, bad_loss):
+        """Refuse a run whose training loss or trained parameters are not finite."""
+        from ._skorch import flat_params, param_spec
+
+        spec = getattr(self, "spec_", None) or param_spec(self.net_)
+        theta = flat_params(self.net_, spec)
+        bad_params = not bool(torch.isfinite(theta).all())
+        if bad_loss is None:
+            losses = [b.get("train_loss") for epoch in self.net_.history
+                      for b in epoch.get("batches", [])]
+            bad = [k for k, v in enumerate(losses) if v is not None and not np.isfinite(v)]
+            bad_loss = bad[0] if bad else None
+        if bad_params or bad_loss is not None:
+            what = []
+            if bad_loss is not None:
+                what.append(f"the training loss was not finite at step {bad_loss}")
+            if bad_params:
+                what.append(f"{int((~torch.isfinite(theta)).sum())} of {theta.numel()} "
+                            f"trained parameters are NaN or infinite")
+            raise ValueError(
+                f"Training diverged: {' and '.join(what)}, so there is nothing meaningful "
+                f"to attribute. Lower the learning rate (net.lr="
+                f"{getattr(self.net_, 'lr', None)!r}) or check that net.criterion matches "
+                f"the module's output (e.g. CrossEntropyLoss for logits).")
+
+    def _check_last_step(self, last_grad):
+        """Recompute the last step's batch gradient from the recorded loss and compare it
+        with the gradient the optimizer used: a loss term, an overridden train step or
+        anything else outside ``net.get_loss`` makes them differ, and then no sweep
+        differentiates what was trained. Tolerance ``sqrt(eps)`` of the parameter dtype
+        (relative, in norm): summation order differs from skorch's by O(eps * batch),
+        while an update that matters differs by much more."""
+        from ._core.steps import batch_grad
+        from ._skorch import module_mode
+
+        traj = self.trajectory_
+        if last_grad is None or not len(traj):
+            return
+        t = len(traj) - 1
+        theta = traj.theta(t, self._device)
+        x, y = self._data_fn()(traj.indices[t])
+        w = torch.full((len(traj.indices[t]),), traj.weights[t], dtype=theta.dtype,
+                       device=self._device)
+        with module_mode(self.net_.module_, training=True):
+            g = batch_grad(self._loss_fn(), theta, x, y, w, traj.rng_states[t]).detach()
+        used = last_grad.to(g.device, g.dtype)
+        err = float((g - used).norm())
+        scale = float(used.norm())
+        tol = float(torch.finfo(g.dtype).eps) ** 0.5
+        if err > tol * scale + torch.finfo(g.dtype).tiny:
+            raise ValueError(
+                f"hydrattr cannot attribute this training run: the gradient the optimizer "
+                f"used in the last step differs from the gradient of the net's loss "
+                f"(net.get_loss on the recorded batch) by {err / max(scale, 1e-300):.2g} "
+                f"of its norm. Something outside get_loss changes the update (an "
+                f"overridden train_step or train_step_single, a penalty added to the "
+                f"loss there, a callback); hydrattr differentiates get_loss only.")
 
     def fit(self, X, y):
         """Train a clone of ``net`` on ``(X, y)`` and prepare attribution.
@@ -201,6 +326,7 @@ class BaseAttributor(BaseEstimator):
         -------
         self
         """
+        self._validate_params()
         self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
         self._fit_net(X, y)
@@ -208,7 +334,17 @@ class BaseAttributor(BaseEstimator):
         return self
 
     def _check_params(self):
-        """Validate the constructor parameters (subclasses extend it); called first in fit."""
+        """Rules ``_parameter_constraints`` cannot state (subclasses extend it); called in
+        ``fit`` right after scikit-learn's parameter validation."""
+
+    def _refuse_bools(self, *names):
+        """scikit-learn's ``Interval(Integral, ...)`` takes ``True`` for 1: refuse it."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)):
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {type(self).__name__} must be an int, not a "
+                    f"bool. Got {v!r} instead.")
 
     def _after_fit(self):
         pass
@@ -233,6 +369,7 @@ class BaseAttributor(BaseEstimator):
         if objective not in ("per_sample", "mean"):
             raise ValueError(f"objective must be 'per_sample' or 'mean', got {objective!r}.")
         X_test, y_test = self._validate_xy(X_test, y_test, reset=False)
+        self._check_targets(X_test, y_test, self.net_, "y_test")
         Xt, yt = self._to_tensors(X_test, y_test)
         return np.asarray(self._attribute(Xt, yt, objective), dtype=np.float64)
 

@@ -1,12 +1,15 @@
 """HydraAttributor: hypergradient data relevance through the whole SGD trajectory."""
 from __future__ import annotations
 
-import numbers
+import os
+from numbers import Integral
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._core.running_stats import BatchNormStats
+from ._core.outofcore import check_directory
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
 from ._inputs import select_rows
@@ -130,23 +133,33 @@ class HydraAttributor(BaseAttributor):
         self.random_state = random_state
         self.verbose = verbose
 
+    _parameter_constraints = {
+        **BaseAttributor._parameter_constraints,
+        "mode": [StrOptions({"fast", "exact"})],
+        "storage": [StrOptions(set(STORE_KINDS) | {"replay"})],
+        "trajectory": [StrOptions({"memory", "memmap"})],
+        "last_epochs": [None, Interval(Integral, 1, None, closed="left"),
+                        StrOptions({"final_lr"})],
+        "track": [None, Interval(Integral, 1, None, closed="left"), "array-like"],
+        "per_sample": [StrOptions({"auto", "vmap", "jacobian"})],
+        "test_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "store_dir": [None, str, os.PathLike],
+    }
+
     # -- parameters ------------------------------------------------------------------
     def _check_params(self):
-        if self.mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {self.mode!r}.")
-        if self.storage not in STORE_KINDS + ("replay",):
-            raise ValueError(f"storage must be one of {STORE_KINDS + ('replay',)}, "
-                             f"got {self.storage!r}.")
-        if self.per_sample not in ("auto", "vmap", "jacobian"):
-            raise ValueError(f"per_sample must be 'auto', 'vmap' or 'jacobian', "
-                             f"got {self.per_sample!r}.")
-        if not isinstance(self.test_batch_size, numbers.Integral) or self.test_batch_size < 1:
-            raise ValueError(f"test_batch_size must be a positive int, got {self.test_batch_size!r}.")
-        k = self.last_epochs
-        if not (k is None or (isinstance(k, str) and k == "final_lr") or (
-                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1)):
-            raise ValueError(f"last_epochs must be None, a positive int or 'final_lr', "
-                             f"got {k!r}.")
+        self._refuse_bools("last_epochs", "test_batch_size", "track")
+        if self.store_dir is not None and "memmap" in (self.storage, self.trajectory):
+            check_directory(self.store_dir, "store_dir")
+
+    def _before_train(self, n, n_params):
+        # the fast-mode store is created (and its disk space reserved) before training,
+        # so that a store_dir without room fails now, not after training
+        self._new_store = None
+        if self.mode == "fast" and self.storage != "replay":
+            self.rows_ = select_rows(self.track, n, self.random_state, "track")
+            self._new_store = SampleStore(len(self.rows_), n_params, kind=self.storage,
+                                          dtype=self.param_dtype_, directory=self.store_dir)
 
     @property
     def _independent(self):
@@ -156,14 +169,14 @@ class HydraAttributor(BaseAttributor):
 
     def _after_fit(self):
         n = self.n_train_
-        self.rows_ = select_rows(self.track, n, self.random_state, "track")
+        store, self._new_store = getattr(self, "_new_store", None), None
+        if store is None:
+            self.rows_ = select_rows(self.track, n, self.random_state, "track")
         self._rows_map = np.full(n, -1, dtype=np.int64)
         self._rows_map[self.rows_] = np.arange(len(self.rows_))
         self.store_ = None
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
-        if self.mode == "fast" and self.storage != "replay":
-            store = SampleStore(len(self.rows_), self.spec_.n_params, kind=self.storage,
-                                dtype=self.param_dtype_, directory=self.store_dir)
+        if store is not None:
             with module_mode(self.net_.module_, training=True):
                 build_fast_store(self.trajectory_, self._loss_fn(), self._data_fn(), store,
                                  self._rows_map, independent=self._independent,
@@ -227,6 +240,7 @@ class HydraAttributor(BaseAttributor):
 
     def _start(self):
         """First step of the window ``last_epochs`` (0: the whole run)."""
+        self._validate_params()
         self._check_params()
         if self.store_ is not None:
             fitted = getattr(self, "_store_last_epochs", None)  # None: an older pickle

@@ -329,7 +329,7 @@ def test_errors_name_the_problem():
         HydraAttributor(_net(), mode="slow").fit(X, y)
     with pytest.raises(ValueError, match="storage"):
         HydraAttributor(_net(), storage="disk").fit(X, y)
-    with pytest.raises(TypeError, match="net must be a skorch"):
+    with pytest.raises(TypeError, match="net.*must be an instance of .skorch.net.NeuralNet"):
         HydraAttributor(object()).fit(X, y)
     Xn = X.copy()
     Xn[0, 0] = np.nan

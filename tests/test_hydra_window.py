@@ -121,7 +121,7 @@ def test_fast_store_is_filled_for_the_window_and_keeps_it():
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", "final"])
 def test_bad_last_epochs_is_named(bad):
     X, y = three_blobs(N, 0)
-    with pytest.raises(ValueError, match="last_epochs must be None, a positive int or 'final_lr'"):
+    with pytest.raises(ValueError, match="'last_epochs' parameter of HydraAttributor must be"):
         HydraAttributor(bn_dropout_net(max_epochs=1), last_epochs=bad, verbose=0).fit(X, y)
 
 

@@ -18,13 +18,15 @@ later a killed run still did.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
 
 import numpy as np
 
-__all__ = ["release", "touch", "anonymous_file", "map_file", "DEFAULT_BUDGET"]
+__all__ = ["release", "touch", "anonymous_file", "map_file", "reserve", "check_directory",
+           "DEFAULT_BUDGET"]
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes touched between releases
 
@@ -58,14 +60,49 @@ def touch(arr, nbytes, budget=None):
     arr._hydrattr_touched = n
 
 
-def anonymous_file(directory, prefix):
+def check_directory(directory, name="store_dir"):
+    """Make sure files can be created in ``directory`` (created if missing); raise an
+    ``OSError`` naming the parameter ``name`` otherwise."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, f"{name}={os.fspath(directory)!r} is a file, "
+                                 f"not a directory")
+    anonymous_file(directory, "hydrattr-probe-", name=name).close()
+
+
+def anonymous_file(directory, prefix, name="store_dir"):
     """A new empty binary file (``w+b``) in ``directory`` (the system's temporary
     directory when None) that has no name on disk: :func:`tempfile.TemporaryFile`,
     which on POSIX unlinks it at once, so it disappears with its last handle or mapping,
-    whatever ends the process."""
-    if directory is not None:
-        os.makedirs(directory, exist_ok=True)
-    return tempfile.TemporaryFile(mode="w+b", prefix=prefix, suffix=".bin", dir=directory)
+    whatever ends the process. Failures raise an ``OSError`` naming ``name=directory``."""
+    try:
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        return tempfile.TemporaryFile(mode="w+b", prefix=prefix, suffix=".bin", dir=directory)
+    except OSError as err:
+        where = "the temporary directory" if directory is None else \
+            f"{name}={os.fspath(directory)!r}"
+        raise OSError(err.errno, f"cannot create a file in {where}: {err.strerror}; "
+                                 f"pass a writable directory as {name}") from err
+
+
+def reserve(f, nbytes, directory, name="store_dir"):
+    """Give ``f`` a size of ``nbytes`` with its disk blocks allocated up front
+    (``os.posix_fallocate``), so that a full disk is an ``OSError`` now instead of a
+    SIGBUS when a page of a sparse mapping is first written. Falls back to a sparse
+    ``truncate`` where the file system cannot preallocate."""
+    nbytes = int(nbytes)
+    if nbytes > 0 and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                where = "the temporary directory" if directory is None else \
+                    f"{name}={os.fspath(directory)!r}"
+                raise OSError(err.errno, f"cannot reserve {nbytes / 2**30:.3g} GiB in {where}: "
+                                         f"{err.strerror}; free space there or pass "
+                                         f"another {name}") from err
+    f.truncate(nbytes)
 
 
 def map_file(f, dtype, shape, mode="r"):

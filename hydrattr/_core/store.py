@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .outofcore import anonymous_file, map_file, touch
+from .outofcore import anonymous_file, map_file, reserve, touch
 
 __all__ = ["SampleStore", "STORE_KINDS"]
 
@@ -29,7 +29,9 @@ class SampleStore:
     dtype : torch.dtype
         Accumulation dtype (float32 or float64); ``"half"`` stores float16.
     directory : str or None
-        Where ``"memmap"`` writes its file (a temporary directory when None).
+        Where ``"memmap"`` writes its file (a temporary directory when None). Its space
+        is reserved (``os.posix_fallocate``) at creation: ``OSError`` naming the
+        directory when there is no room.
     """
 
     def __init__(self, n_rows, n_params, kind="dense", dtype=torch.float32, directory=None):
@@ -45,7 +47,11 @@ class SampleStore:
         else:  # a zero-filled file without a name: gone however the process ends
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             f = anonymous_file(directory, "hydrattr-store-")
-            f.truncate(self.shape[0] * self.shape[1] * np_dtype.itemsize)
+            try:  # disk space reserved now: a full disk is an OSError, not a SIGBUS later
+                reserve(f, self.shape[0] * self.shape[1] * np_dtype.itemsize, directory)
+            except BaseException:
+                f.close()
+                raise
             self.data = map_file(f, np_dtype, self.shape, mode="r+")
 
     def add(self, rows, values):
