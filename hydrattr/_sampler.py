@@ -142,7 +142,7 @@ class _ContributionSampler(BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, ...)
-            Inputs (any per-sample shape the attributor's net accepts).
+            Inputs (any per-sample shape the net accepts).
         y : array-like of shape (n_samples,)
             Class labels (encoded internally to ``0..n_classes-1`` for the net).
 
@@ -160,9 +160,32 @@ class _ContributionSampler(BaseEstimator):
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         y_enc = y_enc.astype(np.int64)
         self._y_enc = y_enc
-        attributor = self._make_attributor()
         self._check_params(X.shape[0])
+        if self._uses_dynamics():
+            removed = self._fit_dynamics(X, y_enc)
+        else:
+            removed = self._fit_contributions(X, y_enc)
+        self.removed_mask_ = removed
+        self.sample_indices_ = np.flatnonzero(~removed)
+        self.n_removed_ = int(removed.sum())
+        idx = self.sample_indices_
+        # pandas objects stay pandas objects; anything else comes back as the
+        # validated numpy array
+        X_out = _safe_indexing(X_in, idx) if hasattr(X_in, "iloc") else X[idx]
+        y_out = _safe_indexing(y_in, idx) if hasattr(y_in, "iloc") else y[idx]
+        return X_out, y_out
+
+    def _fit_contributions(self, X, y_enc):
+        """Split off (or take) the validation part, fit the attributor on the training part
+        and let the subclass decide (``_select``); the removal mask over all rows."""
+        attributor = self._make_attributor()
         self._warn_train_split(attributor)
+        if self.validation_data is None:
+            warnings.warn(
+                f"{type(self).__name__}: scoring contributions against a validation part cut "
+                f"from the same labels: its wrong labels weaken the scores (on noisy data "
+                f"they can be near random). Pass validation_data with trusted labels, or use "
+                f"the default training-dynamics score.", UserWarning, stacklevel=3)
         train_rows, val_rows, X_val, y_val_enc = self._split(X, y_enc)
         attributor.fit(X[train_rows], y_enc[train_rows])
         self.attributor_ = attributor
@@ -173,15 +196,56 @@ class _ContributionSampler(BaseEstimator):
                                     train_rows, X.shape[0])
         removed = np.zeros(X.shape[0], dtype=bool)
         removed[train_rows[remove_train]] = True
-        self.removed_mask_ = removed
-        self.sample_indices_ = np.flatnonzero(~removed)
-        self.n_removed_ = int(removed.sum())
-        idx = self.sample_indices_
-        # pandas objects stay pandas objects; anything else comes back as the
-        # validated numpy array
-        X_out = _safe_indexing(X_in, idx) if hasattr(X_in, "iloc") else X[idx]
-        y_out = _safe_indexing(y_in, idx) if hasattr(y_in, "iloc") else y[idx]
-        return X_out, y_out
+        return removed
+
+    # -- training dynamics ------------------------------------------------------------
+    def _dynamics_net(self):
+        """The skorch net whose training run is watched (the bare net, or the net of the
+        attributor given)."""
+        net = self.attributor if _is_skorch_net(self.attributor) else _net_of(self.attributor)
+        if net is None or not _is_skorch_net(net):
+            raise TypeError(
+                f"{type(self).__name__}: attributor must be a skorch net or an attributor "
+                f"with a net (e.g. HydraAttributor(net)), got "
+                f"{type(self.attributor).__name__}.")
+        if getattr(net, "train_split", None) is not None:
+            warnings.warn(
+                f"{type(self).__name__}: the net has train_split={net.train_split!r}, so "
+                f"part of the rows never enter a training step; they are unscored and kept. "
+                f"Set train_split=None on the net.", UserWarning, stacklevel=4)
+        return net
+
+    def _dynamics_seed(self):
+        rs = self.random_state
+        if rs is None:
+            return None
+        if isinstance(rs, numbers.Integral):
+            return int(rs)
+        return int(check_random_state(rs).randint(np.iinfo(np.int32).max))
+
+    def _trusted_validation(self, X):
+        """``(X_val, y_val_enc)`` from ``validation_data`` (trusted labels), or None."""
+        if self.validation_data is None:
+            return None
+        _, _, X_val, y_val = self._split(X, self._y_enc)
+        return X_val, y_val
+
+    def _record_dynamics(self, X, y_enc, extra=None):
+        """Train a clone of the net on ``(X, y_enc)`` (plus the trusted ``extra`` rows,
+        never scored) and return the dynamics of the first ``len(X)`` rows."""
+        from ._skorch import fit_recording_dynamics
+
+        net = self._dynamics_net()
+        if extra is not None:
+            X = np.concatenate([X, extra[0]])
+            y_enc = np.concatenate([y_enc, extra[1]])
+        n = len(y_enc) if extra is None else len(y_enc) - len(extra[1])
+        if self.verbose:
+            net = clone(net).set_params(verbose=self.verbose)
+        net_, dyn = fit_recording_dynamics(net, X, y_enc, seed=self._dynamics_seed())
+        if extra is not None:
+            dyn = type(dyn)(dyn.margin_sum[:, :n], dyn.count[:, :n], dyn.prob_sum[:n])
+        return net_, dyn
 
     def fit(self, X, y):
         """Run :meth:`fit_resample` and return the fitted sampler.

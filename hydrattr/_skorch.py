@@ -535,3 +535,125 @@ class TrajectoryRecorder(Callback):
     def first_nonfinite_loss(self):
         """Index of the first step whose training loss was not finite (None: all finite)."""
         return self.issues_["loss"][1] if "loss" in self.issues_ else None
+
+
+# -- training dynamics: each row's margin in the real training forward passes ------------
+def log_probs_of(net, y_pred):
+    """Log-probabilities from a training batch's module output, as the criterion reads it:
+    log-softmax of logits for ``CrossEntropyLoss``, the log of the probabilities skorch's
+    classifier feeds ``NLLLoss``."""
+    crit = net.criterion_
+    y_pred = y_pred[0] if isinstance(y_pred, (tuple, list)) else y_pred
+    y_pred = y_pred.detach().float()
+    if y_pred.dim() != 2:
+        raise ValueError(f"net.module: training dynamics need a (batch, n_classes) output, "
+                         f"got shape {tuple(y_pred.shape)}.")
+    if isinstance(crit, torch.nn.CrossEntropyLoss):
+        return torch.log_softmax(y_pred, dim=1)
+    if isinstance(crit, torch.nn.NLLLoss):
+        return torch.log(y_pred.clamp_min(torch.finfo(y_pred.dtype).tiny))
+    raise ValueError(f"net.criterion: training dynamics need CrossEntropyLoss (logits) or "
+                     f"NLLLoss (probabilities), got {type(crit).__name__}.")
+
+
+class DynamicsRecorder(Callback):
+    """Accumulate each training row's margin and probabilities at every step it enters.
+
+    Reads the module output skorch passes to ``on_batch_end`` (the training forward pass
+    itself, BatchNorm and dropout included), so it costs no extra forward pass. Rows are
+    known from the :class:`RecordingDataset` given to ``fit``: with ``consume=True`` the
+    batch's indices are taken off its log (no :class:`TrajectoryRecorder` present),
+    otherwise they are read and left for the recorder, which must come later in the
+    callback list.
+    """
+
+    def __init__(self, labels, consume=True):
+        self.labels = labels
+        self.consume = consume
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        if not isinstance(X, RecordingDataset):
+            raise RuntimeError("DynamicsRecorder needs the RecordingDataset given to fit.")
+        self._data = X
+        self._labels = np.asarray(self.labels, dtype=np.int64)
+        self._margins, self._counts, self._probs = [], [], None
+        self._rows = None
+
+    def on_epoch_begin(self, net, **kwargs):
+        n = len(self._labels)
+        self._margins.append(np.zeros(n))
+        self._counts.append(np.zeros(n, dtype=np.int64))
+
+    def on_batch_begin(self, net, batch=None, training=False, **kwargs):
+        if not training:
+            return
+        b = get_len(batch[0])
+        if self.consume:
+            self._rows = np.asarray(self._data.take(b), dtype=np.int64)
+        else:
+            self._rows = np.asarray(self._data.fetched[-b:], dtype=np.int64)
+
+    def on_batch_end(self, net, batch=None, training=False, y_pred=None, **kwargs):
+        if not training or self._rows is None:
+            return
+        from .label_issues import margins
+
+        lp = log_probs_of(net, y_pred).cpu().numpy().astype(np.float64)
+        rows, self._rows = self._rows, None
+        if self._probs is None:
+            self._probs = np.zeros((len(self._labels), lp.shape[1]))
+        np.add.at(self._margins[-1], rows, margins(lp, self._labels[rows]))
+        np.add.at(self._counts[-1], rows, 1)
+        np.add.at(self._probs, rows, np.exp(lp))
+
+    def dynamics(self):
+        """The accumulated :class:`~hydrattr.label_issues.TrainingDynamics`."""
+        from .label_issues import TrainingDynamics
+
+        n = len(self._labels)
+        k = 0 if self._probs is None else self._probs.shape[1]
+        return TrainingDynamics(
+            margin_sum=np.array(self._margins).reshape(-1, n),
+            count=np.array(self._counts, dtype=np.int64).reshape(-1, n),
+            prob_sum=self._probs if self._probs is not None else np.zeros((n, k)))
+
+
+def fit_recording_dynamics(net, X, y, seed=None):
+    """Train a clone of ``net`` on ``(X, y)`` as ``net.fit`` would and return it with the
+    rows' :class:`~hydrattr.label_issues.TrainingDynamics`.
+
+    ``X`` is cast to the module's parameter dtype; ``y`` holds encoded class indices. With
+    ``seed`` torch is seeded first (as the attributors do). The returned net does not keep
+    the recorder. Raises ``KeyboardInterrupt`` when interrupted (skorch would stop quietly)
+    and ``ValueError`` when the training margins are not finite (a diverged run).
+    """
+    from sklearn.base import clone
+
+    from ._inputs import cast_inputs
+
+    with torch.random.fork_rng():
+        probe = clone(net).initialize()
+        dtype = next(probe.module_.parameters()).dtype
+        del probe
+    Xc = cast_inputs(X, torch.empty(0, dtype=dtype).numpy().dtype)
+    y = np.asarray(y, dtype=np.int64)
+    net = clone(net)
+    data = RecordingDataset(net.get_dataset(Xc, y))
+    recorder = DynamicsRecorder(y, consume=True)
+    own = net.callbacks
+    callbacks = [] if own in (None, "disable") else list(own)
+    net.set_params(callbacks=callbacks + [("hydrattr_dynamics", recorder)])
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    with watch_interrupts() as sigints:
+        net.fit(data, y)
+    if sigints:
+        raise KeyboardInterrupt("training was interrupted (Ctrl-C); nothing was scored.")
+    net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
+    net.callbacks = own
+    dyn = recorder.dynamics()
+    seen = dyn.seen
+    if not np.isfinite(dyn.mean_margin()[seen]).all():
+        raise ValueError("net: training diverged (non-finite outputs during training); "
+                         "lower net.lr or check net.criterion against the module's output.")
+    return net, dyn

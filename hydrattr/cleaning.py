@@ -1,8 +1,10 @@
-"""Removing harmful training samples: a sampler for pipelines and a meta-estimator.
+"""Removing wrongly labelled training samples: a sampler for pipelines and a meta-estimator.
 
-* :class:`LabelNoiseCleaner` scores every training sample by its contribution to the
-  loss on a validation part of the data (split off the data it is given, stratified and
-  seeded, or given explicitly) and drops the least useful ones. It is an
+* :class:`LabelNoiseCleaner` scores every training sample and drops the least useful
+  ones. By default the score is the sample's *training dynamics* (its margin in the real
+  training forward pass of every step it entered, averaged over the run) and the number
+  to drop is estimated from the run's averaged predictions; with ``score="contribution"``
+  it is the HYDRA paper's contribution to a validation loss. It is an
   imbalanced-learn-style *sampler*: ``fit_resample(X, y)`` returns the kept rows, so it
   works inside ``imblearn.pipeline.Pipeline`` (imbalanced-learn is optional: nothing
   here imports it).
@@ -11,17 +13,7 @@
   scikit-learn ``Pipeline``, ``GridSearchCV`` (e.g. tuning ``cleaner__fraction``) and
   ``cross_val_score``.
 
-Scores follow the package convention ``C[i] ~ loss(trained without i) - loss(trained
-with all)``: positive means sample ``i`` helped (lowered) the validation loss, so the
-*lowest* scores are removed.
-
-Rows held out by the attributor's net
--------------------------------------
-A skorch net with the default ``train_split`` trains on only part of the rows it is
-given; the held-out rows never enter a gradient step and their contribution is exactly
-zero, so a cleaner would neither keep nor drop them for a reason. Give the attributor's
-net ``train_split=None`` (the cleaner already holds out its own validation part); the
-cleaner warns otherwise and treats those rows as unscored (never removed).
+The decisions themselves are plain functions in :mod:`hydrattr.label_issues`.
 """
 from __future__ import annotations
 
@@ -29,150 +21,142 @@ import numbers
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._sampler import _ContributionSampler
+from .label_issues import estimate_issue_counts, find_label_issues, remove_lowest
 
-__all__ = ["LabelNoiseCleaner", "CleanedClassifier"]
-
-
-def remove_lowest(scores, fraction, labels=None):
-    """Boolean mask of the ``round(fraction * n)`` lowest ``scores`` (ties by position).
-
-    With ``labels``, the quota applies within each class: the ``round(fraction * n_c)``
-    lowest scores of every class ``c`` (``LabelNoiseCleaner(stratify=True)``).
-    """
-    removed = np.zeros(len(scores), dtype=bool)
-    groups = [np.arange(len(scores))] if labels is None else \
-        [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    for rows in groups:
-        k = int(np.floor(fraction * len(rows) + 0.5))
-        removed[rows[np.argsort(scores[rows], kind="stable")[:k]]] = True
-    return removed
+__all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 
 
 class LabelNoiseCleaner(_ContributionSampler):
-    """Drop the training samples that contribute least to a validation loss.
+    """Drop the training samples most likely to carry a wrong label.
 
-    The data given to :meth:`fit_resample` is split into a training part and a
-    validation part (``validation_size``, stratified by label, seeded by
-    ``random_state``), unless ``validation_data`` is given, in which case every row is a
-    training row. A clone of ``attributor`` is trained on the training part and each
-    training sample's contribution to the mean validation loss is computed (one
-    ``"mean"`` column: ``score_i ~ L_val(without i) - L_val(with all)``). The samples with
-    the lowest scores, those whose removal is predicted to lower the validation loss
-    most, are removed: a ``fraction`` of the scored rows (the HYDRA paper removes r% at
-    r% label noise) or every row scoring below ``threshold``. Validation rows are never
-    scored and always kept.
+    Two scores are available (``score``):
+
+    * ``"dynamics"`` (default): a clone of the net is trained once on all the rows given
+      to :meth:`fit_resample` and each row's margin ``log p(given label) - max_{k != given}
+      log p(k)`` is read from the training forward pass of every step it enters (no
+      extra forward pass) and averaged over the run (the "area under the margin"). A net
+      learns the true class of a wrongly labelled row long before it memorises the wrong
+      label, so those rows have a low average margin. Needs no trusted data. With
+      ``validation_data`` (which must hold trusted labels) those rows are trained on as
+      well, never scored nor removed.
+    * ``"contribution"``: the HYDRA paper's cleaner. The rows are split into a training
+      and a validation part (``validation_size``, stratified, seeded) unless
+      ``validation_data`` is given; a clone of ``attributor`` is trained on the training
+      part and each row is scored by its contribution to the mean (or median) validation
+      loss (``score_i ~ L_val(without i) - L_val(with all)``). Only as good as the
+      validation labels: give ``validation_data`` with trusted labels (it warns
+      otherwise).
+
+    How many rows go: ``fraction`` (the lowest scores), ``threshold`` (every score below
+    it), or, when both are None, an estimate. With ``"dynamics"`` the estimate is
+    confident learning's count of wrong labels per given class, computed from the
+    predictions averaged over the run, and each class's lowest margins are removed; with
+    ``"contribution"`` it is ``threshold=0`` (every row predicted to raise the validation
+    loss).
 
     Parameters
     ----------
-    attributor : attributor or skorch.NeuralNet
-        E.g. ``HydraAttributor(net, storage="replay", last_epochs="final_lr", verbose=0)``;
-        cloned at fit. A bare skorch net is wrapped as ``HydraAttributor(net,
+    attributor : skorch.NeuralNet or attributor
+        The net to train (cloned; it should use ``train_split=None``, output one logit or
+        probability per class and use ``CrossEntropyLoss`` or ``NLLLoss``), or an
+        attributor such as ``HydraAttributor(net, storage="replay",
+        last_epochs="final_lr")``. With ``score="dynamics"`` only its net is used. With
+        ``score="contribution"`` a bare net is wrapped as ``HydraAttributor(net,
         storage="replay", last_epochs="final_lr", random_state=random_state,
-        verbose=verbose)``:
-
-        * ``last_epochs="final_lr"``: the hypergradient of the final learning-rate phase
-          only, which ranks wrong labels more precisely than the whole run when the
-          schedule drops the rate (LeNet-5, 50,000 rows, 80% wrong labels, per-class
-          precision of the removed set: 0.972 to 0.978 on MNIST, 0.950 to 0.954 on
-          Fashion-MNIST; ``benchmarks/table3_noise_cleaning.py``); at a constant rate it
-          is the whole run;
-        * ``storage="replay"``: the cleaner needs one column (the mean validation loss)
-          per round, and one replayed sweep computes it without the fast mode's
-          ``n_train x n_params`` store (same scores to float32 rounding; 20,000 MNIST
-          rows, LeNet-5, 8 epochs: 0.82x the time and 0.9 GiB of added memory against
-          5.5 GiB with the dense store; ``benchmarks/bench_cleaner_storage.py``).
-
-        The net must output one logit per class of ``y`` and should use
-        ``train_split=None`` (see the module notes).
+        verbose=verbose)``.
+    score : {"dynamics", "contribution"}, default="dynamics"
+        What ranks the rows (see above).
     validation_size : float in (0, 1) or int, default=0.2
-        Fraction (or number) of the samples held out as validation set when
-        ``validation_data`` is None.
+        ``score="contribution"`` only: the fraction (or number) of rows held out as the
+        validation part when ``validation_data`` is None.
     validation_data : tuple (X_val, y_val) or None, default=None
-        An explicit validation set (labels from the same classes as ``y``). Scores are
-        only as good as the validation labels: a split of noisy data carries the same
-        noise, which weakens the "mean" scores markedly (on 8x8 digits with 20% flipped
-        labels the ROC AUC for finding the flipped rows fell from 0.78 with clean to
-        0.41 with equally noisy validation labels; ``objective="median"`` kept 0.74).
-        Pass a small clean validation set whenever one exists.
+        Rows with trusted labels (from the same classes as ``y``). They are never scored
+        nor removed, and bypass any earlier step of a ``Pipeline`` (transform them
+        yourself).
     fraction : float in [0, 1) or None, default=None
-        Fraction of the scored rows to remove (the ``round(fraction * n)`` lowest
-        scores; ties broken by row order).
+        Remove the ``round(fraction * n)`` lowest scores (ties broken by row order).
     threshold : float or None, default=None
-        Remove every row whose score is below ``threshold``. When both ``fraction``
-        and ``threshold`` are None, ``threshold=0`` is used: every sample predicted to
-        *raise* the validation loss is removed.
+        Remove every row whose score is below ``threshold``.
     stratify : bool, default=False
-        With ``fraction``: remove ``round(fraction * n_c)`` rows within each class ``c`` of
-        ``y`` (``n_c`` its scored rows) instead of the lowest scores overall, as confident
-        learning's ``prune_by_class`` does. Contributions differ in scale between classes
-        (per-sample gradients of some digits are larger), so when the noise rate is about
-        the same in every class this removes a more precise set: on 4,000 MNIST rows with
-        80% wrong labels, HYDRA fast's precision rose from 0.89 (global) to 0.92. Not
-        allowed with ``threshold``.
+        With ``fraction``: remove ``round(fraction * n_c)`` rows within each class ``c``
+        instead of the lowest scores overall. Not allowed with ``threshold``.
     n_rounds : int, default=1
-        With ``fraction``: remove it in ``n_rounds`` equal steps, training a fresh clone
-        of the attributor on the rows still kept before each step after the first and
-        rescoring them. A model trained on cleaner data scores the remaining rows more
-        reliably, at the cost of ``n_rounds`` trainings: on 4,000 MNIST rows with 80%
-        wrong labels (HYDRA fast, ``stratify=True``) the precision of the removed set
-        rose from 0.92 with one round to 0.95 with two. The paper uses one round.
+        With ``fraction``: remove it in ``n_rounds`` equal steps, training a fresh clone on
+        the rows still kept before each step after the first and rescoring them.
     objective : {"mean", "median"}, default="mean"
-        ``"mean"`` scores each sample by its contribution to the mean validation loss
-        (one ``"mean"`` column from the attributor, as in the HYDRA paper).
-        ``"median"`` asks for one column per validation point and takes each sample's
-        median contribution: slower and ``(n_train, n_val)`` floats in memory, but
-        robust when the validation labels are noisy too (a few badly mislabeled
-        validation points with large losses dominate the mean and its gradient).
+        ``score="contribution"`` only: each row's contribution to the mean validation
+        loss (one column), or the median of its contributions to each validation point.
     random_state : int, RandomState instance or None, default=None
-        Seeds the validation split (and the wrapped attributor when a bare net is given).
+        Seeds torch before training and the validation split.
     verbose : int, default=0
-        Progress bars (training, sweeps) of the attributor a bare net is wrapped in; an
-        attributor you pass keeps its own ``verbose``.
+        Progress output of the training (and of the attributor a bare net is wrapped in);
+        an attributor you pass keeps its own ``verbose``.
 
     Attributes
     ----------
     attributor_ : attributor
-        The fitted clone (with ``n_rounds > 1``: the first round's, trained on every
-        training row).
+        ``score="contribution"``: the fitted clone (with ``n_rounds > 1``: the first
+        round's).
+    net_ : skorch.NeuralNet
+        ``score="dynamics"``: the net trained on every row (the first round's).
+    dynamics_ : TrainingDynamics
+        ``score="dynamics"``: the first round's per-row margins and probabilities.
     classes_ : ndarray
         Class labels seen in ``y``.
     scores_ : ndarray of shape (n_samples,)
-        Each row's contribution to the mean validation loss (positive = helpful); NaN
-        for validation rows and for rows the attributor did not score. With
-        ``n_rounds > 1``: the score from the last round that scored the row (removed rows
-        keep the score they were removed with).
+        Each row's score (higher = more useful): the mean margin, or the contribution;
+        NaN for validation rows and rows that never entered a training step. With
+        ``n_rounds > 1``: the score from the last round that scored the row.
+    estimated_counts_ : ndarray of int
+        ``score="dynamics"`` with neither ``fraction`` nor ``threshold``: the estimated
+        number of wrong labels per class (indexed like ``classes_``).
     removed_mask_ : ndarray of bool, shape (n_samples,)
         True for removed rows.
     sample_indices_ : ndarray of int
         Indices of the kept rows (what :meth:`fit_resample` returns).
     train_indices_, validation_indices_ : ndarray of int
-        Rows used for training the attributor and as validation set.
+        Rows scored, and rows held out as validation part (``score="contribution"``).
     threshold_ : float
-        With ``threshold`` (or the default): the threshold used. With ``fraction``: the
-        largest removed score, over all classes with ``stratify`` (``-inf`` when nothing
-        was removed).
+        The largest removed score (``-inf`` when nothing was removed), or the threshold
+        used.
     n_removed_ : int
     n_features_in_ : int
 
     Examples
     --------
-    >>> from hydrattr import HydraAttributor, LabelNoiseCleaner  # doctest: +SKIP
-    >>> attributor = HydraAttributor(net, storage="replay", last_epochs="final_lr",
-    ...                              verbose=0)  # doctest: +SKIP
-    >>> cleaner = LabelNoiseCleaner(attributor, fraction=0.2, random_state=0)  # doctest: +SKIP
-    >>> X_kept, y_kept = cleaner.fit_resample(X, y)  # doctest: +SKIP
+    >>> from hydrattr import LabelNoiseCleaner  # doctest: +SKIP
+    >>> cleaner = LabelNoiseCleaner(net, random_state=0)  # doctest: +SKIP
+    >>> X_kept, y_kept = cleaner.fit_resample(X, y_noisy)  # doctest: +SKIP
+    >>> cleaner.to_frame().sort_values("score").head()  # doctest: +SKIP
     """
 
     _default_hydra = {"storage": "replay", "last_epochs": "final_lr"}
 
-    def __init__(self, attributor=None, validation_size=0.2, validation_data=None,
-                 fraction=None, threshold=None, stratify=False, n_rounds=1,
-                 objective="mean", random_state=None, verbose=0):
+    _parameter_constraints = {
+        "attributor": "no_validation",
+        "score": [StrOptions({"dynamics", "contribution"})],
+        "validation_size": [Interval(numbers.Real, 0, 1, closed="neither"),
+                            Interval(numbers.Integral, 1, None, closed="left")],
+        "validation_data": [tuple, list, None],
+        "fraction": [Interval(numbers.Real, 0, 1, closed="left"), None],
+        "threshold": [Interval(numbers.Real, None, None, closed="neither"), None],
+        "stratify": ["boolean"],
+        "n_rounds": [Interval(numbers.Integral, 1, None, closed="left")],
+        "objective": [StrOptions({"mean", "median"})],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(self, attributor=None, score="dynamics", validation_size=0.2,
+                 validation_data=None, fraction=None, threshold=None, stratify=False,
+                 n_rounds=1, objective="mean", random_state=None, verbose=0):
         self.attributor = attributor
+        self.score = score
         self.validation_size = validation_size
         self.validation_data = validation_data
         self.fraction = fraction
@@ -183,34 +167,28 @@ class LabelNoiseCleaner(_ContributionSampler):
         self.random_state = random_state
         self.verbose = verbose
 
+    def _uses_dynamics(self):
+        return self.score == "dynamics"
+
     def _check_params(self, n):
+        self._validate_params()
+        if self.attributor is None:
+            raise TypeError(
+                f"{type(self).__name__}: attributor is required: pass a skorch net (or an "
+                f"attributor such as HydraAttributor(net)).")
         if self.fraction is not None and self.threshold is not None:
             raise ValueError("Give either fraction or threshold, not both (got fraction="
                              f"{self.fraction!r}, threshold={self.threshold!r}).")
-        if self.fraction is not None:
-            f = self.fraction
-            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 <= f < 1:
-                raise ValueError(f"fraction must be a float in [0, 1), got {f!r}.")
-        if self.threshold is not None:
-            t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, numbers.Real) or np.isnan(t):
-                raise ValueError(f"threshold must be a float (not NaN), got {t!r}.")
-        if not isinstance(self.stratify, (bool, np.bool_)):
-            raise ValueError(f"stratify must be True or False, got {self.stratify!r}.")
         if self.stratify and self.threshold is not None:
             raise ValueError("stratify=True applies to fraction; it cannot be combined "
                              f"with threshold={self.threshold!r}.")
         r = self.n_rounds
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-            raise ValueError(f"n_rounds must be a positive int, got {r!r}.")
         if r > 1 and self.fraction is None:
             raise ValueError(f"n_rounds={r} needs fraction (the total to remove); it cannot "
-                             f"be used with a threshold.")
-        if self.objective not in ("mean", "median"):
-            raise ValueError(f"objective must be 'mean' or 'median', got "
-                             f"{self.objective!r}.")
+                             f"be used with a threshold or the estimated count.")
 
-    def _score(self, attributor, X_val, y_val):
+    # -- contributions (score="contribution") ------------------------------------------
+    def _contribution(self, attributor, X_val, y_val):
         if self.objective == "mean":
             return np.asarray(attributor.attribute(X_val, y_val, objective="mean"),
                               dtype=np.float64)[:, 0]
@@ -220,8 +198,77 @@ class LabelNoiseCleaner(_ContributionSampler):
 
     def _scores_of_trained(self, attributor, n_rows, X_val, y_val):
         """The attributor's scores, NaN for rows that never entered a gradient step."""
-        s = self._score(attributor, X_val, y_val)
+        s = self._contribution(attributor, X_val, y_val)
         return np.where(self._trained_rows(attributor, n_rows), s, np.nan)
+
+    def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
+        def rescore(keep):
+            att = self._make_attributor()
+            att.fit(X_train[keep], y_train[keep])
+            return self._scores_of_trained(att, len(keep), X_val, y_val)
+
+        s = self._scores_of_trained(self.attributor_, len(train_rows), X_val, y_val)
+        remove = self._decide(s, y_train, rescore, default_threshold=0.0)
+        self._set_scores(s, train_rows, n_samples)
+        return remove
+
+    # -- training dynamics (score="dynamics") -------------------------------------------
+    def _fit_dynamics(self, X, y_enc):
+        extra = self._trusted_validation(X)
+        n = X.shape[0]
+        net_, dyn = self._record_dynamics(X, y_enc, extra)
+        self.net_, self.dynamics_ = net_, dyn
+        self.train_indices_ = np.arange(n)
+        self.validation_indices_ = np.array([], dtype=np.int64)
+
+        def rescore(keep):
+            _, d = self._record_dynamics(X[keep], y_enc[keep], extra)
+            return d.mean_margin()
+
+        s = dyn.mean_margin()
+        counts = None
+        if self.fraction is None and self.threshold is None:
+            seen = dyn.seen
+            counts = np.zeros(len(self.classes_), dtype=np.int64)
+            counts[:] = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen],
+                                              n_classes=len(self.classes_))
+            self.estimated_counts_ = counts
+        remove = self._decide(s, y_enc, rescore, counts=counts)
+        self._set_scores(s, np.arange(n), n)
+        return remove
+
+    # -- shared --------------------------------------------------------------------------
+    def _decide(self, s, y, rescore, counts=None, default_threshold=None):
+        """The removal mask over the scored rows (``s`` is updated in place by later
+        rounds)."""
+        if counts is not None:
+            remove = find_label_issues(s, y, counts=counts)
+        elif self.fraction is None:
+            thr = default_threshold if self.threshold is None else float(self.threshold)
+            remove = find_label_issues(s, threshold=thr)
+            self.threshold_ = thr
+            return remove
+        else:
+            remove = np.zeros(len(s), dtype=bool)
+            total = int(np.floor(self.fraction * np.isfinite(s).sum() + 0.5))
+            for r in range(self.n_rounds):
+                if r:  # retrain on the rows still kept and rescore them
+                    keep = np.flatnonzero(~remove)
+                    s[keep] = rescore(keep)
+                target = total if r == self.n_rounds - 1 else \
+                    int(np.floor(total * (r + 1) / self.n_rounds + 0.5))
+                k = max(target - int(remove.sum()), 0)
+                alive = np.flatnonzero(~remove & np.isfinite(s))
+                frac = self.fraction if self.n_rounds == 1 else k / max(len(alive), 1)
+                mask = remove_lowest(s[alive], frac, y[alive] if self.stratify else None)
+                remove[alive[mask]] = True
+        self.threshold_ = float(s[remove].max()) if remove.any() else -np.inf
+        return remove
+
+    def _set_scores(self, s, rows, n_samples):
+        full = np.full(n_samples, np.nan)
+        full[rows] = s
+        self.scores_ = full
 
     def to_frame(self):
         """The fitted decision as a table, one row per sample given to ``fit``.
@@ -236,39 +283,6 @@ class LabelNoiseCleaner(_ContributionSampler):
             ``frame.sort_values("score")`` lists the least useful rows first.
         """
         return self._decision_frame()
-
-    def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
-        s = self._scores_of_trained(self.attributor_, len(train_rows), X_val, y_val)
-        scored = np.flatnonzero(np.isfinite(s))
-        remove = np.zeros(len(train_rows), dtype=bool)
-        if self.fraction is None:
-            thr = 0.0 if self.threshold is None else float(self.threshold)
-            remove[scored] = s[scored] < thr
-            self.threshold_ = thr
-        else:
-            total = int(np.floor(self.fraction * len(scored) + 0.5))
-            alive = scored
-            for r in range(self.n_rounds):
-                if r:  # retrain on the rows still kept and rescore them
-                    att = self._make_attributor()
-                    keep = np.flatnonzero(~remove)
-                    att.fit(X_train[keep], y_train[keep])
-                    s_keep = self._scores_of_trained(att, len(keep), X_val, y_val)
-                    s[keep] = s_keep
-                    alive = keep[np.isfinite(s_keep)]
-                    del att
-                target = total if r == self.n_rounds - 1 else \
-                    int(np.floor(total * (r + 1) / self.n_rounds + 0.5))
-                k = max(target - int(remove.sum()), 0)
-                frac = self.fraction if self.n_rounds == 1 else k / max(len(alive), 1)
-                mask = remove_lowest(s[alive], frac,
-                                     y_train[alive] if self.stratify else None)
-                remove[alive[mask]] = True
-            self.threshold_ = float(s[remove].max()) if remove.any() else -np.inf
-        full = np.full(n_samples, np.nan)
-        full[train_rows] = s
-        self.scores_ = full
-        return remove
 
 
 class CleanedClassifier(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):

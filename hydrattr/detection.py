@@ -12,75 +12,72 @@ group that hurts the validation points more is called mislabeled. It is also a s
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._sampler import _ContributionSampler
+from .label_issues import split_in_two
 
 __all__ = ["SignClusterDetector"]
 
 _SIGN_STORAGE = ("int8", "packed")
-_CLUSTERING = ("signs", "mean")
+_CLUSTERING = ("dynamics", "signs", "mean")
 
 
 class SignClusterDetector(_ContributionSampler):
-    """Flag mislabeled samples by clustering the signs of their contributions.
+    """Flag mislabeled samples by splitting each class in two.
 
-    The data given to :meth:`fit_resample` is split into a training part and a
-    validation part exactly as in :class:`~hydrattr.cleaning.LabelNoiseCleaner`
-    (or ``validation_data`` is used). A clone of ``attributor`` is trained on the
-    training part; ``n_reference`` validation points are drawn at random and each
-    training sample's contributions to them (``C[i, j] ~ loss_j(without i) -
-    loss_j(with all)``) are reduced to signs: ``+1`` helps reference ``j``, ``-1``
-    hurts it. For each class (by the given, possibly wrong, label) the sign vectors
-    are clustered into two groups with k-means (seeded); the group whose samples hurt
-    the references more, i.e. whose mean contribution to them (``scores_``) is lower,
-    is flagged. (The mean *sign* is a poorer referee: the mislabeled group is a mix of
-    samples from every other true class, and its members help their given class's
-    references about as often as the clean ones do, only by less.)
+    Within each class (by the given, possibly wrong, label) the rows are split into two
+    groups and the group that is less useful is flagged. What the split sees
+    (``clustering``):
 
-    With ``clustering="mean"`` each class is split instead by a two-component Gaussian
-    mixture on the mean contributions; :meth:`label_issues` re-splits a fitted detector
-    either way without recomputing any contribution.
+    * ``"dynamics"`` (default): each row's *margin trajectory*, its mean margin ``log
+      p(given label) - max_{k != given} log p(k)`` in every epoch of one training run on
+      all the rows (read from the training forward passes, no extra pass), clustered by
+      k-means; the group with the lower mean margin is flagged. Wrongly labelled rows
+      stay below zero until the net memorises them, so the flagged group is about the
+      size of the class's wrong labels. Needs no trusted data; ``validation_data``
+      (trusted labels) is trained on too, never flagged.
+    * ``"signs"``: the detector of the HYDRA paper (Chen et al., AAAI 2021, Table 4).
+      The data is split into a training and a validation part exactly as in
+      :class:`~hydrattr.cleaning.LabelNoiseCleaner` with ``score="contribution"`` (or
+      ``validation_data`` is used). A clone of ``attributor`` is trained on the training
+      part; ``n_reference`` validation points are drawn at random and each training
+      sample's contributions to them (``C[i, j] ~ loss_j(without i) - loss_j(with
+      all)``) are reduced to signs; per class the sign vectors are clustered by k-means
+      and the group whose mean contribution (``scores_``) is lower is flagged. Every class
+      is split, so a clean class also has a flagged group: the method assumes noisy
+      classes and trusted references.
+    * ``"mean"``: as ``"signs"``, but each class is split by a two-component Gaussian
+      mixture on the standardized mean contributions.
 
-    Note that every class with at least two distinct sign vectors (or scores) is split
-    in two, so a clean class also has a flagged group; the method assumes noisy classes.
+    :meth:`label_issues` re-splits a detector fitted with ``"signs"`` or ``"mean"`` the
+    other way without recomputing any contribution.
 
     Parameters
     ----------
-    attributor : attributor or skorch.NeuralNet
-        E.g. ``HydraAttributor(net, verbose=0)``; cloned at fit. A bare skorch net is
-        wrapped as ``HydraAttributor(net, random_state=random_state,
-        verbose=verbose)``: the whole run (truncating to the final learning-rate phase, which helps
-        :class:`~hydrattr.cleaning.LabelNoiseCleaner`, lowers the Jaccard index here;
-        ``benchmarks/table4_splits.py --windows``) and the dense fast-mode store, which
-        serves all ``n_reference`` columns with one matrix product (``storage="half"``
-        halves it at scale). Its net should use ``train_split=None``.
+    attributor : skorch.NeuralNet or attributor
+        The net to train (cloned; ``train_split=None``), or an attributor such as
+        ``HydraAttributor(net, verbose=0)``. ``"dynamics"`` uses only the net. With
+        ``"signs"``/``"mean"`` a bare net is wrapped as ``HydraAttributor(net,
+        random_state=random_state, verbose=verbose)``: the whole run and the dense
+        fast-mode store, which serves all ``n_reference`` columns with one matrix product.
     n_reference : int, default=1000
-        Number of validation points whose contributions form the feature vector (all
-        validation points when fewer).
+        ``"signs"``/``"mean"``: number of validation points whose contributions form the
+        feature vector (all validation points when fewer).
     validation_size : float in (0, 1) or int, default=0.2
-        Held-out part when ``validation_data`` is None (stratified, seeded).
+        ``"signs"``/``"mean"``: held-out part when ``validation_data`` is None
+        (stratified, seeded).
     validation_data : tuple (X_val, y_val) or None, default=None
         An explicit validation set; then every row of ``X`` is a training row.
     n_init : int, default=10
         Restarts per class of the clustering (k-means or the Gaussian mixture).
-    clustering : {"signs", "mean"}, default="signs"
-        How each class is split in two. ``"signs"`` is the paper's: k-means on the sign
-        vectors. ``"mean"`` fits a two-component Gaussian mixture to the class's mean
-        contributions (``scores_``, standardized within the class) and flags the
-        component with the lower mean. The mean keeps the magnitudes that the signs
-        drop: a reference that a sample barely moves counts as much as one it moves a
-        lot in a sign vector, but hardly at all in the mean. On the paper's Table 4
-        setting (MNIST, 50,000 rows, 50% wrong labels) ``"mean"`` raised the Jaccard
-        index of single runs from 94.9-95.8% to 96.1-96.8%; on small runs (4,000 rows)
-        neither split wins everywhere (see the results page of the docs).
+    clustering : {"dynamics", "signs", "mean"}, default="dynamics"
+        How each class is split in two (see above; measured comparisons are on the
+        cleaning page of the docs).
     sign_storage : {"int8", "packed"}, default="int8"
         How ``sign_vectors_`` is kept: an int8 matrix of -1/0/+1 (one byte per entry),
         or bit-packed along the references with ``numpy.packbits`` (bit set = positive
@@ -90,7 +87,8 @@ class SignClusterDetector(_ContributionSampler):
         ``(n_train, reference_batch_size)`` float block is ever held (None: all at once).
         Each block may cost the attributor one pass over its data.
     random_state : int, RandomState instance or None, default=None
-        Seeds the validation split, the choice of references and k-means.
+        Seeds torch before training, the validation split, the choice of references and
+        the clustering.
     verbose : int, default=0
         Progress bars (training, sweeps) of the attributor a bare net is wrapped in; an
         attributor you pass keeps its own ``verbose``.
@@ -98,7 +96,11 @@ class SignClusterDetector(_ContributionSampler):
     Attributes
     ----------
     attributor_ : attributor
-        The fitted clone.
+        ``"signs"``/``"mean"``: the fitted clone.
+    net_ : skorch.NeuralNet
+        ``"dynamics"``: the net trained on every row.
+    dynamics_ : TrainingDynamics
+        ``"dynamics"``: the per-row margins (per epoch) and probabilities.
     classes_ : ndarray
     label_issues_ : ndarray of bool, shape (n_samples,)
         True for rows in a flagged group (never a validation row).
@@ -106,10 +108,11 @@ class SignClusterDetector(_ContributionSampler):
         1 = flagged group, 0 = the other group, -1 = not clustered (validation rows and
         rows without a score).
     scores_ : ndarray of shape (n_samples,)
-        Mean contribution to the references (positive = helpful); NaN for validation
-        rows and unscored rows.
+        ``"dynamics"``: the mean margin over the run; otherwise the mean contribution to
+        the references (higher = more useful; NaN for validation rows and unscored
+        rows).
     sign_vectors_ : ndarray
-        int8 of shape (n_train, n_reference_) or uint8 of shape
+        ``"signs"``/``"mean"`` only: int8 of shape (n_train, n_reference_) or uint8 of shape
         (n_train, ceil(n_reference_ / 8)); row ``k`` belongs to sample
         ``train_indices_[k]``.
     reference_indices_ : ndarray of int
@@ -123,7 +126,7 @@ class SignClusterDetector(_ContributionSampler):
     """
 
     def __init__(self, attributor=None, n_reference=1000, validation_size=0.2,
-                 validation_data=None, n_init=10, clustering="signs", sign_storage="int8",
+                 validation_data=None, n_init=10, clustering="dynamics", sign_storage="int8",
                  reference_batch_size=None, random_state=None, verbose=0):
         self.attributor = attributor
         self.n_reference = n_reference
@@ -136,21 +139,29 @@ class SignClusterDetector(_ContributionSampler):
         self.random_state = random_state
         self.verbose = verbose
 
+    _parameter_constraints = {
+        "attributor": "no_validation",
+        "n_reference": [Interval(numbers.Integral, 1, None, closed="left")],
+        "validation_size": [Interval(numbers.Real, 0, 1, closed="neither"),
+                            Interval(numbers.Integral, 1, None, closed="left")],
+        "validation_data": [tuple, list, None],
+        "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
+        "clustering": [StrOptions(set(_CLUSTERING))],
+        "sign_storage": [StrOptions(set(_SIGN_STORAGE))],
+        "reference_batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
     def _check_params(self, n):
-        for name in ("n_reference", "n_init"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}.")
-        rbs = self.reference_batch_size
-        if rbs is not None and (isinstance(rbs, bool) or not isinstance(rbs, numbers.Integral)
-                                or rbs < 1):
-            raise ValueError(f"reference_batch_size must be None or a positive int, got {rbs!r}.")
-        if self.clustering not in _CLUSTERING:
-            raise ValueError(f"clustering must be one of {_CLUSTERING}, got "
-                             f"{self.clustering!r}.")
-        if self.sign_storage not in _SIGN_STORAGE:
-            raise ValueError(f"sign_storage must be one of {_SIGN_STORAGE}, got "
-                             f"{self.sign_storage!r}.")
+        self._validate_params()
+        if self.attributor is None:
+            raise TypeError(
+                f"{type(self).__name__}: attributor is required: pass a skorch net (or an "
+                f"attributor such as HydraAttributor(net)).")
+
+    def _uses_dynamics(self):
+        return self.clustering == "dynamics"
 
     # -- signs -----------------------------------------------------------------------
     def _store(self, S):
@@ -202,44 +213,18 @@ class SignClusterDetector(_ContributionSampler):
         return np.concatenate(blocks, axis=1), total / m, finite
 
     # -- per-class splits: 1 = flagged, 0 = kept -----------------------------------------
-    def _split_signs(self, pos, s_c, seed):
-        """k-means on the class's sign vectors; the group with the lower mean
-        contribution is flagged."""
-        S = self.sign_matrix(pos).astype(np.float32)
-        if len(np.unique(S, axis=0)) < 2:  # nothing to split
-            return 0
-        km = KMeans(n_clusters=2, n_init=int(self.n_init), random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            lab = km.fit_predict(S)
-        # the group that hurts the references more: lower mean contribution
-        helps = np.array([s_c[lab == k].mean() if np.any(lab == k) else np.inf
-                          for k in (0, 1)])
-        return (lab == int(np.argmin(helps))).astype(np.int64)
-
-    def _split_mean(self, pos, s_c, seed):
-        """Two-component Gaussian mixture on the class's standardized mean
-        contributions; the component with the lower mean is flagged."""
-        sd = s_c.std()
-        if not sd > 0:  # nothing to split
-            return 0
-        z = ((s_c - s_c.mean()) / sd).reshape(-1, 1)
-        gm = GaussianMixture(n_components=2, n_init=int(self.n_init), random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            lab = gm.fit(z).predict(z)
-        return (lab == int(np.argmin(gm.means_.ravel()))).astype(np.int64)
-
     def _clusters(self, clustering):
         """Per-class split of the fitted contributions: 1 flagged, 0 kept, -1 unscored."""
-        split = self._split_signs if clustering == "signs" else self._split_mean
         mean_c = self.scores_[self.train_indices_]
-        scored = np.isfinite(mean_c)
-        clusters = np.full(len(mean_c), -1, dtype=np.int64)
-        for c, seed in self._split_seeds.items():
-            pos = np.flatnonzero((self._y_train == c) & scored)
-            clusters[pos] = split(pos, mean_c[pos], seed) if len(pos) >= 2 else 0
-        return clusters
+        if clustering == "signs":
+            features = self.sign_matrix()
+        elif clustering == "dynamics":
+            features = self.dynamics_.epoch_margins()
+        else:
+            features = None
+        return split_in_two(features, mean_c, self._y_train, self._split_seeds,
+                            n_init=self.n_init,
+                            method="gmm" if clustering == "mean" else "kmeans")
 
     def label_issues(self, clustering=None):
         """Flags of another per-class split, without recomputing the contributions.
@@ -252,7 +237,9 @@ class SignClusterDetector(_ContributionSampler):
         Parameters
         ----------
         clustering : {"signs", "mean"} or None, default=None
-            None: the fitted ``clustering``.
+            None: the fitted ``clustering``. A detector fitted with ``"dynamics"`` has
+            no contributions to re-split (and one fitted with ``"signs"`` or ``"mean"``
+            no margin trajectories).
 
         Returns
         -------
@@ -264,6 +251,12 @@ class SignClusterDetector(_ContributionSampler):
             raise ValueError(f"clustering must be one of {_CLUSTERING}, got {clustering!r}.")
         if clustering == self.clustering:  # the fitted split: nothing to recompute
             return self.label_issues_.copy()
+        if "dynamics" in (clustering, self.clustering):
+            raise ValueError(
+                f"label_issues(clustering={clustering!r}): a detector fitted with "
+                f"clustering={self.clustering!r} holds no "
+                f"{'margin trajectories' if clustering == 'dynamics' else 'contributions'};"
+                f" fit one with set_params(clustering={clustering!r}).")
         out = np.zeros(len(self.label_issues_), dtype=bool)
         out[self.train_indices_] = self._clusters(clustering) == 1
         return out
@@ -286,6 +279,21 @@ class SignClusterDetector(_ContributionSampler):
         return frame
 
     # -- fit -------------------------------------------------------------------------
+    def _fit_dynamics(self, X, y_enc):
+        n = X.shape[0]
+        net_, dyn = self._record_dynamics(X, y_enc, self._trusted_validation(X))
+        self.net_, self.dynamics_ = net_, dyn
+        self.train_indices_ = np.arange(n)
+        self.validation_indices_ = np.array([], dtype=np.int64)
+        self.scores_ = dyn.mean_margin()
+        rs = check_random_state(self.random_state)
+        self._y_train = y_enc
+        self._split_seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in np.unique(y_enc)}
+        clusters = self._clusters("dynamics")
+        self.cluster_labels_ = clusters
+        self.label_issues_ = clusters == 1
+        return clusters == 1
+
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         rs = check_random_state(self.random_state)
         n_val = len(X_val)
