@@ -8,13 +8,20 @@ Two pages are generated here at build time, so the site documents only what exis
 * ``gen_modules/api.rst``: the API reference lists the public names of every
   hydrattr module that imports (new modules appear when they land, missing ones are
   simply left out);
-* ``gen_modules/results/``: one page per committed benchmark table
-  ``benchmarks/results/*.md`` plus a page with every figure ``benchmarks/results/*.png``.
+* ``gen_modules/results/``: the raw runs behind the results pages (docs/results/):
+  one page per committed benchmark table ``benchmarks/results/*.md``, titled by its
+  heading plus what the file name says about the run (dataset, noise, size), a page
+  with every figure ``benchmarks/results/*.png``, and an index grouping them by
+  question. The figures are copied there too, so the results pages can show them.
+
+Math is rendered to SVG at build time by matplotlib's mathtext (``_ext/mathtext_svg.py``):
+the site loads nothing from the network and the build needs no LaTeX.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -23,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE / "_ext"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import hydrattr  # noqa: E402
@@ -42,7 +50,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
+    "mathtext_svg",  # math as SVG, offline (docs/_ext/mathtext_svg.py)
     "sphinx.ext.viewcode",
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
@@ -69,6 +77,8 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints",
                     "auto_examples/*.pickle", "auto_examples/*.json"]
 root_doc = "index"
 default_role = "literal"
+
+html_math_renderer = "mathtext_svg"
 
 # autodoc / autosummary / numpydoc
 autosummary_generate = True
@@ -110,11 +120,17 @@ sphinx_gallery_conf = {
 # -- HTML ----------------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"hydrattr {release}"
-html_static_path = []
+html_static_path = ["_static"]
+# custom.css: a page's own ``.. contents::`` box is hidden where the theme's "On this
+# page" sidebar shows (wide screens), so a page never shows two; math SVGs are
+# inverted in dark mode
+html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
+    "primary_sidebar_end": [],  # (default: an ethical-ads slot, empty here)
+    "show_nav_level": 1,  # sub-pages (e.g. the raw runs) start collapsed
 }
 html_show_sourcelink = False
 html_context = {"default_mode": "light"}
@@ -184,63 +200,155 @@ def _write_if_changed(path: Path, text: str):
         path.write_text(text)
 
 
-def _title_of(md_text, stem):
+def _h1_of(md_text):
     for line in md_text.splitlines():
         if line.startswith("# "):
-            return None  # the file has its own H1
+            return line[2:].strip()
         if line.strip():
-            break
-    return stem.replace("_", " ")
+            return None
+    return None
+
+
+# raw-run groups of the results index: a result file goes with its script's folder
+# (benchmarks/perf/bench_fast.py -> "perf"); files whose script is not found are
+# matched by name (first pattern wins)
+FOLDER_GROUPS = {"perf": "Speed and memory", "accuracy": "Accuracy against peers",
+                 "paper": "The paper's tables", "studies": "Cleaning studies"}
+RAW_GROUPS = [
+    ("Speed and memory",
+     r"^(bench_(fast|exact|memory|scaling|cleaner_storage)|fig_scaling)"),
+    ("Accuracy against peers",
+     r"^(bench_(peers|linearity|influence|adam_fast)|fig_fast_vs_exact)"),
+    ("Cleaning studies", r"^(table3_(gap|tuned)|table4_splits|hydra_objectives|loo_cleaning"
+                         r"|oof_cleaning|cleaning_from_parts|label_noise)"),
+    ("The paper's tables", r"^table[34]_"),
+]
+_WORDS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "quick": "quick run",
+          "lr": "logistic regression", "mlp": "MLP", "if": "influence functions",
+          "arnoldi": "Arnoldi", "avx2": "AVX2 machine", "ens": "ensemble",
+          "lenet5": "LeNet-5", "bn": "BatchNorm", "cpu": "CPU", "all": "all runs merged",
+          "rounds": "two cleaning rounds", "final-lr": "final-LR phase"}
+
+
+def _scripts():
+    """{script name: its folder under benchmarks/ ("" at the top)}, longest names first,
+    helper modules (any part starting with "_") left out."""
+    bench = ROOT / "benchmarks"
+    found = {}
+    for p in sorted(bench.rglob("*.py")):
+        rel = p.relative_to(bench)
+        if any(part.startswith(("_", ".")) for part in rel.parts) or "results" in rel.parts:
+            continue
+        found[p.stem] = rel.parts[0] if len(rel.parts) > 1 else ""
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
+def _script_of(stem, scripts):
+    return next((s for s in scripts if stem == s or stem.startswith(s + "_")), None)
+
+
+def _run_facets(stem, scripts):
+    """What a result file's name says about its run: 'table3_n50000_e20_mnist_r80' ->
+    ['50,000 rows', '20 epochs', 'MNIST', '80% noise'] (the script's name dropped)."""
+    script = _script_of(stem, scripts)
+    rest = stem[len(script):].lstrip("_") if script else stem
+    rest = rest.replace("final_lr", "final-lr")
+    out = []
+    for tok in filter(None, rest.split("_")):
+        for pattern, fmt in ((r"n(\d+)", "{:,} rows"), (r"(\d+)k", "{:,},000 rows"),
+                             (r"e(\d+)", "{} epochs"), (r"r(\d\d)", "{}% noise"),
+                             (r"ens(\d+)", "{}-run ensemble"), (r"(\d+)epochs?", "{} epoch")):
+            m = re.fullmatch(pattern, tok)
+            if m:
+                out.append(fmt.format(int(m.group(1))))
+                break
+        else:
+            out.append(_WORDS.get(tok, tok))
+    return out
 
 
 def write_results(out_dir: Path):
-    """Copy benchmarks/results/*.md and *.png into gen_modules/results and index them."""
+    """Copy benchmarks/results/*.md and *.png into gen_modules/results and index them.
+
+    Files that share a heading (e.g. the sixteen "Table 3: cleaning label noise
+    (LeNet-5)" runs) get what their name says about the run appended to the title, so
+    every raw-run page has its own. The index groups them by question (RAW_GROUPS)."""
     src = ROOT / "benchmarks" / "results"
     dst = out_dir / "results"
     mds = sorted(src.glob("*.md")) if src.is_dir() else []
     pngs = sorted(src.glob("*.png")) if src.is_dir() else []
     dst.mkdir(parents=True, exist_ok=True)
-    keep = set()
+    keep = {"index.rst"}
     for png in pngs:
-        shutil.copy2(png, dst / png.name)
+        if not (dst / png.name).exists() or (dst / png.name).read_bytes() != png.read_bytes():
+            shutil.copy2(png, dst / png.name)
         keep.add(png.name)
-    entries = []
+    texts = {md.stem: md.read_text() for md in mds}
+    h1s = {stem: _h1_of(text) for stem, text in texts.items()}
+    shared = {h for h in h1s.values() if h and list(h1s.values()).count(h) > 1}
+    scripts = _scripts()
+    titles = {}
+    for stem, h1 in h1s.items():
+        facets = _run_facets(stem, scripts)
+        if h1 is None:
+            titles[stem] = stem.replace("_", " ")
+        elif h1 in shared:
+            titles[stem] = f"{h1}: {', '.join(facets) or stem}"
+        else:
+            titles[stem] = h1
+    for stem, title in titles.items():  # still equal: fall back to the file name
+        if list(titles.values()).count(title) > 1:
+            titles[stem] = f"{title} [{stem}]"
+    groups = {name: [] for name in ["Speed and memory", "Accuracy against peers",
+                                    "The paper's tables", "Cleaning studies", "Other runs"]}
     for md in mds:
-        text = md.read_text()
-        title = _title_of(text, md.stem)
+        text, title = texts[md.stem], titles[md.stem]
         if HAVE_MYST:
             name = md.stem + ".md"
-            body = (f"# {title}\n\n" if title else "") + text
+            if h1s[md.stem] is not None:  # replace the first heading by the page title
+                body = re.sub(r"^# .*$", lambda _m: f"# {title}", text, count=1, flags=re.M)
+            else:
+                body = f"# {title}\n\n{text}"
             body += f"\n\n*Source: `benchmarks/results/{md.name}`*\n"
         else:
             name = md.stem + ".rst"
-            head = title or md.stem
-            body = (f"{head}\n{'=' * len(head)}\n\n"
+            body = (f"{title}\n{'=' * len(title)}\n\n"
                     f".. literalinclude:: {md.name}\n   :language: text\n")
             shutil.copy2(md, dst / md.name)
             keep.add(md.name)
         _write_if_changed(dst / name, body)
         keep.add(name)
-        entries.append(f"results/{md.stem}")
+        group = FOLDER_GROUPS.get(scripts.get(_script_of(md.stem, scripts)))
+        group = group or next((g for g, pat in RAW_GROUPS if re.match(pat, md.stem)),
+                              "Other runs")
+        groups[group].append(md.stem)
     if pngs:
-        lines = ["Figures", "=======", "",
+        lines = ["All figures", "===========", "",
                  "Every figure saved under ``benchmarks/results/``.", ""]
         for png in pngs:
             lines += [png.stem.replace("_", " "), "-" * len(png.stem), "",
                       f".. image:: {png.name}", "   :width: 90%", f"   :alt: {png.stem}", ""]
         _write_if_changed(dst / "figures.rst", "\n".join(lines) + "\n")
         keep.add("figures.rst")
-        entries.append("results/figures")
     for stale in dst.iterdir():
         if stale.name not in keep:
             stale.unlink()
-    if entries:
-        body = ".. toctree::\n   :maxdepth: 1\n\n" + "".join(
-            f"   gen_modules/{e}\n" for e in entries)
-    else:
-        body = ("No benchmark results are committed yet: run the scripts in "
-                "``benchmarks/`` (see above).\n")
-    _write_if_changed(out_dir / "results_body.inc", body)
+    lines = ["Raw runs", "========", "",
+             "Every benchmark table committed under ``benchmarks/results/``, as its script "
+             "wrote it: the command, the machine and every number. The "
+             ":doc:`results pages </results/index>` summarise them.", ""]
+    if not mds:
+        lines += ["No benchmark results are committed yet: run the scripts in "
+                  "``benchmarks/``.", ""]
+    for group, stems in groups.items():
+        if not stems:
+            continue
+        lines += [group, "-" * len(group), "", ".. toctree::", "   :maxdepth: 1", ""]
+        lines += [f"   {stem}" for stem in stems] + [""]
+    if pngs:
+        lines += ["Figures", "-------", "", ".. toctree::", "   :maxdepth: 1", "",
+                  "   figures", ""]
+    _write_if_changed(dst / "index.rst", "\n".join(lines) + "\n")
 
 
 GEN = HERE / "gen_modules"
@@ -277,7 +385,49 @@ def _escape_trailing_underscores(app, what, name, obj, options, lines):
         lines[k] = head + "".join(parts)
 
 
+def _drop_empty_primary_sidebar(app, pagename, templatename, context, doctree):
+    """No left sidebar on pages whose top-level section has no sub-pages (the user
+    guide, the architecture page, ...): the theme would show an empty column there.
+    Sections with sub-pages (results, gallery, API) keep their navigation."""
+    env = app.env
+    parent = {kid: page for page, kids in env.toctree_includes.items() for kid in kids}
+    top, seen = pagename, set()
+    while parent.get(top) not in (None, app.config.root_doc) and top not in seen:
+        seen.add(top)
+        top = parent[top]
+    if top == app.config.root_doc or not env.toctree_includes.get(top):
+        context["sidebars"] = []
+
+
+# pages that moved: a :doc: reference to the old name still lands on the new page
+MOVED_DOCS = {"results": "results/index"}
+
+
+def _moved_doc(app, env, node, contnode):
+    if node.get("reftype") != "doc":
+        return None
+    target = node["reftarget"].lstrip("/")
+    if node["reftarget"].startswith("/"):
+        docname = target
+    else:  # relative to the referring page's folder, as Sphinx resolves it
+        docname = posixpath.normpath(posixpath.join(posixpath.dirname(node["refdoc"]),
+                                                     target))
+    new = MOVED_DOCS.get(docname)
+    if new is None or new not in env.all_docs:
+        return None
+    from docutils import nodes as _nodes
+    text = contnode.astext()
+    if not node.get("refexplicit") and new in env.titles:
+        text = env.titles[new].astext()
+    ref = _nodes.reference("", "", internal=True,
+                           refuri=app.builder.get_relative_uri(node["refdoc"], new))
+    ref += _nodes.inline(text, text, classes=["doc"])
+    return ref
+
+
 def setup(app):
+    app.connect("html-page-context", _drop_empty_primary_sidebar)
+    app.connect("missing-reference", _moved_doc)
     app.connect("autodoc-skip-member", _skip_member)
     # before numpydoc (priority 500) so that it sees the escaped text
     app.connect("autodoc-process-docstring", _escape_trailing_underscores, priority=100)

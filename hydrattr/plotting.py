@@ -13,6 +13,11 @@
 * :func:`top_contributors` (a table) and :func:`plot_top_contributors` (images): the
   most helpful and most harmful training samples for one test point.
 
+Every figure of hydrattr, its gallery and its documentation draws helpful (``C > 0``)
+in ``HELPFUL`` (blue) and harmful (``C < 0``) in ``HARMFUL`` (red); colormaps
+of contributions use ``CONTRIBUTION_CMAP`` centred on zero, which runs from red
+(harmful) through white to blue (helpful).
+
 matplotlib is imported lazily (only when plotting).
 """
 from __future__ import annotations
@@ -22,8 +27,15 @@ import numbers
 import numpy as np
 import pandas as pd
 
-__all__ = ["interclass_contribution", "plot_interclass_contribution",
-           "plot_top_contributors", "top_contributors"]
+__all__ = ["HARMFUL", "HELPFUL", "CONTRIBUTION_CMAP", "interclass_contribution",
+           "plot_interclass_contribution", "plot_top_contributors", "top_contributors"]
+
+#: Colour of helpful training samples (positive contributions) in every figure.
+HELPFUL = "tab:blue"
+#: Colour of harmful training samples (negative contributions) in every figure.
+HARMFUL = "tab:red"
+#: Diverging colormap for contributions, centred on zero: red = harmful, blue = helpful.
+CONTRIBUTION_CMAP = "RdBu"
 
 
 def _check_C(C, n_train=None, n_test=None):
@@ -91,8 +103,8 @@ def interclass_contribution(C, y_train, y_test, normalize=True, classes=None):
 
 
 def plot_interclass_contribution(C, y_train, y_test, normalize=True, classes=None,
-                                 class_names=None, ax=None, cmap="RdBu_r", annot=False,
-                                 colorbar=True):
+                                 class_names=None, ax=None, cmap=CONTRIBUTION_CMAP,
+                                 annot=False, colorbar=True):
     """Heatmap of :func:`interclass_contribution` (paper Figure 2).
 
     Parameters
@@ -103,8 +115,9 @@ def plot_interclass_contribution(C, y_train, y_test, normalize=True, classes=Non
         Tick labels (default: the class values).
     ax : matplotlib Axes or None
         Axes to draw on (a new figure when None).
-    cmap : str, default="RdBu_r"
-        Colormap, centred on zero (red = helpful, blue = harmful).
+    cmap : str, default=CONTRIBUTION_CMAP ("RdBu")
+        Colormap, centred on zero (blue = helpful, red = harmful, as in every hydrattr
+        figure).
     annot : bool, default=False
         Write each value in its cell.
     colorbar : bool, default=True
@@ -213,7 +226,8 @@ def plot_top_contributors(C, X_train, y_train=None, test_index=0, n=5, X_test=No
     """The ``n`` most helpful and ``n`` most harmful training images for one test point.
 
     Row 0 shows the largest ``C[:, test_index]`` (helpful: removing them would raise
-    the test loss), row 1 the smallest (harmful). With ``X_test`` the test image is
+    the test loss), row 1 the smallest (harmful); the row labels and contributions are
+    drawn in ``HELPFUL`` and ``HARMFUL``. With ``X_test`` the test image is
     drawn in an extra first column.
 
     Parameters
@@ -256,7 +270,8 @@ def plot_top_contributors(C, X_train, y_train=None, test_index=0, n=5, X_test=No
             raise ValueError(f"axes must have shape (2, {ncols}), got {axes.shape}.")
         fig = axes.flat[0].figure
     X_train = np.asarray(X_train)
-    for r, (rows, label) in enumerate([(helpful, "helpful"), (harmful, "harmful")]):
+    kinds = [(helpful, "helpful", HELPFUL), (harmful, "harmful", HARMFUL)]
+    for r, (rows, label, color) in enumerate(kinds):
         for k in range(ncols):
             ax = axes[r, k]
             ax.set_xticks([])
@@ -280,6 +295,6 @@ def plot_top_contributors(C, X_train, y_train=None, test_index=0, n=5, X_test=No
             title = f"#{i}"
             if y_train is not None:
                 title += f" y={np.asarray(y_train)[i]}"
-            ax.set_title(f"{title}\n{col[i]:+.2g}", fontsize=8)
-        axes[r, int(extra)].set_ylabel(label)
+            ax.set_title(f"{title}\n{col[i]:+.2g}", fontsize=8, color=color)
+        axes[r, int(extra)].set_ylabel(label, color=color)
     return fig, axes, {"helpful": helpful, "harmful": harmful}

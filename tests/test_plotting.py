@@ -8,7 +8,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from hydrattr.plotting import (interclass_contribution, plot_interclass_contribution,  # noqa: E402
+from hydrattr.plotting import (CONTRIBUTION_CMAP, HARMFUL, HELPFUL,  # noqa: E402
+                               interclass_contribution, plot_interclass_contribution,
                                plot_top_contributors, top_contributors)
 
 # 4 training rows (classes 0, 0, 1, 1) x 3 test points (classes 0, 1, 1)
@@ -115,3 +116,27 @@ def test_top_contributors_table_matches_the_grid():
         top_contributors(Cg, n=0)
     with pytest.raises(ValueError, match="y_train"):
         top_contributors(Cg, y_train=labels[:3])
+
+
+def test_one_colour_convention_helpful_blue_harmful_red():
+    from matplotlib.colors import to_rgb
+
+    blue, red = np.array(to_rgb("tab:blue")), np.array(to_rgb("tab:red"))
+    assert np.allclose(to_rgb(HELPFUL), blue) and np.allclose(to_rgb(HARMFUL), red)
+    # the heatmap's colormap: the most helpful entry is blue, the most harmful red
+    fig, ax0 = plt.subplots()
+    _, ax = plot_interclass_contribution(C, Y_TRAIN, Y_TEST, ax=ax0, normalize=False)
+    im = ax.images[0]
+    assert im.get_cmap().name == CONTRIBUTION_CMAP
+    r_hi, g_hi, b_hi, _ = im.cmap(im.norm(im.get_clim()[1]))
+    r_lo, g_lo, b_lo, _ = im.cmap(im.norm(im.get_clim()[0]))
+    assert b_hi > r_hi and r_lo > b_lo
+    plt.close(fig)
+    # the image grid labels its rows (and contributions) in the same colours
+    Cg = np.array([[0.5], [-2.0], [3.0], [-0.1]])
+    fig, axes, _ = plot_top_contributors(Cg, np.zeros((4, 4, 4)), n=2)
+    assert np.allclose(to_rgb(axes[0, 0].yaxis.label.get_color()), blue)
+    assert np.allclose(to_rgb(axes[1, 0].yaxis.label.get_color()), red)
+    assert np.allclose(to_rgb(axes[0, 1].title.get_color()), blue)
+    assert np.allclose(to_rgb(axes[1, 1].title.get_color()), red)
+    plt.close(fig)
