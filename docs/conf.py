@@ -252,6 +252,9 @@ def _run_facets(stem, scripts):
     ['50,000 rows', '20 epochs', 'MNIST', '80% noise'] (the script's name dropped)."""
     script = _script_of(stem, scripts)
     rest = stem[len(script):].lstrip("_") if script else stem
+    first = rest.split("_")[0]
+    if not script and any(s.split("_")[0] == first for s in scripts):
+        rest = rest[len(first):].lstrip("_")  # 'table3_n50000...' of table3_noise_cleaning
     rest = rest.replace("final_lr", "final-lr")
     out = []
     for tok in filter(None, rest.split("_")):
@@ -293,7 +296,7 @@ def write_results(out_dir: Path):
         if h1 is None:
             titles[stem] = stem.replace("_", " ")
         elif h1 in shared:
-            titles[stem] = f"{h1}: {', '.join(facets) or stem}"
+            titles[stem] = f"{h1} \N{EM DASH} {', '.join(facets) or stem}"
         else:
             titles[stem] = h1
     for stem, title in titles.items():  # still equal: fall back to the file name

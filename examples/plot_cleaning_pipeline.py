@@ -60,7 +60,7 @@ search.fit(X, y_noisy)
 fractions = search.cv_results_["param_clf__cleaner__fraction"].data.astype(float)
 cv_scores = search.cv_results_["mean_test_score"]
 print("cross-validated accuracy (noisy folds):",
-      dict(zip(fractions, np.round(cv_scores, 3))))
+      {float(f): round(float(s), 3) for f, s in zip(fractions, cv_scores)})
 print("best fraction:", search.best_params_["clf__cleaner__fraction"])
 
 baseline = LogisticRegression(max_iter=2000).fit(X, y_noisy)
@@ -91,8 +91,9 @@ ax0.set_ylabel("CV accuracy (noisy labels)")
 ax0.set_title("GridSearchCV")
 s = fitted_cleaner.scores_
 bins = np.linspace(np.nanpercentile(s, 1), np.nanpercentile(s, 99), 50)
-ax1.hist(s[scored & ~flipped], bins=bins, alpha=0.6, label="clean label")
-ax1.hist(s[scored & flipped], bins=bins, alpha=0.6, label="flipped label")
+ax1.hist(s[scored & ~flipped], bins=bins, alpha=0.6, label="clean label", color="tab:gray")
+ax1.hist(s[scored & flipped], bins=bins, alpha=0.6, label="flipped label",
+         color="tab:purple")
 ax1.axvline(fitted_cleaner.threshold_, color="k", ls="--", lw=0.8, label="removed below")
 ax1.set_xlabel("contribution to the validation loss (positive = helpful)")
 ax1.set_title("scores of the refitted cleaner")

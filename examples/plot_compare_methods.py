@@ -101,7 +101,7 @@ fig, axes = plt.subplots(1, len(others), figsize=(3.6 * len(others), 3.4), squee
 ref = reference[rows].ravel()
 for ax, name in zip(axes[0], others):
     pred = results[name][rows].ravel()
-    ax.scatter(ref, pred, s=3, alpha=0.4)
+    ax.scatter(ref, pred, s=3, alpha=0.4, color="0.3")
     lim = np.abs(np.concatenate([ref, pred])).max()
     ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.7)
     ax.set_title(f"{name}\n{times[name]:.1f} s", fontsize=9)

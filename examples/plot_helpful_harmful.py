@@ -20,7 +20,7 @@ from torch import nn
 from hydrattr import HydraAttributor
 from hydrattr.datasets import load_digits_split, make_label_noise
 from hydrattr.models import MLP
-from hydrattr.plotting import top_contributors
+from hydrattr.plotting import HARMFUL, HELPFUL, top_contributors
 
 data = load_digits_split(valid_size=0.0, random_state=0)
 X_train, X_test, y_test = data.X_train.astype(np.float64), data.X_test.astype(np.float64), \
@@ -62,7 +62,7 @@ print(table.to_string(index=False))
 # ----------------------
 # Harmful samples (removing them would lower this test loss) are often images of the
 # true digit carrying a wrong label, or images of the predicted digit that look like
-# the test image. A red title marks a flipped label.
+# the test image. A purple title marks a flipped label.
 fig, axes = plt.subplots(2, 9, figsize=(11, 3.3))
 for row, idx, name in ((0, harmful, "harmful"), (1, helpful, "helpful")):
     axes[row, 0].imshow(X_test[j].reshape(8, 8), cmap="gray_r")
@@ -71,13 +71,13 @@ for row, idx, name in ((0, harmful, "harmful"), (1, helpful, "helpful")):
         ax = axes[row, k + 1]
         ax.imshow(X_train[i].reshape(8, 8), cmap="gray_r")
         ax.set_title(f"y={y_noisy[i]} ({c[i]:+.0e})", fontsize=7,
-                     color="tab:red" if flipped[i] else "k")
+                     color="tab:purple" if flipped[i] else "k")
     axes[row, 1].set_ylabel(name, fontsize=9)
 for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
 fig.suptitle("most harmful (top) and most helpful (bottom) training samples; "
-             "red = flipped label")
+             "purple = flipped label")
 fig.tight_layout()
 
 top = order[:20]
@@ -101,7 +101,8 @@ if LeaveOneOutAttributor is not None:
     measured = loo.fit(X_train, y_noisy).attribute(X_test[[j]], y_test[[j]])[rows, 0]
     fig, ax = plt.subplots(figsize=(7, 3))
     pos = np.arange(len(rows))
-    ax.bar(pos - 0.2, c[rows], 0.4, label="HYDRA exact C[i, j]")
+    ax.bar(pos - 0.2, c[rows], 0.4, label="HYDRA exact C[i, j] (blue: helpful, red: harmful)",
+           color=np.where(c[rows] > 0, HELPFUL, HARMFUL))
     ax.bar(pos + 0.2, measured, 0.4, label="retrained without i (same order)",
            color="tab:gray")
     ax.axhline(0, color="k", lw=0.8)

@@ -46,12 +46,13 @@ test = make_logistic_toy(40, random_state=1)
 X_test, y_test = test.X[[0, 20]], test.y[[0, 20]].astype(np.float64)  # one per cluster
 
 fig, ax = plt.subplots(figsize=(5, 4.5))
-for label, color in ((0, "tab:blue"), (1, "tab:orange")):
+for label, color in ((0, "tab:gray"), (1, "tab:orange")):
     m = y == label
     ax.scatter(X[m, 0], X[m, 1], s=14, c=color, label=f"class {label}")
 ax.scatter(*X[out], s=120, facecolors="none", edgecolors="k", linewidths=1.5,
            label="outlier (class 0)")
-ax.scatter(X_test[:, 0], X_test[:, 1], marker="*", s=200, c="tab:red", label="test points")
+ax.scatter(X_test[:, 0], X_test[:, 1], marker="*", s=200, c="gold", edgecolors="k",
+           label="test points")
 ax.set(xlabel="$x_1$", ylabel="$x_2$", title="Logistic toy: two clusters and an outlier")
 ax.legend(loc="upper left", fontsize=8)
 plt.show()
@@ -114,7 +115,7 @@ C_loo = np.stack([bce(refit(np.delete(np.arange(N), i)), X_test, y_test) - base
 # term is visible (``tests/test_logistic_toy.py`` checks Pearson >= 0.99 over all
 # samples and eight test points).
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
-colors = np.where(y == 1, "tab:orange", "tab:blue")
+colors = np.where(y == 1, "tab:orange", "tab:gray")
 for ax, C, name in ((axes[0], C_if, "influence function (direct)"),
                     (axes[1], C_hydra, "HYDRA exact")):
     for j, marker in enumerate("os"):

@@ -23,6 +23,7 @@ from torch import nn
 
 from hydrattr import HydraAttributor
 from hydrattr.datasets import load_digits_split
+from hydrattr.plotting import HARMFUL, HELPFUL
 
 data = load_digits_split(valid_size=0.0, random_state=0)
 X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
@@ -70,7 +71,7 @@ for row, idx, name in ((0, helpful, "helpful"), (1, harmful, "harmful")):
         ax = axes[row, k + 1]
         ax.imshow(X_train[i].reshape(8, 8), cmap="gray_r")
         ax.set_title(f"y={y_train[i]}  C={C[i, j]:+.1e}", fontsize=7,
-                     color="tab:blue" if name == "helpful" else "tab:red")
+                     color=HELPFUL if name == "helpful" else HARMFUL)
     axes[row, 1].set_ylabel(name)
 for ax in axes.ravel():
     ax.set_xticks([])

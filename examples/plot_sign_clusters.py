@@ -21,7 +21,7 @@ from torch import nn
 from hydrattr import HydraAttributor, SignClusterDetector
 from hydrattr.datasets import load_digits_split, make_label_noise
 from hydrattr.models import MLP
-from hydrattr.plotting import plot_interclass_contribution
+from hydrattr.plotting import CONTRIBUTION_CMAP, plot_interclass_contribution
 
 data = load_digits_split(valid_size=0.2, random_state=0)
 X, X_val, y_val = data.X_train, data.X_valid, data.y_valid
@@ -80,12 +80,12 @@ S = detector.sign_matrix(pos)[:, ref_order]
 
 fig, ax = plt.subplots(figsize=(7, 4.2))
 axes = [ax]
-axes[0].imshow(S, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+axes[0].imshow(S, aspect="auto", cmap=CONTRIBUTION_CMAP, vmin=-1, vmax=1, interpolation="nearest")
 n0 = (detector.cluster_labels_[train][pos] == 0).sum()
 axes[0].axhline(n0 - 0.5, color="k", lw=1.5)
 axes[0].set_xlabel("reference validation points (sorted by label)")
 axes[0].set_ylabel(f"training samples labelled {cls}")
-axes[0].set_title(f"signs (blue = helps); below the line: flagged group\n"
+axes[0].set_title(f"signs (blue = helps, red = hurts); below the line: flagged group\n"
                   f"{truth[pos][n0:].sum()} of {len(pos) - n0} flagged are truly flipped, "
                   f"{truth[pos][:n0].sum()} of {n0} kept", fontsize=9)
 fig.tight_layout()

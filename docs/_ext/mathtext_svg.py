@@ -83,7 +83,8 @@ def _img(self, node, display):
                        location=node)
         self.body.append(f'<span class="math notrendered">{html.escape(latex)}</span>')
         raise nodes.SkipNode from None
-    scale = 1.2 if display else 1.0
+    # Computer Modern looks smaller than the theme's sans-serif at the same size
+    scale = 1.3 if display else 1.12
     style = (f"height: {h * scale:.3f}em; width: {w * scale:.3f}em; "
              f"vertical-align: {-d * scale:.3f}em")
     return (f'<img class="math" src="{uri}" alt="{html.escape(latex)}" '

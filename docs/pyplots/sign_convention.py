@@ -14,6 +14,7 @@ from torch import nn
 
 from hydrattr import HydraAttributor
 from hydrattr.datasets import make_logistic_toy
+from hydrattr.plotting import CONTRIBUTION_CMAP, HARMFUL, HELPFUL
 
 toy = make_logistic_toy(n_samples=120, random_state=0)
 X, y = toy.X, toy.y
@@ -42,7 +43,7 @@ for i in picked:
 
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.25, 1]})
 lim = np.abs(C).max()
-sc = ax0.scatter(X[:, 0], X[:, 1], c=C, cmap="RdBu", norm=TwoSlopeNorm(0, -lim, lim),
+sc = ax0.scatter(X[:, 0], X[:, 1], c=C, cmap=CONTRIBUTION_CMAP, norm=TwoSlopeNorm(0, -lim, lim),
                  s=18 + 600 * np.abs(C) / lim, edgecolors=np.where(y == 1, "k", "none"),
                  linewidths=0.6)
 ax0.scatter(*X_test[0], marker="*", s=320, c="gold", edgecolors="k", zorder=3,
@@ -56,7 +57,8 @@ ax0.set_ylabel("x2  (black edge: label 1)")
 ax0.legend(loc="lower right", fontsize=8)
 
 pos = np.arange(len(picked))
-ax1.bar(pos - 0.2, C[picked], 0.4, label="C[i, j] (HYDRA exact)", color="tab:blue")
+ax1.bar(pos - 0.2, C[picked], 0.4, label="C[i, j] (HYDRA exact; blue: helpful, red: harmful)",
+        color=np.where(C[picked] > 0, HELPFUL, HARMFUL))
 ax1.bar(pos + 0.2, actual, 0.4, label="retrained without i", color="tab:gray")
 ax1.axhline(0, color="k", lw=0.8)
 ax1.set_xticks(pos, [f"sample {i}\nlabel {y[i]}" for i in picked], fontsize=8)
