@@ -272,6 +272,11 @@ def watch_interrupts():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+_ELEMENTWISE = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss,
+                torch.nn.BCELoss, torch.nn.BCEWithLogitsLoss, torch.nn.SoftMarginLoss,
+                torch.nn.PoissonNLLLoss)  # losses that pair output and target entry by entry
+
+
 def _class_targets(crit):
     return isinstance(crit, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
 
@@ -281,7 +286,8 @@ def check_targets(net, x, y, name):
 
     ``x`` holds a few input rows (``y[:len(x)]`` are their targets); the module's output
     on them gives the number of classes and the output shape. Raises ``ValueError``
-    naming ``name`` for labels the criterion cannot take or shapes it would broadcast;
+    naming ``name`` for labels the criterion cannot take (CrossEntropyLoss, NLLLoss) or
+    shapes it would broadcast (torch's elementwise losses; custom criteria are trusted);
     returns a list of warnings (a criterion that does not match the module's output).
     """
     from skorch.classifier import NeuralNetClassifier
@@ -337,7 +343,7 @@ def check_targets(net, x, y, name):
                     f"[{float(out.min()):.3g}, {float(out.max()):.3g}]. A module that returns "
                     f"logits needs criterion=torch.nn.CrossEntropyLoss; otherwise training "
                     f"optimises a meaningless loss.")
-    elif k >= 2:
+    elif k >= 2 and isinstance(crit, _ELEMENTWISE):
         yk = torch.as_tensor(np.asarray(y[:k]))
         try:
             shape = tuple(torch.broadcast_shapes(out.shape, yk.shape))

@@ -103,6 +103,12 @@ class BaseAttributor(BaseEstimator):
         if X.dtype.kind not in "fiub":
             raise ValueError(f"X must be numeric, got dtype {X.dtype}.")
         y = np.asarray(y)
+        # pandas (copy-on-write) hands out read-only views, which torch warns about at
+        # every conversion; an in-memory copy is cheap beside training (memmaps are kept)
+        if not X.flags.writeable and not isinstance(X, np.memmap):
+            X = np.array(X)
+        if not y.flags.writeable:
+            y = np.array(y)
         if y.ndim == 2 and y.shape[1] == 1 and y.dtype.kind not in "f":
             y = y.ravel()  # a column of class labels: CrossEntropyLoss wants shape (n,)
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):

@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, InvalidParameterError
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
@@ -66,6 +67,13 @@ class EnsembleAttributor(BaseEstimator):
     >>> C = ens.fit(X, y).attribute(X_test, y_test)  # doctest: +SKIP
     """
 
+    _parameter_constraints = {
+        "attributor": [HasMethods(["fit", "attribute", "get_params", "set_params"])],
+        "n_estimators": [Interval(numbers.Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
     def __init__(self, attributor, n_estimators=5, random_state=None, verbose=0):
         self.attributor = attributor
         self.n_estimators = n_estimators
@@ -84,9 +92,11 @@ class EnsembleAttributor(BaseEstimator):
         return getattr(self.attributor, "net", None)
 
     def _check_params(self):
-        n = self.n_estimators
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n_estimators must be a positive int, got {n!r}.")
+        self._validate_params()
+        if isinstance(self.n_estimators, (bool, np.bool_)):  # Interval(Integral) takes True
+            raise InvalidParameterError(
+                f"The 'n_estimators' parameter of EnsembleAttributor must be an int, not a "
+                f"bool. Got {self.n_estimators!r} instead.")
         if "random_state" not in self.attributor.get_params(deep=False):
             raise TypeError(f"attributor must have a random_state parameter to seed its "
                             f"members, got {type(self.attributor).__name__}.")

@@ -1,14 +1,15 @@
 """InfluenceFunctionAttributor: Koh & Liang (2017) influence functions at the trained weights."""
 from __future__ import annotations
 
-import numbers
 import warnings
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 
-from ._core.functional import per_sample_grads
+from ._core.functional import _load_jvp_decompositions, per_sample_grads
 from ._core.solvers import (LissaDivergenceError, dense_hessian, lanczos_eigenpairs,
                             solve_cg, solve_direct, solve_lissa, solve_lowrank)
 from ._skorch import flat_params, module_mode, per_sample_reduction
@@ -27,6 +28,7 @@ def _batch_hvp(loss_fn, theta, x, y, weights, V):
     less per-call overhead than ``torch.func`` forward-over-reverse; modules whose ops
     have no batching rule fall back to one double-backward per vector.
     """
+    _load_jvp_decompositions()  # batched double-backward loads them: without the warning
     t = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         g = torch.autograd.grad((weights * loss_fn(t, x, y)).sum(), t, create_graph=True)[0]
@@ -186,31 +188,33 @@ class InfluenceFunctionAttributor(BaseAttributor):
         self.random_state = random_state
         self.verbose = verbose
 
+    _parameter_constraints = {
+        **BaseAttributor._parameter_constraints,
+        "solver": [StrOptions(set(_SOLVERS))],
+        "damping": [Interval(Real, 0, None, closed="left")],
+        "cg_tol": [Interval(Real, 0, None, closed="neither")],
+        "cg_maxiter": [None, Interval(Integral, 0, None, closed="left")],
+        "lissa_scale": [Interval(Real, 0, None, closed="neither")],
+        "lissa_depth": [Interval(Integral, 1, None, closed="left")],
+        "lissa_repeat": [Interval(Integral, 1, None, closed="left")],
+        "lissa_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "arnoldi_rank": [Interval(Integral, 1, None, closed="left")],
+        "arnoldi_iter": [None, Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "block_size": [Interval(Integral, 1, None, closed="left")],
+    }
+
     # -- parameters ------------------------------------------------------------------
     def _check_params(self):
-        if self.solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {self.solver!r}.")
-
-        def number(name, low, strict, integer=False, none_ok=False):
-            v = getattr(self, name)
-            if v is None and none_ok:
-                return
-            kind = numbers.Integral if integer else numbers.Real
-            ok = isinstance(v, kind) and not isinstance(v, bool) and np.isfinite(v) and (
-                v > low if strict else v >= low)
-            if not ok:
-                what = "an int" if integer else "a float"
-                raise ValueError(f"{name} must be {what} {'>' if strict else '>='} {low}"
-                                 f"{' or None' if none_ok else ''}, got {v!r}.")
-
-        number("damping", 0, strict=False)
-        number("cg_tol", 0, strict=True)
-        number("cg_maxiter", 0, strict=False, integer=True, none_ok=True)
-        number("lissa_scale", 0, strict=True)
-        for name in ("lissa_depth", "lissa_repeat", "lissa_batch_size", "batch_size",
-                     "block_size", "arnoldi_rank"):
-            number(name, 0, strict=True, integer=True)
-        number("arnoldi_iter", 0, strict=True, integer=True, none_ok=True)
+        # what the constraints cannot say: no bools for numbers, no infinite reals
+        self._refuse_bools("damping", "cg_tol", "cg_maxiter", "lissa_scale", "lissa_depth",
+                           "lissa_repeat", "lissa_batch_size", "arnoldi_rank", "arnoldi_iter",
+                           "batch_size", "block_size")
+        for name in ("damping", "cg_tol", "lissa_scale"):
+            if not np.isfinite(getattr(self, name)):
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {type(self).__name__} must be finite. Got "
+                    f"{getattr(self, name)!r} instead.")
 
     def _after_fit(self):
         traj = self.trajectory_
@@ -268,17 +272,20 @@ class InfluenceFunctionAttributor(BaseAttributor):
             self.hessian_eigenvalues_ = evals.cpu().numpy()
             lam = evals + float(self.damping)
             cutoff = H.shape[0] * torch.finfo(H.dtype).eps * float(lam.abs().max())
-            if float(lam[0]) <= cutoff:
-                n_neg = int((lam <= cutoff).sum())
+            # Exact null directions (a softmax's logit shift, unused units) are harmless:
+            # the gradients have no component there and the pseudo-inverse drops them
+            # (attribute warns if a test gradient does reach them). Negative curvature
+            # is not: the trained weights are then no minimum.
+            if float(lam[0]) < -cutoff:
+                n_neg = int((lam < -cutoff).sum())
                 warnings.warn(
                     f"The Hessian of the training objective (plus damping={self.damping:g}) "
-                    f"is not positive definite: smallest eigenvalue {float(evals[0]):.3g}, "
-                    f"{n_neg} of {len(lam)} eigenvalues <= {cutoff:.2g} (largest "
-                    f"{float(evals[-1]):.3g}). The trained weights are not a strict minimum "
+                    f"is not positive semi-definite: smallest eigenvalue {float(evals[0]):.3g}, "
+                    f"{n_neg} of {len(lam)} eigenvalues < {-cutoff:.2g} (largest "
+                    f"{float(evals[-1]):.3g}). The trained weights are not a minimum "
                     f"(non-convex net or not converged), so influence is not a leave-one-out "
-                    f"approximation; near-zero directions are dropped (pseudo-inverse). Set "
-                    f"damping > {max(-float(evals[0]), 0.0):.3g} for a convex approximation.",
-                    UserWarning, stacklevel=4)
+                    f"approximation. Set damping > {max(-float(evals[0]), 0.0):.3g} for a "
+                    f"convex approximation.", UserWarning, stacklevel=4)
 
     def _generator(self):
         """A CPU torch generator seeded from ``random_state`` (LiSSA batches, Lanczos start)."""
@@ -362,7 +369,17 @@ class InfluenceFunctionAttributor(BaseAttributor):
         return C.numpy()
 
     def _warn_solver(self, infos):
-        if self.solver == "cg":
+        if self.solver == "direct":
+            res = torch.cat([i.residual for i in infos])
+            tol = float(torch.finfo(torch.float64).eps) ** 0.5
+            if bool((res > tol).any()):
+                warnings.warn(
+                    f"{int((res > tol).sum())} of {len(res)} test gradients reach directions "
+                    f"where H + damping * I (damping={self.damping:g}) is singular or "
+                    f"negative (relative residual up to {float(res.max()):.3g}); the "
+                    f"pseudo-inverse drops that part, so C is not the influence there. Set "
+                    f"damping > 0.", UserWarning, stacklevel=4)
+        elif self.solver == "cg":
             conv = torch.cat([i.converged for i in infos])
             neg = torch.cat([i.negative_curvature for i in infos])
             res = torch.cat([i.residual for i in infos])
@@ -371,8 +388,10 @@ class InfluenceFunctionAttributor(BaseAttributor):
                        f"objectives (largest relative residual {float(res.max()):.3g}, "
                        f"cg_tol={self.cg_tol:g}, cg_maxiter={self.cg_maxiter}).")
                 if bool(neg.any()):
-                    msg += (f" {int(neg.sum())} met non-positive curvature: the Hessian is "
-                            f"not positive definite; set damping > 0.")
+                    msg += (f" {int(neg.sum())} met non-positive curvature: H + damping * I "
+                            f"(damping={self.damping:g}) is not positive definite; "
+                            + ("set damping > 0." if not self.damping else
+                               "increase damping."))
                 else:
                     msg += " Increase cg_maxiter, loosen cg_tol, or add damping."
                 warnings.warn(msg, UserWarning, stacklevel=4)

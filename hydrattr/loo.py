@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._core.optim import SGDHyper
@@ -133,17 +134,18 @@ class LeaveOneOutAttributor(BaseAttributor):
         # replays need the recorded run; skorch retrainings do not
         return self.order == "same"
 
+    _parameter_constraints = {
+        **BaseAttributor._parameter_constraints,
+        "indices": [None, Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
+        "order": [StrOptions({"same", "reshuffle"})],
+        "warm_start": ["boolean"],
+        "warm_start_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_jobs": [None, numbers.Integral],
+    }
+
     # -- parameters ------------------------------------------------------------------
     def _check_params(self):
-        if self.order not in ("same", "reshuffle"):
-            raise ValueError(f"order must be 'same' or 'reshuffle', got {self.order!r}.")
-        if not isinstance(self.warm_start, (bool, np.bool_)):
-            raise ValueError(f"warm_start must be a bool, got {self.warm_start!r}.")
-        if not isinstance(self.warm_start_epochs, numbers.Integral) or self.warm_start_epochs < 1:
-            raise ValueError(f"warm_start_epochs must be a positive int, "
-                             f"got {self.warm_start_epochs!r}.")
-        if self.n_jobs is not None and not isinstance(self.n_jobs, numbers.Integral):
-            raise ValueError(f"n_jobs must be None or an int, got {self.n_jobs!r}.")
+        self._refuse_bools("indices", "warm_start_epochs", "n_jobs")
 
     def _seed_torch(self):
         seed = super()._seed_torch()

@@ -86,12 +86,21 @@ def test_matches_leave_one_out_averaged_over_the_same_seeds():
 def test_parameter_errors_and_unfitted():
     X, y = _data(20, 0)
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="n_estimators must be a positive int"):
+        with pytest.raises(ValueError, match="'n_estimators' parameter of EnsembleAttributor"):
             EnsembleAttributor(HydraAttributor(_net(), verbose=0), n_estimators=bad).fit(X, y)
 
     class NoSeed:
         def get_params(self, deep=True):
             return {}
+
+        def set_params(self, **params):
+            return self
+
+        def fit(self, X, y):
+            return self
+
+        def attribute(self, X, y):
+            return None
 
     with pytest.raises(TypeError, match="attributor must have a random_state"):
         EnsembleAttributor(NoSeed()).fit(X, y)

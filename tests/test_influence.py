@@ -186,20 +186,44 @@ def _softmax_net(**kw):
                                verbose=0, **kw)
 
 
-def test_direct_warns_when_hessian_not_positive_definite():
+def test_direct_is_silent_on_exact_null_directions():
+    # a softmax's logit shift makes H singular on every default fit; the gradients have no
+    # component there, so the pseudo-inverse is exact and nothing is worth a warning
     X, y = _softmax_data()
-    att = InfluenceFunctionAttributor(_softmax_net(), verbose=0, random_state=0)
-    with pytest.warns(UserWarning, match="not positive definite.*damping"):
-        att.fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        att = InfluenceFunctionAttributor(_softmax_net(), verbose=0, random_state=0).fit(X, y)
+        C = att.attribute(X[:3], y[:3])
     ev = att.hessian_eigenvalues_
     assert np.sum(np.abs(ev) < 1e-12) == 3 and ev[-1] > 1e-3
-    C = att.attribute(X[:3], y[:3])
     assert np.all(np.isfinite(C))  # pseudo-inverse: test gradients live in the range of H
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         damped = InfluenceFunctionAttributor(_softmax_net(), damping=0.01, verbose=0,
                                              random_state=0).fit(X, y)
     np.testing.assert_allclose(damped.hessian_eigenvalues_, ev)  # reported undamped
+
+
+def test_direct_warns_on_negative_curvature_and_dropped_test_directions():
+    X, y = _softmax_data()
+    # a tanh MLP one small step from its random start: the weights are no minimum
+    from hydrattr.models import MLP
+    mlp = NeuralNetClassifier(MLP, module__n_features=2, module__n_classes=2,
+                              module__hidden=(4,), module__activation="tanh",
+                              module__dtype=torch.float64, criterion=nn.CrossEntropyLoss,
+                              optimizer=torch.optim.SGD, lr=0.01, batch_size=-1, max_epochs=1,
+                              train_split=None, verbose=0)
+    with pytest.warns(UserWarning, match="not positive semi-definite.*Set damping >"):
+        att = InfluenceFunctionAttributor(mlp, verbose=0, random_state=0).fit(X, y)
+    assert att.hessian_eigenvalues_[0] < -0.1
+    # a test gradient that reaches a direction the pseudo-inverse drops is reported at
+    # attribute: zero the eigenvalue the gradients load on most
+    att = InfluenceFunctionAttributor(_softmax_net(), verbose=0, random_state=0).fit(X, y)
+    evals, evecs = att._eigh
+    att._eigh = (torch.where(torch.arange(len(evals)) == len(evals) - 1,
+                             torch.zeros_like(evals), evals), evecs)
+    with pytest.warns(UserWarning, match="test gradients reach directions.*damping > 0"):
+        att.attribute(X[:3], y[:3])
 
 
 def test_cg_warns_when_not_converged(ridge_data):
@@ -312,3 +336,22 @@ def test_gpu_matches_cpu(ridge_data, solver):
     # same float64 arithmetic on another device; training itself differs only by
     # reduction order (~1e-15 per step over 90 steps)
     np.testing.assert_allclose(C_gpu, C_cpu, rtol=0, atol=1e-8 * np.abs(C_cpu).max())
+
+
+def test_cg_negative_curvature_advice_follows_damping():
+    # with damping already set, CG's advice is to increase it, not "set damping > 0"
+    X, y = _softmax_data()
+    from hydrattr.models import MLP
+    mlp = NeuralNetClassifier(MLP, module__n_features=2, module__n_classes=2,
+                              module__hidden=(4,), module__activation="tanh",
+                              module__dtype=torch.float64, criterion=nn.CrossEntropyLoss,
+                              optimizer=torch.optim.SGD, lr=0.01, batch_size=-1, max_epochs=1,
+                              train_split=None, verbose=0)
+    att = InfluenceFunctionAttributor(mlp, solver="cg", damping=0.1, cg_tol=1e-12,
+                                      verbose=0, random_state=0).fit(X, y)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        att.attribute(X[:4], y[:4])
+    msgs = [str(x.message) for x in w if "CG did not converge" in str(x.message)]
+    assert msgs and all("damping=0.1" in m and "increase damping" in m
+                        and "set damping > 0" not in m for m in msgs), msgs

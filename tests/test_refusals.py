@@ -369,3 +369,34 @@ def test_bad_parameters_are_named(param, value):
     X, y = three_blobs(N, 0)
     with pytest.raises(ValueError, match=f"The '{param}' parameter of HydraAttributor"):
         HydraAttributor(_net(), **{param: value}).fit(X, y)
+
+
+# ------------------------------------------------------- warnings a user should not see
+_CLEAN_SCRIPT = textwrap.dedent("""
+    import sys, warnings
+    sys.path[:0] = [{tests!r}]
+    import numpy as np, pandas as pd, torch
+    torch.set_num_threads(1)
+    from _blobs import bn_dropout_net, three_blobs
+    from hydrattr import HydraAttributor, InfluenceFunctionAttributor
+    from test_refusals import _net
+    X, y = three_blobs(40, 0)
+    Xt, yt = three_blobs(4, 1)
+    warnings.simplefilter("error")  # every warning from here on fails the script
+    df, s = pd.DataFrame(X, columns=list("abcd")), pd.Series(y)
+    att = HydraAttributor(bn_dropout_net(max_epochs=1), mode="exact", verbose=0).fit(df, s)
+    att.attribute(pd.DataFrame(Xt, columns=list("abcd")), pd.Series(yt))
+    InfluenceFunctionAttributor(_net(lr=0.5, module__hidden=()), verbose=0).fit(X, y) \\
+        .attribute(Xt, yt)
+    print("clean")
+""")
+
+
+def test_exact_mode_pandas_and_default_influence_warn_nothing(tmp_path):
+    # a fresh process: torch warns about jit.script and non-writable arrays once per
+    # process, so only a new one shows whether a user's first run is clean
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "clean.py"
+    script.write_text(_CLEAN_SCRIPT.format(tests=tests))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("clean"), out.stderr[-3000:]

@@ -7,6 +7,7 @@ and a ``loss_fn(theta, x, y) -> per-sample losses`` closure built by the caller.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,29 @@ __all__ = [
     "batch_products",
     "rng_context",
 ]
+
+
+_JVP_READY = False
+
+
+def _load_jvp_decompositions():
+    """Import torch's forward-mode decompositions once, without the warning it prints.
+
+    torch builds them with ``torch.jit.script`` on first use of forward-mode AD, which
+    in torch >= 2.10 warns ``FutureWarning: torch.jit.script is deprecated`` from inside
+    torch: nothing a hydrattr user can act on, so it is silenced for that import only.
+    """
+    global _JVP_READY
+    if _JVP_READY:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                category=FutureWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # pragma: no cover - moved in a later torch
+            pass
+    _JVP_READY = True
 
 
 @dataclass
@@ -222,6 +246,7 @@ def batch_products(loss_fn, theta, x, y, weights, vectors, *, hessian=True, stat
         ``J_S v_m`` when ``stats_fn`` is given.
     """
     has_stats = stats_fn is not None
+    _load_jvp_decompositions()
     with_rho = stats_cotangents is not None
     if with_rho and not (has_stats and hessian):
         raise ValueError("stats_cotangents needs stats_fn and hessian=True")
