@@ -34,7 +34,7 @@ net = NeuralNetClassifier(
     batch_size=32, train_split=None, verbose=0)
 detector = SignClusterDetector(HydraAttributor(net, mode="fast", random_state=0, verbose=0),
                                n_reference=200, validation_data=(X_val, y_val),
-                               random_state=0)
+                               clustering="signs", random_state=0)
 detector.fit(X, y_noisy)
 
 # %%

@@ -6,6 +6,7 @@ when the ``docs`` extra (sphinx, sphinx-gallery, pydata-sphinx-theme, numpydoc) 
 installed.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,22 @@ def test_docs_build_without_warnings(tmp_path):
         f"sphinx-build failed (exit {proc.returncode}); warnings are errors:\n"
         f"{proc.stderr[-6000:]}")
     assert (tmp_path / "html" / "index.html").exists()
+
+
+    html = tmp_path / "html"
+    pages = {p.relative_to(html).as_posix(): p.read_text(errors="replace")
+             for p in html.rglob("*.html")}
+    # math is pre-rendered (docs/_ext/mathtext_svg.py): no page loads anything to draw
+    # it, and every formula's image exists
+    for name, text in pages.items():
+        assert "mathjax" not in text.lower(), f"{name} loads MathJax"
+    images = re.findall(r'<img class="math" src="([^"]+)"', pages["user_guide.html"])
+    assert images and all((html / src).is_file() for src in images)
+    # the raw runs behind the results pages each have their own title
+    raw = [name for name in pages if name.startswith("gen_modules/results/")
+           and name != "gen_modules/results/index.html"]
+    titles = [re.search(r"<title>(.*?)</title>", pages[n], re.S).group(1) for n in raw]
+    assert raw and len(set(titles)) == len(titles), sorted(titles)
+    # a page without sub-pages has no (empty) left sidebar; the results section has one
+    assert "bd-sidebar-primary bd-sidebar hide-on-wide" in pages["user_guide.html"]
+    assert "bd-sidebar-primary bd-sidebar hide-on-wide" not in pages["results/index.html"]
