@@ -1,12 +1,13 @@
 """The benchmark scripts still run, on tiny settings, and what they save holds together.
 
-The scripts in ``benchmarks/`` reproduce the papers' tables over hours, so the suite
-cannot run them at size; but a script that no longer runs is found only when someone
-starts it (``fig_fast_vs_exact`` once crashed on a trajectory stand-in that lacked an
-attribute the sweep had started to read). Each test runs one script (or a chain that
-reads another's results) in a subprocess on a few hundred MNIST rows and one or two
-epochs, with its results redirected to ``tmp_path`` (``HYDRATTR_BENCH_RESULTS``), and
-checks invariants that hold at any size and that a broken script would violate:
+The scripts in ``benchmarks/`` (``perf/``, ``accuracy/``, ``paper/``, ``studies/``)
+reproduce the papers' tables over hours, so the suite cannot run them at size; but a
+script that no longer runs is found only when someone starts it (``fig_fast_vs_exact``
+once crashed on a trajectory stand-in that lacked an attribute the sweep had started to
+read). Each test runs one script (or a chain that reads another's results) in a
+subprocess on a few hundred MNIST rows and one or two epochs, with its results
+redirected to ``tmp_path`` (``HYDRATTR_BENCH_RESULTS``), and checks invariants that hold
+at any size and that a broken script would violate:
 trained weights identical to a plain skorch fit, the oracle row removing exactly the
 flipped labels, forward and adjoint recurrences agreeing, two same-seed runs agreeing
 bitwise, shapes and finiteness.
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(script, *args, tmp_path):
-    """Run ``benchmarks/<script>.py args`` with its results under ``tmp_path/results``."""
+    """Run ``benchmarks/<script>.py args`` (``script``: ``<folder>/<name>``, e.g.
+    ``perf/bench_fast``) with its results under ``tmp_path/results``."""
     env = dict(os.environ, HYDRATTR_BENCH_RESULTS=str(tmp_path / "results"),
                OMP_NUM_THREADS="1", TQDM_DISABLE="1", MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *map(str, args)],
@@ -53,7 +55,7 @@ def saved(tmp_path, stem):
 
 
 def test_bench_fast(tmp_path):
-    run("bench_fast", "--epochs", 1, "--n-train", 256, "--n-test", 8, "--tag", "t",
+    run("perf/bench_fast", "--epochs", 1, "--n-train", 256, "--n-test", 8, "--tag", "t",
         tmp_path=tmp_path)
     res = saved(tmp_path, "bench_fast_t")
     assert res["weights_identical_to_plain_fit"] and res["C_finite"]
@@ -61,7 +63,7 @@ def test_bench_fast(tmp_path):
 
 
 def test_bench_exact(tmp_path):
-    run("bench_exact", "--epochs", 1, "--n-train", 256, "--n-test-mean", 8,
+    run("perf/bench_exact", "--epochs", 1, "--n-train", 256, "--n-test-mean", 8,
         "--n-test-cols", 2, "--threads", 1, "--tag", "t", tmp_path=tmp_path)
     res = saved(tmp_path, "bench_exact_t")
     assert res["weights_identical_to_plain_fit"] and res["C_finite"]
@@ -71,15 +73,15 @@ def test_bench_exact(tmp_path):
 
 
 def test_bench_adam_fast(tmp_path):
-    run("bench_adam_fast", "--epochs", 1, "--n-train", 64, "--n-test", 4, "--tag", "t",
-        tmp_path=tmp_path)
+    run("accuracy/bench_adam_fast", "--epochs", 1, "--n-train", 64, "--n-test", 4,
+        "--tag", "t", tmp_path=tmp_path)
     rows = saved(tmp_path, "bench_adam_fast_t")["rows"]
     assert {r["optimizer"] for r in rows} == {"Adam", "AdamW"}
     assert all(math.isfinite(r["pearson"]) for r in rows)
 
 
 def test_bench_influence(tmp_path):
-    run("bench_influence", "--epochs", 2, "--n-train", 100, "--loo-per-test", 2,
+    run("accuracy/bench_influence", "--epochs", 2, "--n-train", 100, "--loo-per-test", 2,
         "--loo-epochs", 1, "--batch-size", 50, "--cg-maxiter", 10, "--threads", 1,
         "--tag", "t", tmp_path=tmp_path)
     res = saved(tmp_path, "bench_influence_t")
@@ -88,15 +90,15 @@ def test_bench_influence(tmp_path):
 
 
 def test_bench_memory(tmp_path):
-    run("bench_memory", "--epochs", 1, "--n-train", 300, "--n-baseline", 200, "--n-test", 8,
-        "--threads", 1, "--repeat", 1, "--tag", "t", tmp_path=tmp_path)
+    run("perf/bench_memory", "--epochs", 1, "--n-train", 300, "--n-baseline", 200,
+        "--n-test", 8, "--threads", 1, "--repeat", 1, "--tag", "t", tmp_path=tmp_path)
     summary = saved(tmp_path, "bench_memory_t")["summary"]
     # the disk-backed store and trajectory give the in-memory run's contributions
     assert summary["same_n"]["same_contributions"] is True
 
 
 def test_bench_cleaner_storage(tmp_path):
-    run("bench_cleaner_storage", "--n-train", 300, "--n-valid", 100, "--epochs", 2,
+    run("perf/bench_cleaner_storage", "--n-train", 300, "--n-valid", 100, "--epochs", 2,
         "--milestone", 1, "--threads", 1, "--tag", "t", tmp_path=tmp_path)
     rows = {r["storage"]: r for r in saved(tmp_path, "bench_cleaner_storage_t")["rows"]}
     assert set(rows) == {"dense", "half", "replay"}
@@ -109,17 +111,17 @@ def test_bench_cleaner_storage(tmp_path):
 
 
 def test_bench_scaling_and_fig_scaling(tmp_path):
-    run("bench_scaling", "--models", "lenet5", "--n-tracked", 64, "--n-test", 4,
+    run("perf/bench_scaling", "--models", "lenet5", "--n-tracked", 64, "--n-test", 4,
         "--threads", 1, "--tag", "t", tmp_path=tmp_path)
     (row,) = saved(tmp_path, "bench_scaling_t")["results"]
     assert (row["model"], row["n_tracked"], row["n_params"]) == ("lenet5", 64, 61706)
-    run("fig_scaling", tmp_path=tmp_path)  # reads every bench_scaling_*.json there
+    run("perf/fig_scaling", tmp_path=tmp_path)  # reads every bench_scaling_*.json there
     assert (tmp_path / "results" / "fig_scaling.png").stat().st_size > 0
 
 
 def test_fig_fast_vs_exact(tmp_path):
-    run("fig_fast_vs_exact", "--epochs", 2, "--n-train", 200, "--n-test", 20, "--n-track", 20,
-        "--tangent-rows", 2, "--eval-every", 1, "--threads", 1, "--if-maxiter", 5,
+    run("accuracy/fig_fast_vs_exact", "--epochs", 2, "--n-train", 200, "--n-test", 20,
+        "--n-track", 20, "--tangent-rows", 2, "--eval-every", 1, "--threads", 1, "--if-maxiter", 5,
         "--tag", "t", tmp_path=tmp_path)
     res = saved(tmp_path, "fig_fast_vs_exact_t")
     assert [m["epoch"] for m in res["per_epoch_fast_vs_exact"]] == [1, 2]
@@ -143,7 +145,7 @@ def _check_table3(res, n_train, rate):
 
 
 def test_table3_noise_cleaning(tmp_path):
-    run("table3_noise_cleaning", "--n-train", 300, "--n-valid", 100, "--n-test", 100,
+    run("paper/table3_noise_cleaning", "--n-train", 300, "--n-valid", 100, "--n-test", 100,
         "--epochs", 1, "--datasets", "mnist", "--rates", 0.5, "--methods", "final_lr",
         "ens_final_lr", "exact", "--n-estimators", 2, "--rules", "global", "per_class",
         "--retrain-seeds", 2, "--seeds-for", "oracle", "--threads", 1,
@@ -159,11 +161,11 @@ def test_table3_noise_cleaning(tmp_path):
     # a second run of the same setting with another optional row, merged into the first:
     # the merge refuses rows that differ, so the shared rows (no filtering, fast HYDRA,
     # oracle) must come out bitwise the same from a second process with the same seed
-    run("table3_noise_cleaning", "--n-train", 300, "--n-valid", 100, "--n-test", 100,
+    run("paper/table3_noise_cleaning", "--n-train", 300, "--n-valid", 100, "--n-test", 100,
         "--epochs", 1, "--datasets", "mnist", "--rates", 0.5, "--methods", "rounds",
         "--rules", "per_class", "--retrain-seeds", 2, "--seeds-for", "oracle",
         "--threads", 1, "--work-dir", tmp_path / "work", "--tag", "t2", tmp_path=tmp_path)
-    run("table3_noise_cleaning", "--merge", "t,t2", "--tag", "merged", tmp_path=tmp_path)
+    run("paper/table3_noise_cleaning", "--merge", "t,t2", "--tag", "merged", tmp_path=tmp_path)
     (merged,) = saved(tmp_path, "table3_merged")["results"]
     merged_rows = {r["method"]: r for r in merged["rows"]}
     assert set(merged_rows) == set(rows) | {"hydra_fast_pc_r2"}
@@ -171,7 +173,7 @@ def test_table3_noise_cleaning(tmp_path):
 
 
 def test_table4_sign_clusters(tmp_path):
-    run("table4_sign_clusters", "--datasets", "mnist", "--methods", "if_arnoldi",
+    run("paper/table4_sign_clusters", "--datasets", "mnist", "--methods", "if_arnoldi",
         "--if-rank", 5, "--if-arnoldi-iter", 10, "--n-train", 300, "--n-valid", 100,
         "--n-reference", 20, "--epochs", 1, "--threads", 1, "--work-dir", tmp_path / "work",
         "--tag", "t", tmp_path=tmp_path)
@@ -182,8 +184,8 @@ def test_table4_sign_clusters(tmp_path):
 
 
 def test_table4_splits(tmp_path):
-    run("table4_splits", "--datasets", "mnist", "--rates", 0.5, "--seeds", 1, "--n-train", 300,
-        "--n-valid", 100, "--n-reference", 20, "--epochs", 2, "--threads", 1,
+    run("studies/table4_splits", "--datasets", "mnist", "--rates", 0.5, "--seeds", 1,
+        "--n-train", 300, "--n-valid", 100, "--n-reference", 20, "--epochs", 2, "--threads", 1,
         "--windows", "all", 1, "--tag", "t", tmp_path=tmp_path)
     out = saved(tmp_path, "table4_splits_t")
     rows = {r["window"]: r for r in out["summary"]}
@@ -200,16 +202,16 @@ def test_table4_ensemble_parts_and_cleaning_from_parts(tmp_path):
     common = ["--dataset", "mnist", "--n-train", 300, "--n-valid", 100, "--epochs", 1,
               "--threads", 1, "--work-dir", tmp_path / "work"]
     for k in (0, 1):  # one member per process, then the combination
-        run("table4_ensemble_parts", *common, "--n-reference", 20, "--member", k,
+        run("paper/table4_ensemble_parts", *common, "--n-reference", 20, "--member", k,
             tmp_path=tmp_path)
-    run("table4_ensemble_parts", *common, "--n-reference", 20, "--combine", "--tag", "t",
+    run("paper/table4_ensemble_parts", *common, "--n-reference", 20, "--combine", "--tag", "t",
         tmp_path=tmp_path)
     (res,) = saved(tmp_path, "table4_t")["results"]
     rows = {r["method"]: r for r in res["rows"]}
     # the average of one member is that member
     assert rows["hydra_fast_ens1"]["jaccard_correct"] == rows["hydra_fast_m0"]["jaccard_correct"]
     assert "hydra_fast_ens2" in rows
-    run("cleaning_from_parts", *common, "--tag", "t", tmp_path=tmp_path)
+    run("studies/cleaning_from_parts", *common, "--tag", "t", tmp_path=tmp_path)
     out = saved(tmp_path, "cleaning_from_parts_t")
     assert [r["method"] for r in out["rows"]] == ["hydra_fast_m0", "hydra_fast_m1",
                                                   "hydra_fast_ens2"]
@@ -219,7 +221,7 @@ def test_table4_ensemble_parts_and_cleaning_from_parts(tmp_path):
 
 
 def test_hydra_objectives(tmp_path):
-    run("hydra_objectives", "--settings", "mnist:0.5", "--seeds", 1, "--n-train", 300,
+    run("studies/hydra_objectives", "--settings", "mnist:0.5", "--seeds", 1, "--n-train", 300,
         "--n-valid", 100, "--epochs", 2, "--no-cleanlab", "--threads", 1, "--tag", "t",
         tmp_path=tmp_path)
     (res,) = saved(tmp_path, "hydra_objectives_t")["results"]
@@ -229,8 +231,9 @@ def test_hydra_objectives(tmp_path):
 
 
 def test_loo_cleaning(tmp_path):
-    run("loo_cleaning", "--dataset", "mnist", "--rate", 0.5, "--n-train", 100, "--n-valid", 50,
-        "--epochs", 1, "--n-per-group", 2, "--threads", 1, "--tag", "t", tmp_path=tmp_path)
+    run("studies/loo_cleaning", "--dataset", "mnist", "--rate", 0.5, "--n-train", 100,
+        "--n-valid", 50, "--epochs", 1, "--n-per-group", 2, "--threads", 1, "--tag", "t",
+        tmp_path=tmp_path)
     res = saved(tmp_path, "loo_cleaning_t")
     assert len(res["subset_rows"]) == 4  # two flipped and two clean rows retrained
     assert all(0 <= v["auc"] <= 1 for v in res["full_set"].values())
@@ -241,8 +244,8 @@ def test_cleanlab_benchmarks(script, tmp_path):
     pytest.importorskip("cleanlab")  # optional: these scripts compare against it
     size = ["--n-train", 300, "--n-valid", 100, "--epochs", 1, "--threads", 1, "--tag", "t"]
     if script == "table3_gap":
-        run(script, "--datasets", "mnist", "--rates", 0.5, "--n-seeds", 1, "--n-test", 100,
-            *size, tmp_path=tmp_path)
+        run(f"studies/{script}", "--datasets", "mnist", "--rates", 0.5, "--n-seeds", 1,
+            "--n-test", 100, *size, tmp_path=tmp_path)
         (res,) = saved(tmp_path, "table3_gap_t")["results"]
         rows = {(r["method"], r["set"]): r for r in res["rows"]}
         assert (rows["oracle", "clean rows"]["n_rows"], rows["oracle", "clean rows"]["n_wrong"]) \
@@ -254,29 +257,30 @@ def test_cleanlab_benchmarks(script, tmp_path):
             assert (rows[m, "random errors"]["n_rows"], rows[m, "random errors"]["n_wrong"]) \
                 == (kept["n_rows"], kept["n_wrong"])
     elif script == "oof_cleaning":
-        run(script, "--settings", "mnist:0.5", "--folds", 2, *size, tmp_path=tmp_path)
+        run(f"studies/{script}", "--settings", "mnist:0.5", "--folds", 2, *size,
+            tmp_path=tmp_path)
         (res,) = saved(tmp_path, "oof_cleaning_t")["results"]
         # zero-weight rows leave the trained weights bitwise unchanged (checked by the
         # script too; it stops otherwise)
         assert res["zero_weight_check_max_abs_diff"] == 0
         assert {r["method"] for r in res["rows"]} >= {"hydra_oof", "cleanlab"}
     else:
-        run(script, "--settings", "mnist:0.5", "--grid", 1.0, 0.75, "--reference", "none",
-            "--retrain-seeds", 1, "--n-test", 100, "--work-dir", tmp_path / "work", *size,
-            tmp_path=tmp_path)
+        run(f"studies/{script}", "--settings", "mnist:0.5", "--grid", 1.0, 0.75,
+            "--reference", "none", "--retrain-seeds", 1, "--n-test", 100,
+            "--work-dir", tmp_path / "work", *size, tmp_path=tmp_path)
         (res,) = saved(tmp_path, "parts/table3_tuned_t")["results"]
         # kept share g of the oracle's 1 - r: fraction 1 - g (1 - r) = 0.5 and 0.625
         assert sorted({r["fraction"] for r in res["grid"]}) == [0.5, 0.625]
 
 
 def test_bench_peers_and_linearity(tmp_path):
-    run("bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
+    run("accuracy/bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
         "--epochs", 1, "--models", "lr", "--methods", "hydra-fast,hydra-exact,hydrattr-if-cg",
         "--no-noisy", "--tag", "peers", tmp_path=tmp_path)
     rows = saved(tmp_path, "peers")["models"]["lr"]["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [
         ("hydra-fast", "ok"), ("hydra-exact", "ok"), ("hydrattr-if-cg", "ok")]
-    run("bench_linearity", "--quick", "--n-rows", 2, "--models", "lr", "--threads", 1,
+    run("accuracy/bench_linearity", "--quick", "--n-rows", 2, "--models", "lr", "--threads", 1,
         "--tag", "lin", tmp_path=tmp_path)
     res = saved(tmp_path, "lin")
     (model,) = res["models"]

@@ -50,7 +50,7 @@ per-sample gradients) and O(P) elementwise work. Treating the preconditioner as 
 constant as well (``freeze_preconditioner=True``, ``beta = 0``) is markedly worse and
 not used: on a 200-sample float64 MLP the columns of ``C`` correlate 0.98 (Pearson) with
 exact mode when only the Hessian is dropped against 0.66 with the frozen preconditioner
-(relative error 0.41 vs 3.5; ``benchmarks/bench_adam_fast.py``).
+(relative error 0.41 vs 3.5; ``benchmarks/accuracy/bench_adam_fast.py``).
 """
 from __future__ import annotations
 

@@ -19,14 +19,13 @@ Writes ``benchmarks/results/bench_linearity.{json,md,png}``.
 
 Usage::
 
-    python benchmarks/bench_linearity.py            # 20 rows per model, ~15 min on 1 core
-    python benchmarks/bench_linearity.py --quick    # 5 rows, 3 models
+    python benchmarks/accuracy/bench_linearity.py            # 20 rows per model, ~15 min on 1 core
+    python benchmarks/accuracy/bench_linearity.py --quick    # 5 rows, 3 models
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -36,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-from _common import RESULTS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (PRESETS, RESULTS, add_data_arg, peer_net, peers_data,  # noqa: E402
+                     save_results, test_losses)
 
 DELTAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6)
 MODELS = {"lr": ("lr", {}), "mlp_relu": ("mlp", {}),
@@ -49,14 +47,13 @@ MODELS = {"lr": ("lr", {}), "mlp_relu": ("mlp", {}),
 def run_model(name, d, args, n_rows):
     import torch
 
-    import bench_peers as bp
     from hydrattr import HydraAttributor
     from hydrattr._core.replay import replay_training
     from hydrattr._skorch import module_mode
 
     kind, extra = MODELS[name]
     X, y, Xt, yt = d["X"], d["y"], d["Xt"], d["yt"]
-    net = bp.make_net(kind, len(X), args).set_params(**extra)
+    net = peer_net(kind, len(X), args.epochs).set_params(**extra)
     torch.manual_seed(args.seed)
     att = HydraAttributor(net, mode="exact", random_state=args.seed, verbose=0).fit(X, y)
     rows = np.sort(np.random.RandomState(args.seed + 3).choice(len(X), n_rows,
@@ -70,7 +67,7 @@ def run_model(name, d, args, n_rows):
     def mean_test_loss(theta):
         torch.nn.utils.vector_to_parameters(theta.to(next(module.parameters()).dtype),
                                             module.parameters())
-        return float(bp.test_losses(module, Xt, yt).mean())
+        return float(test_losses(module, Xt, yt).mean())
 
     t0 = time.perf_counter()
     with module_mode(att.net_.module_, training=True):
@@ -163,6 +160,7 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    add_data_arg(p)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
@@ -172,14 +170,12 @@ def main(argv=None):
         raise SystemExit(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     import torch
 
-    import bench_peers as bp
-    from _common import atomic_write
-
     torch.set_num_threads(args.threads)
-    pargs = bp.parse_args(["--seed", str(args.seed)])  # the full-size bench_peers task
-    d = bp.load_data(pargs)
+    # the full-size bench_peers task
+    pargs = argparse.Namespace(**PRESETS["peers"], seed=args.seed)
+    d = peers_data(pargs.n_train, pargs.n_test, args.seed, args.data_dir)
     t0 = time.perf_counter()
-    res = dict(command="python benchmarks/bench_linearity.py " + " ".join(
+    res = dict(command="python benchmarks/accuracy/bench_linearity.py " + " ".join(
         sys.argv[1:] if argv is None else argv),
         machine=f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}, "
                 f"torch {torch.__version__}, {args.threads} thread(s)",
@@ -192,10 +188,9 @@ def main(argv=None):
         print(f"== {name}", flush=True)
         res["models"].append(run_model(name, d, pargs, args.n_rows))
         res["total_s"] = time.perf_counter() - t0
-        atomic_write(out / f"{tag}.json", json.dumps(res, indent=1))
         figure(res, out / f"{tag}.png")
-        atomic_write(out / f"{tag}.md", markdown(res).replace("bench_linearity.png",
-                                                               f"{tag}.png"))
+        save_results(tag, res, markdown(res).replace("bench_linearity.png", f"{tag}.png"),
+                     out=out, indent=1)
         for q in res["models"][-1]["per_delta"]:
             print(f"  delta={q['delta']:g}: median rel err {q['median_rel_error']:.3g}, "
                   f"off >10x {q['frac_off_10x']:.0%}, Spearman {q['spearman']:.2f}",

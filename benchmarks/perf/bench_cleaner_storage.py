@@ -17,8 +17,8 @@ memory as ratios against ``dense`` measured in the same run.
 
 Usage::
 
-    python benchmarks/bench_cleaner_storage.py                 # 20,000 rows, 8 epochs
-    python benchmarks/bench_cleaner_storage.py --quick         # 2,000 rows, 3 epochs
+    python benchmarks/perf/bench_cleaner_storage.py                 # 20,000 rows, 8 epochs
+    python benchmarks/perf/bench_cleaner_storage.py --quick         # 2,000 rows, 3 epochs
 
 Results: ``benchmarks/results/bench_cleaner_storage[_TAG].json`` and ``.md``.
 """
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _common import add_run_args, peak_rss_gib, run_record, save_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (add_run_args, add_setting_args, noisy_setting, peak_rss_gib,  # noqa: E402
+                     run_record, save_results, tagged)
 
 STORAGES = ("dense", "half", "replay")
 
@@ -46,8 +46,6 @@ STORAGES = ("dense", "half", "replay")
 def _child(cfg):
     """One configuration, in this process: fit_resample, then time, memory, scores."""
     import torch
-
-    from table3_noise_cleaning import noisy_setting
 
     from hydrattr import HydraAttributor, LabelNoiseCleaner
 
@@ -59,7 +57,7 @@ def _child(cfg):
     t0 = time.perf_counter()
     cleaner = LabelNoiseCleaner(
         HydraAttributor(net, mode="fast", storage=cfg["storage"], last_epochs="final_lr",
-                        random_state=args.seed, verbose=0),
+                        random_state=args.seed, verbose=0), score="contribution",
         validation_data=(d.X_valid, d.y_valid), fraction=cfg["rate"], stratify=True,
         random_state=args.seed)
     cleaner.fit_resample(d.X_train, y)
@@ -118,11 +116,8 @@ def main(argv=None):
     p.add_argument("--rate", type=float, default=0.8)
     p.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES,
                    help="the first is the baseline of the ratios (default: dense)")
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--n-valid", type=int, default=5000)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--milestone", type=int, default=5, help="MNIST lr x0.1 at this epoch")
+    add_setting_args(p, "table3_paper", skip=("n_test",), n_train=20000, n_valid=5000,
+                     epochs=8)
     add_run_args(p, work=False)
     args = p.parse_args(argv)
     if args.quick:
@@ -131,7 +126,7 @@ def main(argv=None):
         p.error(f"--rate must be in (0, 1), got {args.rate}")
     args.threads = args.threads or 1
     tag = args.tag or ("quick" if args.quick else None)
-    stem = "bench_cleaner_storage" + (f"_{tag}" if tag else "")
+    stem = tagged("bench_cleaner_storage", tag)
     t0 = time.perf_counter()
     child_args = {k: getattr(args, k) for k in ("data_dir", "seed", "n_train", "n_valid",
                                                 "epochs", "lr", "milestone")}

@@ -8,7 +8,7 @@ parameters. Constant overhead per sample per parameter means cost linear in both
 
 Usage::
 
-    python benchmarks/fig_scaling.py
+    python benchmarks/perf/fig_scaling.py
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import RESULTS  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
     runs = load(results)
     if not runs:
         raise SystemExit(f"no bench_scaling_*.json results under {results}: run "
-                         f"benchmarks/bench_scaling.py first")
+                         f"benchmarks/perf/bench_scaling.py first")
     # one series per (model, run): runs differ in code version, per-sample path and load
     series = {}
     for r in runs:

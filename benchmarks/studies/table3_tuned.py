@@ -1,5 +1,16 @@
 """Table 3 with the removed fraction tuned on validation accuracy, and a hybrid score.
 
+Frozen study: its finding is recorded in the docs; rerun it only to check that.
+
+Finding: tuning the removed fraction on validation accuracy does not rescue cleaning at
+    the paper's size: no ranking (HYDRA per class, cleanlab, the hybrid) reaches no
+    filtering at any fraction tried, and the retrained accuracies follow the precision
+    at r (cleanlab, hybrid, HYDRA).
+Recorded in: docs/results/cleaning.rst, "Tuning how much to remove does not rescue it";
+    docs/cleaning.rst, "How well it works".
+Results (benchmarks/results/): table3_tuned_n50000_e20.{json,md} (merged from
+    parts/table3_tuned_n50000_e20_*), table3_tuned_quick.{json,md}
+
 ``table3_noise_cleaning`` removes exactly r% of the rows at r% label noise, as the paper
 does, and at the paper's size no cleaner's kept set retrains above training on all rows
 (``table3_n50000_e20``): the wrong labels a cleaner keeps are the plausible ones, which
@@ -39,28 +50,25 @@ retrained here.
 
 Usage::
 
-    python benchmarks/table3_tuned.py --quick
-    python benchmarks/table3_tuned.py --settings mnist:0.8 --memmap --tag n50000_e20_mnist_r80
-    python benchmarks/table3_tuned.py --merge n50000_e20_mnist_r80,... --tag n50000_e20
+    python benchmarks/studies/table3_tuned.py --quick
+    python benchmarks/studies/table3_tuned.py --settings mnist:0.8 --memmap --tag n50000_e20_mnist_r80
+    python benchmarks/studies/table3_tuned.py --merge n50000_e20_mnist_r80,... --tag n50000_e20
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, add_run_args, parse_settings,  # noqa: E402
-                     run_record, save_results)
-from table3_noise_cleaning import (accuracy, cleanlab_select, fit_net,  # noqa: E402
-                                   hybrid_scores, noisy_setting, oof_probs, pr,
-                                   retrain_seeds)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
+                     cleanlab_select, default_tag, fit_net, hybrid_scores, load_result,
+                     noisy_setting, oof_probs, parse_settings, precision_recall, retrain_seeds,
+                     run_settings, save_results, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -83,8 +91,9 @@ def scores(args, d, y, flipped, net, dataset, rate):
     attr = HydraAttributor(net, mode="fast", storage="replay",
                            trajectory="memmap" if args.memmap else "memory",
                            store_dir=args.work_dir, random_state=args.seed, verbose=0)
-    cleaner = LabelNoiseCleaner(attr, validation_data=(d.X_valid, d.y_valid),
-                                fraction=rate, random_state=args.seed)
+    cleaner = LabelNoiseCleaner(attr, score="contribution",
+                                validation_data=(d.X_valid, d.y_valid), fraction=rate,
+                                random_state=args.seed)
     cleaner.fit_resample(d.X_train, y)
     hydra = cleaner.scores_
     del cleaner, attr
@@ -110,11 +119,12 @@ def removed_by(ranking, fraction, hydra, probs, y):
 def reference_rows(args, dataset, rate):
     if args.reference == "none":
         return {}
-    f = RESULTS / f"table3_{args.reference}.json"
-    if not f.exists():
-        raise SystemExit(f"--reference: no results file {f} (use --reference none to "
-                         f"retrain no filtering and the oracle in this run)")
-    for res in json.loads(f.read_text())["results"]:
+    try:
+        run = load_result(f"table3_{args.reference}")
+    except SystemExit as exc:
+        raise SystemExit(f"--reference: {exc} (use --reference none to retrain no "
+                         f"filtering and the oracle in this run)") from None
+    for res in run["results"]:
         if res["dataset"] == dataset and res["rate"] == rate:
             return {r["method"]: r for r in res["rows"] if "error" not in r}
     return {}
@@ -135,7 +145,7 @@ def run_setting(args, dataset, rate):
         """Precision, recall and accuracies over every seed (``first``: seed 0's pair)."""
         accs = [first if (j == 0 and first is not None) else retrain(removed, s)
                 for j, s in enumerate(seeds)]
-        p, r = pr(removed, flipped) if removed.any() else (float("nan"), 0.0)
+        p, r = precision_recall(removed, flipped) if removed.any() else (float("nan"), 0.0)
         test = [a[1] for a in accs]
         out = {"method": method, "fraction": fraction, "n_removed": int(removed.sum()),
                "precision": p, "recall": r, "valid_accuracy": accs[0][0],
@@ -154,7 +164,7 @@ def run_setting(args, dataset, rate):
             f = 1.0 - g * (1.0 - rate)
             removed = removed_by(ranking, f, hydra, probs, y)
             va, te = retrain(removed, args.seed)
-            p, r = pr(removed, flipped)
+            p, r = precision_recall(removed, flipped)
             cand.append((f, removed, (va, te)))
             grid_rows.append({"method": ranking, "fraction": f, "precision": p, "recall": r,
                               "valid_accuracy": va, "test_accuracy": te})
@@ -233,24 +243,14 @@ def main(argv=None):
     p.add_argument("--reference", default="n50000_e20",
                    help="table3_<REFERENCE>.json: no filtering, oracle and the precision "
                         "checks ('none': retrain no filtering and the oracle here)")
-    p.add_argument("--n-train", type=int, default=50000)
-    p.add_argument("--n-valid", type=int, default=10000)
-    p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--milestone", type=int, default=5)
+    add_setting_args(p, "table3_paper")
     add_run_args(p)
     p.add_argument("--merge", default=None, metavar="TAG[,TAG...]",
                    help="concatenate the saved runs parts/table3_tuned_<TAG>.json (same "
                         "settings) into table3_tuned_<--tag>; runs nothing")
     args = p.parse_args(argv)
     if args.merge:
-        parts = []
-        for t in args.merge.split(","):
-            f = RESULTS / "parts" / f"table3_tuned_{t}.json"
-            if not f.exists():
-                p.error(f"--merge: no results file {f}")
-            parts.append(json.loads(f.read_text()))
+        parts = [load_result(f"table3_tuned_{t}") for t in args.merge.split(",")]
         keys = ("n_train", "n_valid", "n_test", "epochs", "lr", "milestone", "seed", "grid",
                 "retrain_seeds", "reference")
         for t, part in zip(args.merge.split(","), parts):
@@ -268,23 +268,12 @@ def main(argv=None):
         return
     settings = parse_settings(p, args.settings)
     if args.quick:
-        args.n_train, args.n_valid, args.n_test, args.epochs = 4000, 1000, 2000, 12
-        args.lr, args.milestone, args.retrain_seeds = 0.05, 8, 1
-        args.reference = "none"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        apply_preset(args, "table3_quick", retrain_seeds=1, reference="none")
+    start_run(args)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="cleanlab")
-    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    results, t0 = [], time.perf_counter()
-    for dataset, rate in settings:
-        print(f"== {dataset} r={rate}", flush=True)
-        results.append(run_setting(args, dataset, rate))
-        md = markdown(results, args)
-        save_results(f"table3_tuned_{tag}" if args.quick or not args.tag else
-                     f"parts/table3_tuned_{tag}",
-                     run_record("table3_tuned", args, t0, results=results), md)
-    print(md)
+    tag = default_tag(args)
+    run_settings("table3_tuned", f"table3_tuned_{tag}" if args.quick or not args.tag else
+                 f"parts/table3_tuned_{tag}", args, settings, run_setting, markdown)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ attribute(1,000 test points) <= 0.5x plain fit, peak RSS <= 16 GiB.
 
 Usage::
 
-    python benchmarks/bench_fast.py --epochs 20            # the full setting
-    python benchmarks/bench_fast.py --quick                # 5,000 rows, 1 epoch
+    python benchmarks/perf/bench_fast.py --epochs 20            # the full setting
+    python benchmarks/perf/bench_fast.py --quick                # 5,000 rows, 1 epoch
 
 Results go to ``benchmarks/results/bench_fast.json`` and ``.md``.
 """
@@ -29,14 +29,10 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
-
-
-def make_net(epochs):
-    """The paper's LeNet-5 with its MNIST schedule (lr x0.1 every 5 epochs)."""
-    return paper_lenet(epochs, callbacks=[step_schedule()])
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (RESULTS, add_data_arg, load_split, mnist_lenet, peak_rss_gib,  # noqa: E402
+                     save_results, tagged)
 
 
 def main(argv=None):
@@ -47,7 +43,7 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--storage", default="half", choices=["dense", "half", "memmap", "replay"])
     p.add_argument("--trajectory", default="memory", choices=["memory", "memmap"])
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--quick", action="store_true", help="5,000 rows, 1 epoch, 200 test points")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
@@ -56,10 +52,9 @@ def main(argv=None):
         args.epochs, args.n_train, args.n_test = 1, 5000, 200
 
     from hydrattr import HydraAttributor
-    from hydrattr.datasets import load_mnist_split
 
-    data = load_mnist_split("mnist", data_dir=args.data_dir, random_state=0,
-                            n_train=args.n_train, n_valid=min(10000, 60000 - args.n_train))
+    data = load_split("mnist", args.data_dir, 0, n_train=args.n_train,
+                      n_valid=min(10000, 60000 - args.n_train))
     X, y = data.X_train, data.y_train
     Xt, yt = data.X_test[:args.n_test], data.y_test[:args.n_test]
     print(f"MNIST {len(X)} train / {len(Xt)} test, LeNet-5, {args.epochs} epochs, "
@@ -67,12 +62,12 @@ def main(argv=None):
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    plain = make_net(args.epochs).fit(X, y)
+    plain = mnist_lenet(args.epochs).fit(X, y)
     t_plain = time.perf_counter() - t
     rss_plain = peak_rss_gib()
     print(f"plain skorch fit: {t_plain:.1f} s", flush=True)
 
-    att = HydraAttributor(make_net(args.epochs), mode="fast", storage=args.storage,
+    att = HydraAttributor(mnist_lenet(args.epochs), mode="fast", storage=args.storage,
                           trajectory=args.trajectory, random_state=0, verbose=0)
     t = time.perf_counter()
     att.fit(X, y)
@@ -106,7 +101,7 @@ def main(argv=None):
         "targets": {"tracked_fit_ratio": 3.0, "attribute_ratio": 0.5, "peak_rss_gib": 16.0},
     }
     res["meets"] = {k: res[k] <= v for k, v in res["targets"].items()}
-    name = "bench_fast" + (f"_{args.tag}" if args.tag else "")
+    name = tagged("bench_fast", args.tag)
     md = [f"# bench_fast ({len(X)} train, {len(Xt)} test, {args.epochs} epochs, "
           f"storage={args.storage}, {os.cpu_count()} CPU cores)", "",
           "| measure | value | ratio to plain fit | target |", "|---|---|---|---|",

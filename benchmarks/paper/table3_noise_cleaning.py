@@ -40,30 +40,27 @@ comparison that matters is within the run.
 
 Usage::
 
-    python benchmarks/table3_noise_cleaning.py --quick
-    python benchmarks/table3_noise_cleaning.py --n-train 50000 --n-valid 10000 \
+    python benchmarks/paper/table3_noise_cleaning.py --quick
+    python benchmarks/paper/table3_noise_cleaning.py --n-train 50000 --n-valid 10000 \
         --n-test 10000 --epochs 20          # the paper's size (hours on a GPU-less box)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from skorch.callbacks import Callback, LRScheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, add_run_args, paper_lenet, run_record, save_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
+                     cleanlab_removed, default_tag, fit_net, load_result, noisy_setting,
+                     precision_recall, retrain_seeds, run_settings, save_results, start_run)
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
-from hydrattr.datasets import load_mnist_split, make_label_noise  # noqa: E402
 
 PAPER = {  # test accuracy (%), Table 3 (r=0.8) and supplement Table 4 (r=0.5)
     ("mnist", 0.8): {"no_filtering": 72.93, "if": 90.07, "hydra": 98.31},
@@ -71,153 +68,6 @@ PAPER = {  # test accuracy (%), Table 3 (r=0.8) and supplement Table 4 (r=0.5)
     ("mnist", 0.5): {"no_filtering": 94.65, "if": 93.83, "hydra": 98.31},
     ("fashion-mnist", 0.5): {"no_filtering": 87.44, "if": 76.70, "hydra": 87.28},
 }
-
-
-# ---------------------------------------------------------------------------- network
-
-class ExternalValidLoss(Callback):
-    """Mean loss on a fixed (clean) validation set, written to history as ``ext_valid_loss``.
-
-    The paper's Fashion-MNIST schedule halves the lr when ``train loss + validation
-    loss`` plateaus; with ``train_split=None`` (every row trained, so every row
-    attributed) skorch has no validation loss of its own.
-    """
-
-    def __init__(self, X, y, batch_size=1000):
-        self.X = X
-        self.y = y
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, net, **kwargs):
-        module = net.module_
-        was = module.training
-        module.eval()
-        total = 0.0
-        with torch.no_grad():
-            for s in range(0, len(self.X), self.batch_size):
-                x = torch.as_tensor(self.X[s:s + self.batch_size])
-                y = torch.as_tensor(self.y[s:s + self.batch_size])
-                out = module(x)
-                total += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
-        module.train(was)
-        net.history.record("ext_valid_loss", total / len(self.X))
-
-
-def _plateau_monitor(net):
-    return net.history[-1, "train_loss"] + net.history[-1, "ext_valid_loss"]
-
-
-def make_net(dataset, epochs, X_valid, y_valid, seed, lr=0.01, milestone=5):
-    """LeNet-5 with the paper's hyperparameters (supplement, Table 3).
-
-    SGD, momentum 0.9, batch 64, lr 0.01, weight decay 2e-5; MNIST: lr x0.1 at epoch
-    5; Fashion-MNIST: lr x0.5 when train + validation loss has not improved by 0.01%
-    for 2 epochs. ``lr`` and ``milestone`` (the MNIST drop epoch) can be changed for
-    reduced runs, whose few steps per epoch leave LeNet-5 stuck at chance with the
-    paper's values.
-    """
-    callbacks = [("ext_valid", ExternalValidLoss(X_valid, y_valid))]
-    if dataset == "mnist":
-        callbacks.append(("lr", LRScheduler(torch.optim.lr_scheduler.MultiStepLR,
-                                            milestones=[milestone], gamma=0.1)))
-    else:
-        callbacks.append(("lr", LRScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau,
-                                            monitor=_plateau_monitor, mode="min", factor=0.5,
-                                            patience=2, threshold=1e-4,
-                                            threshold_mode="rel")))
-    return paper_lenet(epochs, lr=lr, callbacks=callbacks, module__n_classes=10)
-
-
-def noisy_setting(args, dataset, rate):
-    """The data, noise and net every cleaning/detection benchmark starts from.
-
-    Loads ``args.n_train``/``args.n_valid`` rows of ``dataset`` (seeded by ``args.seed``),
-    flips ``rate`` of the training labels to a uniformly drawn wrong class, and builds the
-    paper's LeNet-5 (:func:`make_net`, clean validation loss logged). Returns ``(d, y,
-    flipped, net)``: the split, the noisy labels and the mask of flipped rows.
-    """
-    d = load_mnist_split(dataset, data_dir=args.data_dir, random_state=args.seed,
-                         n_train=args.n_train, n_valid=args.n_valid)
-    y, flipped = make_label_noise(d.y_train, rate, n_classes=10, random_state=args.seed)
-    net = make_net(dataset, args.epochs, d.X_valid, d.y_valid, args.seed, lr=args.lr,
-                   milestone=args.milestone)
-    return d, y, flipped, net
-
-
-def fit_net(net, X, y, seed):
-    from sklearn.base import clone
-
-    torch.manual_seed(seed)
-    return clone(net).fit(X, y)
-
-
-def retrain_seeds(args):
-    """Seeds of the retrainings behind each row's test accuracy: ``--seed`` first (the
-    single retraining of earlier runs), then ``--seed + 1000 j``."""
-    return [args.seed + 1000 * j for j in range(args.retrain_seeds)]
-
-
-def accuracy(net, X, y):
-    return float((net.predict(X) == y).mean())
-
-
-# ------------------------------------------------------------------------- methods
-
-
-def oof_probs(net, X, y, seed, n_folds=5):
-    """Out-of-fold class probabilities of ``net`` (stratified ``n_folds``-fold, seeded):
-    what cleanlab's confident learning scores the rows with."""
-    from sklearn.model_selection import StratifiedKFold
-
-    probs = np.zeros((len(y), 10))
-    for k, (tr, te) in enumerate(StratifiedKFold(n_folds, shuffle=True,
-                                                 random_state=seed).split(X, y)):
-        probs[te] = fit_net(net, X[tr], y[tr], seed + 1 + k).predict_proba(X[te])
-    return probs
-
-
-def cleanlab_removed(net, X, y, fraction, seed, n_folds=5):
-    return cleanlab_select(y, oof_probs(net, X, y, seed, n_folds), fraction)
-
-
-def cleanlab_select(y, probs, fraction):
-    """Confident learning's removed set from out-of-fold ``probs``: ``prune_by_class``
-    with each given class's share of ``fraction``, filled up to ``fraction`` of all rows
-    by the lowest self-confidence (cleanlab leaves out rows its model predicts as given)."""
-    from cleanlab.filter import find_label_issues
-
-    counts = np.bincount(y, minlength=10)
-    per_class = [int(np.floor(fraction * c + 0.5)) for c in counts]
-    ranked = find_label_issues(y, probs, filter_by="prune_by_class",
-                               num_to_remove_per_class=per_class,
-                               return_indices_ranked_by="self_confidence")
-    k = int(np.floor(fraction * len(y) + 0.5))
-    default_found = int(find_label_issues(y, probs).sum())  # CL's own estimate
-    chosen = list(ranked[:k])
-    if len(chosen) < k:  # fill up with the lowest self-confidence among the rest
-        selfconf = probs[np.arange(len(y)), y]
-        taken = set(chosen)
-        rest = [i for i in np.argsort(selfconf, kind="stable") if i not in taken]
-        chosen += rest[:k - len(chosen)]
-    removed = np.zeros(len(y), dtype=bool)
-    removed[np.asarray(chosen, dtype=np.int64)] = True
-    return removed, {"cleanlab_found_prune_by_class": int(len(ranked)),
-                     "cleanlab_found_default": default_found}
-
-
-def hybrid_scores(scores, probs, y):
-    """The hybrid ranking of ``oof_cleaning`` and ``table3_tuned``: the rank of each row's
-    contribution ``scores`` plus the rank of its out-of-fold probability of the given
-    label ``y`` (0-based ranks, ties by position); the lowest are removed."""
-    def rank(v):
-        return np.argsort(np.argsort(v, kind="stable"), kind="stable")
-
-    return rank(scores) + rank(probs[np.arange(len(y)), y])
-
-
-def pr(removed, flipped):
-    tp = int((removed & flipped).sum())
-    return (tp / max(int(removed.sum()), 1), tp / max(int(flipped.sum()), 1))
 
 
 # ---------------------------------------------------------------------------- runner
@@ -249,7 +99,7 @@ def run_one(args, dataset, rate):
                 accuracy(fit_net(net, X[keep], y[keep], s), Xt, yt)
                 for j, s in enumerate(seeds)]
         timings[f"retrain_{name}"] = time.perf_counter() - t0
-        p, r = pr(removed, flipped) if removed.any() else (float("nan"), 0.0)
+        p, r = precision_recall(removed, flipped) if removed.any() else (float("nan"), 0.0)
         row = {"method": name, "n_removed": int(removed.sum()), "precision": p, "recall": r,
                "test_accuracy": accs[0]}
         if len(accs) > 1:
@@ -264,8 +114,8 @@ def run_one(args, dataset, rate):
     t0 = time.perf_counter()
     attr = HydraAttributor(net, mode="fast", storage="replay", trajectory=traj_kind,
                            store_dir=args.work_dir, random_state=seed, verbose=0)
-    cleaner = LabelNoiseCleaner(attr, validation_data=(Xv, yv), fraction=rate,
-                                random_state=seed)
+    cleaner = LabelNoiseCleaner(attr, score="contribution", validation_data=(Xv, yv),
+                                fraction=rate, random_state=seed)
     cleaner.fit_resample(X, y)
     timings["hydra_fast_fit_and_score"] = time.perf_counter() - t0
     fitted = cleaner.attributor_
@@ -306,8 +156,9 @@ def run_one(args, dataset, rate):
             attr2 = HydraAttributor(net, mode="fast", storage=args.ens_storage,
                                     trajectory=traj_kind, store_dir=args.work_dir,
                                     random_state=seed, verbose=0)
-            cl2 = LabelNoiseCleaner(attr2, validation_data=(Xv, yv), fraction=rate,
-                                    stratify=True, n_rounds=args.n_rounds, random_state=seed)
+            cl2 = LabelNoiseCleaner(attr2, score="contribution", validation_data=(Xv, yv),
+                                    fraction=rate, stratify=True, n_rounds=args.n_rounds,
+                                    random_state=seed)
             cl2.fit_resample(X, y)
             timings[f"hydra_fast_pc_r{args.n_rounds}_fit_and_score"] = \
                 time.perf_counter() - t0
@@ -332,8 +183,9 @@ def run_one(args, dataset, rate):
             ens = EnsembleAttributor(member, n_estimators=args.n_estimators,
                                      random_state=seed)
             rounds = args.n_rounds if ens_method == "ens_rounds" else 1
-            ecl = LabelNoiseCleaner(ens, validation_data=(Xv, yv), fraction=rate,
-                                    stratify=rounds > 1, n_rounds=rounds, random_state=seed)
+            ecl = LabelNoiseCleaner(ens, score="contribution", validation_data=(Xv, yv),
+                                    fraction=rate, stratify=rounds > 1, n_rounds=rounds,
+                                    random_state=seed)
             ecl.fit_resample(X, y)
             timings[f"{name}_fit_and_score"] = time.perf_counter() - t0
             if rounds > 1:  # the cleaner's own (per-class, iterative) removal
@@ -360,8 +212,8 @@ def run_one(args, dataset, rate):
                 net, solver="lissa", damping=args.if_damping, lissa_scale=args.if_scale,
                 lissa_depth=args.if_depth, lissa_batch_size=64, random_state=seed,
                 verbose=0)
-            icl = LabelNoiseCleaner(inf, validation_data=(Xv, yv), fraction=rate,
-                                    random_state=seed)
+            icl = LabelNoiseCleaner(inf, score="contribution", validation_data=(Xv, yv),
+                                    fraction=rate, random_state=seed)
             icl.fit_resample(X, y)
             timings["if_fit_and_score"] = time.perf_counter() - t0
             retrain_rules("if", icl.scores_, {"if_solver": "lissa",
@@ -481,15 +333,8 @@ def merge_results(tags):
     compared is the first retraining's; of two agreeing rows, the one retrained with more
     seeds (``--retrain-seeds``) is kept.
     """
-    parts = []
-    for t in tags:
-        f = RESULTS / f"table3_{t}.json"
-        if not f.exists():  # raw runs that only feed a merged table live in parts/
-            f = RESULTS / "parts" / f"table3_{t}.json"
-        if not f.exists():
-            raise SystemExit(f"--merge: no results file table3_{t}.json in {RESULTS} "
-                             f"or {RESULTS / 'parts'}")
-        parts.append(json.loads(f.read_text()))
+    # raw runs that only feed a merged table live in results/parts/
+    parts = [load_result(f"table3_{t}") for t in tags]
     ref = {k: parts[0]["args"][k] for k in SETTING_KEYS}
     for t, part in zip(tags[1:], parts[1:]):
         diff = [k for k in SETTING_KEYS if part["args"][k] != ref[k]]
@@ -559,13 +404,7 @@ def main(argv=None):
     p.add_argument("--seeds-for", nargs="+", default=None, metavar="ROW",
                    help="give the --retrain-seeds seeds only to these rows (the others "
                         "are retrained once); default: every row")
-    p.add_argument("--n-train", type=int, default=50000)
-    p.add_argument("--n-valid", type=int, default=10000)
-    p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.01, help="initial lr (paper: 0.01)")
-    p.add_argument("--milestone", type=int, default=5,
-                   help="MNIST: epoch at which the lr is multiplied by 0.1 (paper: 5)")
+    add_setting_args(p, "table3_paper")
     p.add_argument("--rules", nargs="+", default=["global", "per_class"],
                    choices=["global", "per_class"],
                    help="removal rules for the score-based methods: the r%% lowest overall "
@@ -593,24 +432,10 @@ def main(argv=None):
         print(md)
         return
     if args.quick:
-        args.n_train, args.n_valid, args.n_test, args.epochs = 4000, 1000, 2000, 12
-        args.lr, args.milestone, args.if_depth = 0.05, 8, 200
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    results = []
-    t0 = time.perf_counter()
-    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    for dataset in args.datasets:
-        for rate in args.rates:
-            print(f"== {dataset} r={rate}", flush=True)
-            results.append(run_one(args, dataset, rate))
-            # saved after every setting, so a long run that is stopped keeps its rows
-            payload = run_record("table3_noise_cleaning", args, t0, results=results)
-            md = markdown(results, args)
-            save_results(f"table3_{tag}", payload, md)
-    print(md)
+        apply_preset(args, "table3_quick", if_depth=200)
+    start_run(args)
+    run_settings("table3_noise_cleaning", f"table3_{default_tag(args)}", args,
+                 [(ds, rate) for ds in args.datasets for rate in args.rates], run_one, markdown)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Target (issue 4): one objective for all samples <= 6x the plain fit.
 
 Usage::
 
-    python benchmarks/bench_exact.py --epochs 20 --trajectory memmap   # the full setting
-    python benchmarks/bench_exact.py --quick                           # 5,000 rows, 2 epochs
+    python benchmarks/perf/bench_exact.py --epochs 20 --trajectory memmap   # the full setting
+    python benchmarks/perf/bench_exact.py --quick                           # 5,000 rows, 2 epochs
 
 Results go to ``benchmarks/results/bench_exact[_TAG].json`` and ``.md``.
 """
@@ -33,15 +33,11 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, paper_lenet, peak_rss_gib, save_results, step_schedule  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (RESULTS, add_data_arg, load_split, mnist_lenet, peak_rss_gib,  # noqa: E402
+                     save_results, tagged)
 PAPER = {"fast_vs_hessian_speedup_densenet": 971, "speedup_quoted_in_issue": 22}
-
-
-def make_net(epochs):
-    """The paper's LeNet-5 with its MNIST schedule (lr x0.1 every 5 epochs)."""
-    return paper_lenet(epochs, callbacks=[step_schedule()])
 
 
 WALL = {}
@@ -70,7 +66,7 @@ def main(argv=None):
                    help="samples tracked by the forward recurrence (one HVP each per step)")
     p.add_argument("--trajectory", default="memory", choices=["memory", "memmap"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="5,000 rows, 2 epochs, 1,000 test points for the mean, 20 columns")
     p.add_argument("--out", default=str(RESULTS))
@@ -81,10 +77,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from hydrattr import HydraAttributor
-    from hydrattr.datasets import load_mnist_split
 
-    data = load_mnist_split("mnist", data_dir=args.data_dir, random_state=0,
-                            n_train=args.n_train, n_valid=min(10000, 60000 - args.n_train))
+    data = load_split("mnist", args.data_dir, 0, n_train=args.n_train,
+                      n_valid=min(10000, 60000 - args.n_train))
     X, y = data.X_train, data.y_train
     Xm, ym = data.X_test[:args.n_test_mean], data.y_test[:args.n_test_mean]
     Xc, yc = data.X_test[:args.n_test_cols], data.y_test[:args.n_test_cols]
@@ -93,16 +88,16 @@ def main(argv=None):
           f"{torch.get_num_threads()}, {os.cpu_count()} cores", flush=True)
 
     # warm-up (library loading, first-call overheads of skorch and torch.func), untimed
-    warm = HydraAttributor(make_net(1), mode="exact", random_state=0, verbose=0)
+    warm = HydraAttributor(mnist_lenet(1), mode="exact", random_state=0, verbose=0)
     warm.fit(X[:256], y[:256]).attribute(Xc[:2], yc[:2])
     warm.attribute_forward(Xc[:1], yc[:1], [0])
     del warm
 
     torch.manual_seed(0)
-    plain, t_plain = timed(lambda: make_net(args.epochs).fit(X, y), "plain_fit")
+    plain, t_plain = timed(lambda: mnist_lenet(args.epochs).fit(X, y), "plain_fit")
     print(f"plain skorch fit: {t_plain:.1f} s", flush=True)
 
-    att = HydraAttributor(make_net(args.epochs), mode="exact", trajectory=args.trajectory,
+    att = HydraAttributor(mnist_lenet(args.epochs), mode="exact", trajectory=args.trajectory,
                           test_batch_size=max(args.n_test_cols, 1), random_state=0, verbose=0)
     _, t_fit = timed(lambda: att.fit(X, y), "exact_fit")
     same = all(torch.equal(a, b) for a, b in zip(plain.module_.parameters(),
@@ -163,7 +158,7 @@ def main(argv=None):
     }
     res["meets"] = {"mean_objective_all_samples_ratio":
                     res["ratios_to_plain_fit"]["mean_objective_all_samples"] <= 6.0}
-    name = "bench_exact" + (f"_{args.tag}" if args.tag else "")
+    name = tagged("bench_exact", args.tag)
     md = [f"# bench_exact ({N} train, {args.epochs} epochs = {n_steps} steps, "
           f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()})", "",
           "CPU seconds of this process (one torch thread; the machine is shared, so CPU "

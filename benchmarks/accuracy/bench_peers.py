@@ -28,8 +28,8 @@ helped test point ``j``); the conversion used for each peer is recorded in the J
 
 Usage::
 
-    nice python benchmarks/bench_peers.py --quick          # 1,000 / 100, minutes
-    nice python benchmarks/bench_peers.py                  # 5,000 / 500 (long on CPU)
+    nice python benchmarks/accuracy/bench_peers.py --quick          # 1,000 / 100, minutes
+    nice python benchmarks/accuracy/bench_peers.py                  # 5,000 / 500 (long on CPU)
 
 Writes ``benchmarks/results/bench_peers[_quick].{json,md}`` and scatter plots
 ``bench_peers[_quick]_scatter_{lr,mlp}.png``.
@@ -37,15 +37,11 @@ Writes ``benchmarks/results/bench_peers[_quick].{json,md}`` and scatter plots
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import ctypes
-import gc
 import json
 import os
 import platform
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -53,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from _common import RESULTS, atomic_write  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parents[1]  # benchmarks/: the shared helpers in _common
+ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+from _common import (PEER_MODELS, PRESETS, RESULTS, WORK, PeakMemory, add_data_arg,  # noqa: E402
+                     peer_net, peers_data, release_memory, save_results, test_losses)
 
 # Published reference points (MNIST-10, 5,000 train / 500 test; dattri's benchmark,
 # Deng et al., "dattri: A Library for Efficient Data Attribution", NeurIPS 2024 D&B).
@@ -69,41 +66,6 @@ REFERENCE = {
 
 
 # --------------------------------------------------------------------------- utils
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim():
-    gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak RSS increase over the start of the block, sampled every 5 ms."""
-
-    def __enter__(self):
-        _trim()
-        self.start = _rss_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.delta_mb = (self.peak - self.start) / 2**20
-        return False
-
-
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
@@ -132,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--method-timeout", type=int, default=None,
                    help="seconds per method run before it is given up (0: none; "
                         "default 300 with --quick, else none)")
-    p.add_argument("--peers-dir", default=str(HERE / "_work" / "peers"))
+    p.add_argument("--peers-dir", default=str(WORK / "peers"))
+    add_data_arg(p)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None, help="output file stem (default bench_peers[_quick])")
     p.add_argument("--seed", type=int, default=0)
@@ -142,52 +105,14 @@ def parse_args(argv=None):
                         "ground truth, e.g. methods run in parallel processes) into --tag")
     args = p.parse_args(argv)
     q = args.quick
-    for name, full, quick in (("n_train", 5000, 1000), ("n_test", 500, 100),
-                              ("n_loo", 100, 50), ("n_lds", 50, 20), ("epochs", 10, 5),
-                              ("trak_models", 50, 5)):
+    for name, value in PRESETS["peers_quick" if q else "peers"].items():
         if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+            setattr(args, name, value)
     if args.method_timeout is None:
         args.method_timeout = 300 if q else 0
     if args.tag is None:
         args.tag = "bench_peers_quick" if q else "bench_peers"
     return args
-
-
-def load_data(args):
-    from hydrattr.datasets import load_mnist_split, make_label_noise
-
-    split = load_mnist_split("mnist", n_train=args.n_train, n_valid=0,
-                             random_state=args.seed)
-    rs = np.random.RandomState(args.seed + 1)
-    te = rs.choice(len(split.X_test), size=args.n_test, replace=False)
-    X = split.X_train.reshape(len(split.X_train), -1).astype(np.float32)
-    Xt = split.X_test[te].reshape(args.n_test, -1).astype(np.float32)
-    y, yt = split.y_train.astype(np.int64), split.y_test[te].astype(np.int64)
-    y_noisy, flipped = make_label_noise(y, 0.1, n_classes=10, random_state=args.seed + 2)
-    return dict(X=X, y=y, Xt=Xt, yt=yt, y_noisy=y_noisy, flipped=flipped,
-                train_index=split.train_index, test_index=te)
-
-
-MODEL_CFG = {
-    # small learning rates are deliberate: LOO effects are tiny and must rise above
-    # the SGD noise floor; weight decay makes the objective strongly convex (LR)
-    "lr": dict(hidden=None, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
-    "mlp": dict(hidden=(64,), lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64),
-    # the same MLP with a smooth activation: its SGD map is differentiable everywhere,
-    # unlike ReLU's (see bench_linearity), so same-order LOO is in the linear regime
-    "mlp_tanh": dict(hidden=(64,), lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64,
-                     activation="tanh"),
-}
-
-
-def make_module(kind):
-    from hydrattr.models import MLP, LogisticRegression
-
-    if kind == "lr":
-        return LogisticRegression(n_features=784, n_classes=10)
-    return MLP(n_features=784, n_classes=10, hidden=MODEL_CFG[kind]["hidden"],
-               activation=MODEL_CFG[kind].get("activation", "relu"))
 
 
 class EpochSnapshots:
@@ -214,29 +139,7 @@ class EpochSnapshots:
 
 
 def make_net(kind, n_rows, args, extra_callbacks=()):
-    import torch
-    from skorch import NeuralNetClassifier
-    from skorch.callbacks import LRScheduler
-    from torch import nn
-
-    cfg = MODEL_CFG[kind]
-    steps = args.epochs * int(np.ceil(n_rows / cfg["batch_size"]))
-    sched = LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR, T_max=steps,
-                        step_every="batch")
-    if kind == "lr":
-        from hydrattr.models import LogisticRegression as M
-        kw = dict(module__n_features=784, module__n_classes=10)
-    else:
-        from hydrattr.models import MLP as M
-        kw = dict(module__n_features=784, module__n_classes=10,
-                  module__hidden=cfg["hidden"],
-                  module__activation=cfg.get("activation", "relu"))
-    return NeuralNetClassifier(
-        M, **kw, criterion=nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=cfg["lr"],
-        optimizer__momentum=cfg["momentum"], optimizer__weight_decay=cfg["weight_decay"],
-        batch_size=cfg["batch_size"], max_epochs=args.epochs, train_split=None,
-        iterator_train__shuffle=True, verbose=0,
-        callbacks=[("lr_sched", sched)] + list(extra_callbacks))
+    return peer_net(kind, n_rows, args.epochs, extra_callbacks)
 
 
 def fit_net(kind, X, y, args, seed=None, extra_callbacks=()):
@@ -247,55 +150,17 @@ def fit_net(kind, X, y, args, seed=None, extra_callbacks=()):
     return net.fit(X, y)
 
 
-def test_losses(module, Xt, yt):
-    import torch
-
-    module.eval()
-    with torch.no_grad():
-        out = module(torch.as_tensor(Xt))
-        return torch.nn.functional.cross_entropy(out, torch.as_tensor(yt),
-                                                 reduction="none").double().numpy()
-
-
 # ------------------------------------------------------------------ ground truth
 def same_order_loo(kind, X, y, Xt, yt, rows, args):
-    """Same-order LOO: hydrattr's LeaveOneOutAttributor(order="same") when it exists,
-    else a replay of the recorded batches with the row's loss multiplier set to 0."""
-    try:
-        from hydrattr.loo import LeaveOneOutAttributor
-    except ImportError:
-        LeaveOneOutAttributor = None
-    if LeaveOneOutAttributor is not None:
-        loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="same",
-                                    indices=np.asarray(rows), random_state=args.seed,
-                                    verbose=0)
-        loo.fit(X, y)
-        C = loo.attribute(Xt, yt)
-        return C[rows], "hydrattr.loo.LeaveOneOutAttributor(order='same')"
-    import torch
+    """Same-order LOO: hydrattr's ``LeaveOneOutAttributor(order="same")``, each row's
+    retraining in the recorded batch order without it."""
+    from hydrattr.loo import LeaveOneOutAttributor
 
-    from hydrattr import HydraAttributor
-    from hydrattr._core.replay import replay_training
-    from hydrattr._skorch import module_mode
-
-    h = HydraAttributor(make_net(kind, len(X), args), mode="exact", random_state=args.seed,
-                        verbose=0).fit(X, y)
-    loss_fn, data_fn = h._loss_fn(), h._data_fn()
-    Xtt, ytt = torch.as_tensor(Xt), torch.as_tensor(yt)
-
-    def losses(theta):
-        with module_mode(h.net_.module_, training=False):
-            return loss_fn(theta, Xtt, ytt).double().numpy()
-
-    with module_mode(h.net_.module_, training=True):
-        base = losses(replay_training(h.trajectory_, loss_fn, data_fn))
-        out = []
-        for i in rows:
-            m = np.ones(len(X))
-            m[i] = 0.0
-            out.append(losses(replay_training(h.trajectory_, loss_fn, data_fn, multipliers=m))
-                       - base)
-    return np.array(out), "hydrattr._core.replay.replay_training (multiplier 0)"
+    loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="same",
+                                indices=np.asarray(rows), random_state=args.seed, verbose=0)
+    loo.fit(X, y)
+    C = loo.attribute(Xt, yt)
+    return C[rows], "hydrattr.loo.LeaveOneOutAttributor(order='same')"
 
 
 def scratch_loo(kind, X, y, Xt, yt, rows, base, args):
@@ -356,7 +221,7 @@ class Ctx:
 
     @property
     def wd(self):
-        return MODEL_CFG[self.kind]["weight_decay"]
+        return PEER_MODELS[self.kind]["weight_decay"]
 
     @property
     def damping(self):
@@ -790,7 +655,7 @@ def fmt(v, nd=2):
     return f"{v:.{nd}f}"
 
 
-def write_markdown(res, path):
+def markdown(res):
     a = res["args"]
     lines = [f"# hydrattr vs peers on MNIST ({a['n_train']:,} train / {a['n_test']} test)", "",
              f"Command: `{res['command']}`  ",
@@ -843,14 +708,11 @@ def write_markdown(res, path):
         for r in mres["rows"]:
             if r.get("settings"):
                 lines.append(f"- {kind} / {r['method']}: {r['settings']}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _save(res, out, tag):
-    """JSON and markdown, each written through a temporary file (never half-written)."""
-    atomic_write(out / f"{tag}.json", json.dumps(res, indent=1, default=str))
-    write_markdown(res, out / f"{tag}.md.tmp")
-    os.replace(out / f"{tag}.md.tmp", out / f"{tag}.md")
+    save_results(tag, res, markdown(res), out=out, indent=1)
 
 
 # what must agree for runs to share one table (--no-noisy only leaves the AUC column empty)
@@ -936,9 +798,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    d = load_data(args)
+    d = peers_data(args.n_train, args.n_test, args.seed, args.data_dir)
     log(f"data: {len(d['X'])} train / {len(d['Xt'])} test; methods: {names}")
-    res = dict(command="python benchmarks/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = dict(command="python benchmarks/accuracy/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
                args=vars(args), machine=f"{platform.machine()} {os.cpu_count()} CPUs, "
                f"{platform.python_version()}, torch {torch.__version__}",
                reference={f"{k}/{m}": v for (k, m), v in REFERENCE.items()}, models={})
@@ -984,7 +846,7 @@ def main(argv=None):
             res["models"][kind] = {**mres, "scatter": None, "partial": True}
             res["total_s"] = time.perf_counter() - t_start
             _save(res, out, args.tag)
-            _trim()
+            release_memory()
         scatter = out / f"{args.tag}_scatter_{kind}.png"
         scatter_plot(kind, mres["rows"], mres["truth"]["scatter_loo"], scatter)
         mres["scatter"] = scatter.name if scatter.exists() else None

@@ -18,9 +18,9 @@ The disk store's pages are released from the process after every ~256 MiB touche
 
 Usage::
 
-    python benchmarks/bench_memory.py                      # 50,000 tracked, 1 epoch
-    python benchmarks/bench_memory.py --quick              # 5,000 / 2,000 rows, 1 epoch
-    python benchmarks/bench_memory.py --n-train 20000 --n-baseline 5000 --epochs 1
+    python benchmarks/perf/bench_memory.py                      # 50,000 tracked, 1 epoch
+    python benchmarks/perf/bench_memory.py --quick              # 5,000 / 2,000 rows, 1 epoch
+    python benchmarks/perf/bench_memory.py --n-train 20000 --n-baseline 5000 --epochs 1
 
 Results: ``benchmarks/results/bench_memory[_TAG].json`` and ``.md``.
 """
@@ -30,94 +30,54 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, save_results  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (RESULTS, PeakMemory, add_data_arg, load_split, paper_lenet,  # noqa: E402
+                     peak_rss_gib, save_results, tagged)
 
 
 # -- child: one configuration ---------------------------------------------------------------
-class _Sampler(threading.Thread):
-    """Peak RssAnon / RssFile of this process, sampled from /proc/self/status."""
-
-    def __init__(self, interval=0.1):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
-        self._halt = threading.Event()
-
-    def read(self):
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    key = line.split(":")[0]
-                    if key in self.peak:
-                        self.peak[key] = max(self.peak[key], int(line.split()[1]))  # kB
-        except OSError:
-            pass
-
-    def run(self):
-        while not self._halt.is_set():
-            self.read()
-            time.sleep(self.interval)
-
-    def stop(self):
-        self._halt.set()
-        self.join()
-        self.read()
-
-
 def _child(cfg):
     import numpy as np
     import torch
-    from skorch import NeuralNetClassifier
 
     from hydrattr import HydraAttributor
-    from hydrattr.datasets import load_mnist_split
-    from hydrattr.models import LeNet5
 
     torch.set_num_threads(cfg["threads"])
-    sampler = _Sampler()
-    sampler.start()
-    n = cfg["n_train"]
-    data = load_mnist_split("mnist", data_dir=cfg["data_dir"], random_state=0, n_train=n,
-                            n_valid=min(10000, 60000 - n))
-    X, y = data.X_train, data.y_train
-    Xt, yt = data.X_test[:cfg["n_test"]], data.y_test[:cfg["n_test"]]
-    net = NeuralNetClassifier(
-        LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.01,
-        optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
-        max_epochs=cfg["epochs"], train_split=None, iterator_train__shuffle=True, verbose=0)
-    store_dir = tempfile.mkdtemp(prefix="bench-memory-", dir=cfg["store_dir"])
-    try:
-        att = HydraAttributor(net, mode="fast", storage=cfg["storage"],
-                              trajectory=cfg["trajectory"], store_dir=store_dir,
-                              random_state=0, verbose=0)
-        t0 = time.perf_counter()
-        att.fit(X, y)
-        t_fit = time.perf_counter() - t0
-        rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        C = att.attribute(Xt, yt)
-        t_attr = time.perf_counter() - t0
-        store_bytes = att.store_.nbytes
-        checksum = float(np.nansum(np.abs(C[:200])))
-        del att, C
-    finally:
-        shutil.rmtree(store_dir, ignore_errors=True)
-    sampler.stop()
+    with PeakMemory(interval=0.1, trim=False) as sampler:
+        n = cfg["n_train"]
+        data = load_split("mnist", cfg["data_dir"], 0, n_train=n,
+                          n_valid=min(10000, 60000 - n))
+        X, y = data.X_train, data.y_train
+        Xt, yt = data.X_test[:cfg["n_test"]], data.y_test[:cfg["n_test"]]
+        net = paper_lenet(cfg["epochs"])
+        store_dir = tempfile.mkdtemp(prefix="bench-memory-", dir=cfg["store_dir"])
+        try:
+            att = HydraAttributor(net, mode="fast", storage=cfg["storage"],
+                                  trajectory=cfg["trajectory"], store_dir=store_dir,
+                                  random_state=0, verbose=0)
+            t0 = time.perf_counter()
+            att.fit(X, y)
+            t_fit = time.perf_counter() - t0
+            rss_after_fit = peak_rss_gib()
+            t0 = time.perf_counter()
+            C = att.attribute(Xt, yt)
+            t_attr = time.perf_counter() - t0
+            store_bytes = att.store_.nbytes
+            checksum = float(np.nansum(np.abs(C[:200])))
+            del att, C
+        finally:
+            shutil.rmtree(store_dir, ignore_errors=True)
     return {**cfg, "fit_s": t_fit, "attribute_s": t_attr,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "peak_rss_after_fit_gib": rss_after_fit / 2**20,
-            "peak_rss_anon_gib": sampler.peak["RssAnon"] / 2**20,
-            "peak_rss_file_gib": sampler.peak["RssFile"] / 2**20,
+            "peak_rss_gib": peak_rss_gib(), "peak_rss_after_fit_gib": rss_after_fit,
+            "peak_rss_anon_gib": sampler.peak_gib("RssAnon"),
+            "peak_rss_file_gib": sampler.peak_gib("RssFile"),
             "store_gib": store_bytes / 2**30, "checksum_first_200_rows": checksum}
 
 
@@ -142,7 +102,7 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ram-limit-gib", type=float, default=4.0)
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--store-dir", default=None, help="where the memmap files go (tmp)")
     p.add_argument("--quick", action="store_true", help="5,000 / 2,000 rows, 1 epoch")
     p.add_argument("--skip-full", action="store_true", help="only the same-n comparison")
@@ -249,7 +209,7 @@ def main(argv=None):
         lines.append(f"Full run peak RSS {summary['full_peak_rss_gib']:.2f} GiB "
                      f"(limit {args.ram_limit_gib} GiB): "
                      f"{'within' if summary['full_within_ram_limit'] else 'OVER'} the limit.")
-    save_results("bench_memory" + (f"_{args.tag}" if args.tag else ""),
+    save_results(tagged("bench_memory", args.tag),
                  {"meta": meta, "results": results, "summary": summary},
                  "\n".join(lines) + "\n", out=args.out)
     print("\n".join(lines))

@@ -18,8 +18,8 @@ number from every class, 1% in the paper's 50k setting) are compared:
 
 Usage::
 
-    python benchmarks/fig_fast_vs_exact.py --epochs 20             # 50k rows (long)
-    python benchmarks/fig_fast_vs_exact.py --quick                 # 3,000 rows, 10 epochs
+    python benchmarks/accuracy/fig_fast_vs_exact.py --epochs 20             # 50k rows (long)
+    python benchmarks/accuracy/fig_fast_vs_exact.py --quick                 # 3,000 rows, 10 epochs
 
 Writes ``benchmarks/results/fig_fast_vs_exact[_TAG].json``, ``.md`` and three PNG plots.
 """
@@ -33,9 +33,10 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, paper_lenet, save_results  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (RESULTS, add_data_arg, load_split, paper_lenet, save_results,  # noqa: E402
+                     tagged)
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
@@ -139,7 +140,7 @@ def main(argv=None):
     p.add_argument("--if-maxiter", type=int, default=100)
     p.add_argument("--no-if", action="store_true", help="skip influence functions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="3,000 rows, 10 epochs (evaluated every 2), 500 test points")
     p.add_argument("--out", default=str(RESULTS))
@@ -153,10 +154,9 @@ def main(argv=None):
     from hydrattr import HydraAttributor
     from hydrattr._core.sweep import exact_adjoint, fast_replay
     from hydrattr._skorch import module_mode
-    from hydrattr.datasets import load_mnist_split
 
-    data = load_mnist_split("fashion-mnist", data_dir=args.data_dir, random_state=0,
-                            n_train=args.n_train, n_valid=min(10000, 60000 - args.n_train))
+    data = load_split("fashion-mnist", args.data_dir, 0, n_train=args.n_train,
+                      n_valid=min(10000, 60000 - args.n_train))
     X, y = data.X_train, data.y_train
     Xt_np, yt_np = data.X_test[:args.n_test], data.y_test[:args.n_test]
     rows = stratified_rows(y, args.n_track)
@@ -232,7 +232,7 @@ def main(argv=None):
            "per_epoch_fast_vs_exact": per_epoch, "final_fast_vs_exact": per_epoch[-1],
            "influence_functions_vs_exact": result_if, "tangent_error_per_epoch": tangents,
            "timings": timings, "paper": PAPER}
-    name = "fig_fast_vs_exact" + (f"_{args.tag}" if args.tag else "")
+    name = tagged("fig_fast_vs_exact", args.tag)
     os.makedirs(args.out, exist_ok=True)  # the plots go there before the results
     plots = make_plots(res, args.out, name)
     fin = per_epoch[-1]

@@ -28,9 +28,9 @@ skipped and says so.
 
 Usage::
 
-    python benchmarks/bench_scaling.py                     # all models, 400/2000/10000
-    python benchmarks/bench_scaling.py --quick             # 400 tracked (LeNet also 2,000)
-    python benchmarks/bench_scaling.py --models lenet5 --n-tracked 400 2000 10000
+    python benchmarks/perf/bench_scaling.py                     # all models, 400/2000/10000
+    python benchmarks/perf/bench_scaling.py --quick             # 400 tracked (LeNet also 2,000)
+    python benchmarks/perf/bench_scaling.py --models lenet5 --n-tracked 400 2000 10000
 
 Results: ``benchmarks/results/bench_scaling[_TAG].json`` and ``.md`` with the device.
 """
@@ -49,9 +49,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, save_results  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (RESULTS, add_data_arg, load_split, resolve_data_dir,  # noqa: E402
+                     save_results, tagged)
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -124,13 +125,13 @@ MODELS = {"lenet5": (_lenet, (1, 28, 28)), "densenet40": (DenseNet40, (3, 32, 32
 def _data(model, n, real, data_dir, seed=0):
     shape = MODELS[model][1]
     if real:
-        from hydrattr.datasets import load_cifar10, load_mnist_split
+        from hydrattr.datasets import load_cifar10
 
         if model == "lenet5":
-            d = load_mnist_split("mnist", data_dir=data_dir, random_state=seed, n_train=n,
-                                 n_valid=0)
+            d = load_split("mnist", data_dir, seed, n_train=n, n_valid=0)
         else:
-            d = load_cifar10(data_dir, n_train=n, n_valid=0, random_state=seed)
+            d = load_cifar10(resolve_data_dir(data_dir), n_train=n, n_valid=0,
+                             random_state=seed)
         return d.X_train.astype(np.float32), d.y_train
     rs = np.random.RandomState(seed)
     return rs.rand(n, *shape).astype(np.float32), rs.randint(0, 10, n).astype(np.int64)
@@ -210,7 +211,7 @@ def _write(args, meta, results):
                      f"{r['store_gib']:.2f} GiB | {r['plain_fit_s']:.1f} | {r['hydra_fit_s']:.1f}"
                      f" | {r['ratio']:.1f} | {r['overhead_ns_per_sample_param']:.3f} | "
                      f"{r['attribute_s']:.2f} |")
-    save_results("bench_scaling" + (f"_{args.tag}" if args.tag else ""),
+    save_results(tagged("bench_scaling", args.tag),
                  {"meta": meta, "results": results}, "\n".join(lines) + "\n", out=args.out)
     return lines
 
@@ -227,7 +228,7 @@ def main(argv=None):
                    help="training batch size (the paper: 64); the Jacobian path for BatchNorm "
                         "models costs O(batch) per sample and O(batch^2) memory per step")
     p.add_argument("--real", action="store_true", help="MNIST / CIFAR-10 instead of random")
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--ram-store-gib", type=float, default=2.0)
     p.add_argument("--disk-store-gib", type=float, default=40.0)
     p.add_argument("--store-dir", default=None)

@@ -17,8 +17,8 @@ relative to the plain fit.
 
 Usage::
 
-    python benchmarks/bench_adam_fast.py            # N=200, 5 epochs, 20 test points
-    python benchmarks/bench_adam_fast.py --quick    # N=100, 3 epochs, 10 test points
+    python benchmarks/accuracy/bench_adam_fast.py            # N=200, 5 epochs, 20 test points
+    python benchmarks/accuracy/bench_adam_fast.py --quick    # N=100, 3 epochs, 10 test points
 """
 from __future__ import annotations
 
@@ -30,13 +30,19 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, save_results  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import RESULTS, save_results, tagged  # noqa: E402
 
 
 def _hessian_free(att, G, freeze):
-    """Hessian-free adjoint sweep with or without the preconditioner derivative."""
+    """Hessian-free adjoint sweep with or without the preconditioner derivative.
+
+    ``exact_adjoint`` builds its optimizer steps with ``steps_for(traj)`` and has no
+    parameter for ``freeze_preconditioner``, so the sweep's ``steps_for`` is swapped for
+    the duration of the call (restored in ``finally``). TODO: drop the swap once the core
+    sweep takes the step rule (or ``freeze_preconditioner``) as an argument.
+    """
     import hydrattr._core.sweep as sweep
     from hydrattr._core.steps import steps_for
     from hydrattr._skorch import module_mode
@@ -133,7 +139,7 @@ def main(argv=None):
         f"{r['optimizer']} {r['exact_attribute_over_plain_fit']:.1f}" for r in rows[::2]),
         "", "`fast` (what HydraAttributor does) drops only the Hessian; `frozen` also "
             "treats Adam's preconditioner as constant."]
-    save_results("bench_adam_fast" + (f"_{args.tag}" if args.tag else ""),
+    save_results(tagged("bench_adam_fast", args.tag),
                  {"command": cmd, "n_train": n, "epochs": args.epochs, "n_test": args.n_test,
                   "device": "cpu", "rows": rows}, "\n".join(lines) + "\n", out=args.out)
     print("\n".join(lines))

@@ -15,8 +15,8 @@ averaged over K seeded training runs (:class:`~hydrattr.EnsembleAttributor`).
 
 Usage::
 
-    python benchmarks/table4_sign_clusters.py --quick
-    python benchmarks/table4_sign_clusters.py --n-train 50000 --n-valid 10000 --epochs 50
+    python benchmarks/paper/table4_sign_clusters.py --quick
+    python benchmarks/paper/table4_sign_clusters.py --n-train 50000 --n-valid 10000 --epochs 50
 """
 from __future__ import annotations
 
@@ -24,59 +24,16 @@ import argparse
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, run_record, save_results  # noqa: E402
-from table3_noise_cleaning import noisy_setting  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (TABLE4_PAPER, add_run_args, add_setting_args, apply_preset,  # noqa: E402
+                     default_tag, evaluate_splits, noisy_setting, run_settings, start_run,
+                     table4_markdown)
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
-from hydrattr.metrics import jaccard_index  # noqa: E402
-
-
-PAPER = {  # Jaccard (%) correct labels / random labels
-    "mnist": {"hydra": (97.13, 97.16), "if": (71.89, 67.19)},
-    "fashion-mnist": {"hydra": (78.06, 77.73), "if": (41.26, 33.22)},
-}
-
-
-def class_jaccard(flagged, flipped, y):
-    """Per-class Jaccard of (not flagged vs correct) and (flagged vs flipped)."""
-    out = []
-    for c in np.unique(y):
-        m = y == c
-        out.append((jaccard_index(~flagged[m], ~flipped[m]), jaccard_index(flagged[m], flipped[m])))
-    return np.asarray(out)
-
-
-def evaluate(name, det, flipped, y, timings, key, clustering=None):
-    """One result row for the fitted detector ``det``; ``clustering`` re-splits its
-    contributions another way (``det.label_issues(clustering)``, no new attribution)."""
-    flagged = det.label_issues(clustering)
-    J = class_jaccard(flagged, flipped, y)
-    tp = int((flagged & flipped).sum())
-    row = {"method": name, "jaccard_correct": float(J[:, 0].mean()),
-           "jaccard_random": float(J[:, 1].mean()),
-           "jaccard_per_class": J.tolist(), "n_flagged": int(flagged.sum()),
-           "precision": tp / max(int(flagged.sum()), 1),
-           "recall": tp / max(int(flipped.sum()), 1), "seconds": timings[key]}
-    print(f"  {name:10s} Jaccard correct={row['jaccard_correct']:.4f} "
-          f"random={row['jaccard_random']:.4f} flagged={row['n_flagged']} "
-          f"P={row['precision']:.3f} R={row['recall']:.3f} ({row['seconds']:.0f} s)",
-          flush=True)
-    return row
-
-
-def evaluate_splits(name, det, flipped, y, timings, key):
-    """Rows ``name`` (the paper's k-means on signs) and ``name + "_mean"`` (the
-    two-component mixture on the mean contribution) from one fitted detector."""
-    return [evaluate(name, det, flipped, y, timings, key),
-            evaluate(name + "_mean", det, flipped, y, timings, key, clustering="mean")]
 
 
 def run_one(args, dataset):
@@ -85,7 +42,9 @@ def run_one(args, dataset):
     X, Xv, yv = d.X_train, d.X_valid, d.y_valid
     traj_kind = "memmap" if args.memmap else "memory"
     rows, timings = [], {}
-    common = dict(n_reference=args.n_reference, validation_data=(Xv, yv),
+    # the paper's split: k-means on the signs of the contributions (the detector's default
+    # is now the training-dynamics split)
+    common = dict(n_reference=args.n_reference, validation_data=(Xv, yv), clustering="signs",
                   reference_batch_size=args.reference_batch_size, random_state=seed)
 
     if not args.no_hydra:
@@ -141,37 +100,7 @@ def run_one(args, dataset):
             traceback.print_exc()
             rows.append({"method": name, "error": repr(exc)[:300]})
     return {"dataset": dataset, "rate": args.rate, "rows": rows, "timings_s": timings,
-            "paper": PAPER.get(dataset)}
-
-
-def markdown(results, args):
-    lines = ["# Table 4: sign-cluster detection of wrong labels (LeNet-5)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid} (clean; references drawn from "
-             f"it), n_reference={args.n_reference}, epochs={args.epochs}, "
-             f"lr={args.lr}, MNIST lr drop at epoch {args.milestone}, "
-             f"rate={args.rate:.0%}, seed={args.seed}. Paper: 50000/10000, 1000 references, "
-             f"50 epochs, lr 0.01.", "",
-             "| dataset | method | Jaccard correct (%) | Jaccard random (%) | paper (%) | "
-             "flagged | precision | recall | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for row in res["rows"]:
-            m = row["method"]
-            if "error" in row:
-                lines.append(f"| {res['dataset']} | {m} | error: {row['error'][:80]} | | | | | | |")
-                continue
-            pp = (res.get("paper") or {}).get("hydra" if m.startswith("hydra") else
-                                              "if" if m.startswith("if") else m)
-            pp = f"{pp[0]} / {pp[1]}" if pp else ""
-            lines.append(f"| {res['dataset']} | {m} | {100 * row['jaccard_correct']:.2f} | "
-                         f"{100 * row['jaccard_random']:.2f} | {pp} | {row['n_flagged']} | "
-                         f"{row['precision']:.3f} | {row['recall']:.3f} | "
-                         f"{row['seconds']:.0f} |")
-    lines += ["", "Rows ending in `_mean` split the same contributions with "
-              "`clustering=\"mean\"` (a two-component Gaussian mixture on each class's mean "
-              "contribution) instead of the paper's k-means on signs; no new attribution."]
-    return "\n".join(lines) + "\n"
+            "paper": TABLE4_PAPER.get(dataset)}
 
 
 def main(argv=None):
@@ -199,14 +128,8 @@ def main(argv=None):
     p.add_argument("--ens-storage", default="half", choices=["dense", "half", "memmap"],
                    help="fast-mode store of each ensemble member")
     p.add_argument("--rate", type=float, default=0.5)
-    p.add_argument("--n-train", type=int, default=50000)
-    p.add_argument("--n-valid", type=int, default=10000)
-    p.add_argument("--n-reference", type=int, default=1000)
+    add_setting_args(p, "table4_paper")
     p.add_argument("--reference-batch-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=0.01, help="initial lr (paper: 0.01)")
-    p.add_argument("--milestone", type=int, default=5,
-                   help="MNIST: epoch at which the lr is multiplied by 0.1 (paper: 5)")
     p.add_argument("--if-damping", type=float, default=0.01)
     p.add_argument("--if-scale", type=float, default=25.0)
     p.add_argument("--if-depth", type=int, default=1000)
@@ -219,22 +142,10 @@ def main(argv=None):
     if args.no_hydra and not args.methods:
         p.error("--no-hydra needs at least one --methods row")
     if args.quick:
-        args.n_train, args.n_valid, args.epochs, args.n_reference = 4000, 1000, 15, 200
-        args.lr, args.milestone, args.if_depth = 0.05, 10, 200
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    results, t0 = [], time.perf_counter()
-    tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    for dataset in args.datasets:
-        print(f"== {dataset} r={args.rate}", flush=True)
-        results.append(run_one(args, dataset))
-        # saved after every dataset, so a long run that is stopped keeps its rows
-        payload = run_record("table4_sign_clusters", args, t0, results=results)
-        md = markdown(results, args)
-        save_results(f"table4_{tag}", payload, md)
-    print(md)
+        apply_preset(args, "table4_quick", if_depth=200)
+    start_run(args)
+    run_settings("table4_sign_clusters", f"table4_{default_tag(args)}", args,
+                 [(ds,) for ds in args.datasets], run_one, table4_markdown)
 
 if __name__ == "__main__":
     main()

@@ -34,9 +34,9 @@ compare magnitudes with Table 5.1.
 
 Usage::
 
-    python benchmarks/bench_influence.py                 # thesis sizes (hours on 2 CPUs)
-    python benchmarks/bench_influence.py --quick         # 1,000 rows, 20 LOO rows, minutes
-    python benchmarks/bench_influence.py --loo-per-test 100 --loo-epochs 2 --tag reduced
+    python benchmarks/accuracy/bench_influence.py                 # thesis sizes (hours on 2 CPUs)
+    python benchmarks/accuracy/bench_influence.py --quick         # 1,000 rows, 20 LOO rows, minutes
+    python benchmarks/accuracy/bench_influence.py --loo-per-test 100 --loo-epochs 2 --tag reduced
 
 Results go to ``benchmarks/results/bench_influence[_TAG].json`` and ``.md``.
 """
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import RESULTS, save_results  # noqa: E402
+# benchmarks/ on the path: the shared helpers in _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import RESULTS, add_data_arg, load_split, save_results, tagged  # noqa: E402
 
 THESIS = {  # Table 5.1: Pearson correlation with actual influence
     "IF (CG)": (0.742, 0.805),
@@ -128,7 +128,7 @@ def pearson(a, b):
 
 
 def save(args, result):
-    name = "bench_influence" + (f"_{args.tag}" if args.tag else "")
+    name = tagged("bench_influence", args.tag)
     save_results(name, result, markdown(result) if "correlations" in result else None,
                  out=args.out)
     return os.path.join(args.out, name)
@@ -199,7 +199,7 @@ def main(argv=None):
                    help="warm-start continuation epochs per left-out row")
     p.add_argument("--skip-exact", action="store_true", help="leave out HYDRA exact")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
+    add_data_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="1,000 rows, batch 100, 20 epochs, 20 LOO rows per test image, "
                         "1 LOO epoch")
@@ -217,13 +217,11 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from hydrattr import HydraAttributor, InfluenceFunctionAttributor
-    from hydrattr.datasets import load_mnist_split
     from hydrattr.loo import LeaveOneOutAttributor
     from hydrattr.similarity import (centroid_relationship, cosine_similarity_scores,
                                      extract_embeddings, mahalanobis_scores)
 
-    data = load_mnist_split("mnist", data_dir=args.data_dir, random_state=0,
-                            n_train=args.n_train, n_valid=0)
+    data = load_split("mnist", args.data_dir, 0, n_train=args.n_train, n_valid=0)
     X, y = data.X_train, data.y_train
     n_params = sum(p.numel() for p in AllCNN().parameters())
     steps_per_epoch = -(-len(X) // args.batch_size)

@@ -1,6 +1,6 @@
 """Table 4's ensemble row at the paper's size, one member per process.
 
-``table4_sign_clusters.py --methods ens`` fits ``EnsembleAttributor(HydraAttributor, K)``
+``paper/table4_sign_clusters.py --methods ens`` fits ``EnsembleAttributor(HydraAttributor, K)``
 inside :class:`~hydrattr.detection.SignClusterDetector` in one process: at 50,000 rows and
 50 epochs that is about 45 minutes per member on one core, run one after the other, with
 every member's store held at once (6.2 GB each in float16). This script computes the same
@@ -24,9 +24,9 @@ the members it finished:
 
 Usage::
 
-    python benchmarks/table4_ensemble_parts.py --dataset mnist --member 0 --memmap --threads 1
-    python benchmarks/table4_ensemble_parts.py --dataset mnist --member 1 --memmap --threads 1
-    python benchmarks/table4_ensemble_parts.py --dataset mnist --combine --threads 1 --tag n50000_e50_ens_mnist
+    python benchmarks/paper/table4_ensemble_parts.py --dataset mnist --member 0 --memmap --threads 1
+    python benchmarks/paper/table4_ensemble_parts.py --dataset mnist --member 1 --memmap --threads 1
+    python benchmarks/paper/table4_ensemble_parts.py --dataset mnist --combine --threads 1 --tag n50000_e50_ens_mnist
 """
 from __future__ import annotations
 
@@ -35,22 +35,18 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator
-from sklearn.utils import check_random_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_args, run_record, save_results  # noqa: E402
-from table3_noise_cleaning import noisy_setting  # noqa: E402
-from table4_sign_clusters import PAPER, evaluate, evaluate_splits, markdown  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+from _common import (TABLE4_PAPER, add_run_args, add_setting_args,  # noqa: E402
+                     ensemble_part_path, evaluate, evaluate_splits, member_seed, noisy_setting,
+                     run_record, save_results, start_run, table4_markdown)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
-
 
 
 class _Averaged(BaseEstimator):
@@ -72,21 +68,11 @@ class _Averaged(BaseEstimator):
         return self.contributions
 
 
-def member_seed(seed, k):
-    """Seed of member ``k`` of ``EnsembleAttributor(random_state=seed)``."""
-    return int(check_random_state(seed).randint(np.iinfo(np.int32).max, size=k + 1)[k])
-
-
 def setup(args):
     d, y, flipped, net = noisy_setting(args, args.dataset, args.rate)
     common = dict(n_reference=args.n_reference, validation_data=(d.X_valid, d.y_valid),
-                  random_state=args.seed, sign_storage="packed")
+                  clustering="signs", random_state=args.seed, sign_storage="packed")
     return d, y, flipped, net, common
-
-
-def part_path(args, k):
-    return Path(args.work_dir) / (f"table4_ens_{args.dataset}_n{args.n_train}_e{args.epochs}"
-                                  f"_s{args.seed}_m{k}.npz")
 
 
 def run_member(args):
@@ -104,7 +90,7 @@ def run_member(args):
     acc = float((det.attributor_.net_.predict(d.X_test) == d.y_test).mean())
     row = evaluate(f"hydra_fast_m{k}", det, flipped, y, {"m": fit_s}, "m")
     row.update(member=k, member_seed=seed_k, test_accuracy_noisy_model=acc)
-    path = part_path(args, k)
+    path = ensemble_part_path(args, k)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, C=C, reference_indices=ref, row=json.dumps(row))
     os.replace(tmp, path)  # a stopped run leaves no half-written part
@@ -114,17 +100,17 @@ def run_member(args):
 def run_combine(args):
     d, y, flipped, net, common = setup(args)
     parts, k = [], 0
-    while part_path(args, k).exists():
-        parts.append(np.load(part_path(args, k)))
+    while ensemble_part_path(args, k).exists():
+        parts.append(np.load(ensemble_part_path(args, k)))
         k += 1
     if not parts:
-        raise SystemExit(f"no member files {part_path(args, 0)} in --work-dir {args.work_dir}")
+        raise SystemExit(f"no member files {ensemble_part_path(args, 0)} in --work-dir {args.work_dir}")
     rows, total, seconds = [], None, 0.0
     for k, p in enumerate(parts):
         rows.append(json.loads(str(p["row"])))
         seconds += rows[-1]["seconds"]
-        alone = SignClusterDetector(_Averaged(p["C"]), clustering="mean",
-                                    **common).fit(d.X_train, y)
+        alone = SignClusterDetector(_Averaged(p["C"]),
+                                    **{**common, "clustering": "mean"}).fit(d.X_train, y)
         rows.append(evaluate(f"hydra_fast_m{k}_mean", alone, flipped, y,
                              {"m": rows[-1]["seconds"]}, "m"))
         total = p["C"].astype(np.float64) if total is None else total + p["C"]
@@ -134,10 +120,10 @@ def run_combine(args):
         rows.extend(evaluate_splits(f"hydra_fast_ens{k + 1}", det, flipped, y,
                                     {"e": seconds}, "e"))
     res = {"dataset": args.dataset, "rate": args.rate, "rows": rows,
-           "paper": PAPER.get(args.dataset)}
+           "paper": TABLE4_PAPER.get(args.dataset)}
     payload = run_record("table4_ensemble_parts", args, results=[res])
     tag = args.tag or f"n{args.n_train}_e{args.epochs}_ens_{args.dataset}"
-    md = markdown([res], args) + (
+    md = table4_markdown([res], args) + (
         "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "
         "`hydra_fast_ens<K>`: the mean of members 0..K-1 (seconds: sum of their fits).\n")
     save_results(f"table4_{tag}", payload, md)
@@ -152,20 +138,12 @@ def main(argv=None):
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--storage", default="half", choices=["dense", "half", "memmap", "replay"])
     p.add_argument("--rate", type=float, default=0.5)
-    p.add_argument("--n-train", type=int, default=50000)
-    p.add_argument("--n-valid", type=int, default=10000)
-    p.add_argument("--n-reference", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--milestone", type=int, default=5)
+    add_setting_args(p, "table4_paper")
     add_run_args(p)
     args = p.parse_args(argv)
     if args.member is not None and args.member < 0:
         p.error(f"--member must be >= 0, got {args.member}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    start_run(args)
     run_member(args) if args.member is not None else run_combine(args)
 
 
