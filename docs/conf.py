@@ -68,6 +68,7 @@ source_suffix = {".rst": "restructuredtext"}
 if HAVE_MYST:
     source_suffix[".md"] = "markdown"
     myst_enable_extensions = ["dollarmath"]
+    myst_update_mathjax = False  # math is pre-rendered (no MathJax classes needed)
     suppress_warnings = ["myst.header", "myst.xref_missing"]
 
 templates_path = ["_templates"]
