@@ -297,7 +297,8 @@ def check_targets(net, x, y, name):
     if y.dtype.kind not in "iubf":
         what = "integer class indices" if _class_targets(crit) else "numbers"
         raise ValueError(
-            f"{name} must hold {what} for net.criterion={cname}, got dtype {y.dtype}"
+            f"Unknown label type: {name} must hold {what} for net.criterion={cname}, got "
+            f"dtype {y.dtype}"
             + (" (encode labels with sklearn.preprocessing.LabelEncoder)."
                if y.dtype.kind in "OUS" else "."))
     with torch.no_grad(), module_mode(net.module_, training=False):

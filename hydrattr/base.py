@@ -155,12 +155,13 @@ class BaseAttributor(BaseEstimator):
         kind = input_kind(X)
         if kind == "dataset":
             return collate_all(X, collate_fn_of(net), rows=range(min(k, n_rows(X))))
-        def head(v):
+        def head(v, cast):  # as _to_tensors converts them
             v = np.ascontiguousarray(v[:k])
-            return torch.as_tensor(v, dtype=self.param_dtype_ if v.dtype.kind == "f" else None)
+            return torch.as_tensor(v, dtype=self.param_dtype_ if cast else None)
 
-        x = {key: head(v) for key, v in X.items()} if kind == "dict" else head(X)
-        return x, y
+        if kind == "dict":
+            return {key: head(v, v.dtype.kind == "f") for key, v in X.items()}, y
+        return head(X, True), y
 
     def _check_targets(self, X, y, net, name):
         if y is None or input_kind(X) == "dataset":

@@ -173,3 +173,25 @@ def test_pickled_fitted_samplers_and_meta_estimator():
     clf2 = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(clf2.predict_proba(X), clf.predict_proba(X))
     np.testing.assert_array_equal(clf2.cleaner_.scores_, clf.cleaner_.scores_)
+
+
+# ------------------------------------------------------------ parameter validation
+
+def _validated_estimators():
+    # scikit-learn's check_param_validation is not among the checks parametrize_with_checks
+    # yields (scikit-learn runs it on its own estimators only), so it runs here on the
+    # attributors; add the samplers (cleaning, detection) once their constraints pass it
+    from hydrattr.base import BaseAttributor
+
+    return [e for e in all_estimators()
+            if isinstance(e, (BaseAttributor, EnsembleAttributor))]
+
+
+@pytest.mark.parametrize("estimator", _validated_estimators(),
+                         ids=lambda e: f"{type(e).__name__}-{getattr(e, 'mode', '')}")
+def test_param_validation(estimator):
+    from sklearn.utils.estimator_checks import check_param_validation
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*never entered a gradient step.*")
+        check_param_validation(type(estimator).__name__, estimator)
