@@ -14,8 +14,9 @@ Two pages are generated here at build time, so the site documents only what exis
   with every figure ``benchmarks/results/*.png``, and an index grouping them by
   question. The figures are copied there too, so the results pages can show them.
 
-Math is rendered to SVG at build time by matplotlib's mathtext (``_ext/mathtext_svg.py``):
-the site loads nothing from the network and the build needs no LaTeX.
+Math is rendered to SVG at build time by matplotlib's mathtext
+(``_ext/mathtext_svg.py``): the site loads nothing from the network and the build needs
+no LaTeX.
 """
 from __future__ import annotations
 

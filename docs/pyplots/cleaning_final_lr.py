@@ -17,7 +17,8 @@ RUNS = [("MNIST, 80% noise", "table3_n50000_e20_final_lr_mnist_r80"),
 NAMES = {"no_filtering": "no filtering", "hydra_fast_final_lr_pc": "HYDRA, 1 run",
          "cleanlab": "cleanlab", "oracle": "oracle"}
 
-fig, axes = plt.subplots(1, len(RUNS), figsize=(13, 3.6))
+fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+axes = axes.ravel()
 for ax, (title, stem) in zip(axes, RUNS):
     path = RESULTS / f"{stem}.json"
     if not path.exists():
@@ -45,7 +46,8 @@ for ax, (title, stem) in zip(axes, RUNS):
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.15)
-axes[0].set_ylabel("retrained test accuracy (%)\nmean ± sd over 3 seeds")
+for ax in axes[::2]:
+    ax.set_ylabel("retrained test accuracy (%)\nmean ± sd over 3 seeds")
 fig.suptitle("Numbers above the points: precision of the removed set", fontsize=9,
              y=0.99)
 fig.tight_layout()

@@ -16,7 +16,8 @@ PANELS = [("lr", "logistic regression (7,850 params)"), ("mlp", "ReLU MLP (50,89
 STYLE = {"hydrattr": ("k", "o"), "Captum": ("tab:orange", "s"), "pyDVL": ("tab:green", "D"),
          "dattri": ("tab:purple", "^")}
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+fig, grid = plt.subplots(2, 2, figsize=(10, 8), sharey=True)
+axes, legend_ax = grid.ravel()[:3], grid.ravel()[3]
 for ax, (model, title) in zip(axes, PANELS):
     path = RESULTS / f"bench_peers_{model}.json"
     if not path.exists():
@@ -51,7 +52,10 @@ for ax, (model, title) in zip(axes, PANELS):
     ax.set_xlabel("time from raw data to C (s, shared 2-core CPU)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-axes[0].set_ylabel("linear datamodeling score (LDS)")
+for ax in grid[:, 0]:
+    ax.set_ylabel("linear datamodeling score (LDS)")
 handles = {h.get_label(): h for ax in axes for h in ax.collections}
-axes[-1].legend(handles.values(), handles.keys(), loc="lower right", fontsize=8)
+legend_ax.axis("off")
+legend_ax.legend(handles.values(), handles.keys(), loc="center", fontsize=10,
+                 title="library")
 fig.tight_layout()
