@@ -28,7 +28,7 @@ class EnsembleAttributor(BaseEstimator):
 
     This is what ensembles of models do for TRAK (Park et al., 2023); for cleaning label
     noise it is the counterpart of confident learning's K-fold training (see
-    ``benchmarks/table3_noise_cleaning.py``, rows ``hydra_fast_ens``).
+    ``benchmarks/paper/table3_noise_cleaning.py``, rows ``hydra_fast_ens``).
 
     Parameters
     ----------
