@@ -32,12 +32,28 @@ the right result. Each worker thread gets its own copy of the net (torch's
 ``functional_call`` swaps parameters into the module in place), and the memory maps are
 shared through the page cache. The result is the same matrix as
 ``att.attribute(X_test, y_test)`` (the same code runs per chunk).
+
+What is shared is fingerprinted (the attributor's class and simple parameters, its
+trained weights, the trajectory's length and first snapshot, the training data):
+``parallel_attribute`` refuses a ``shared_dir`` that holds another attributor, and
+every task checks that it loaded the attributor it was sent for. ``attributor.pkl`` is
+written last and atomically, so a directory whose writing was interrupted is never
+taken for a complete one, and what a failed or interrupted write left is removed.
+
+.. warning::
+
+   :func:`load_shared` and the tasks read ``attributor.pkl`` and ``.pkl`` metadata with
+   :mod:`pickle`, which can run arbitrary code: only load directories that you (or
+   hydrattr, in this run) wrote, never ones from an untrusted source.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
+import shutil
+import signal
 import tempfile
 import threading
 
@@ -48,7 +64,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._core.trajectory import Trajectory, _Series
 from ._inputs import input_kind, n_rows, slice_rows
 
-__all__ = ["parallel_attribute", "share_attributor", "load_shared"]
+__all__ = ["parallel_attribute", "share_attributor", "load_shared", "fingerprint"]
 
 _VERSION = 1
 _local = threading.local()
@@ -86,7 +102,9 @@ def save_trajectory(traj, directory):
 
 
 def load_trajectory(directory):
-    """A :class:`Trajectory` whose snapshots are read-only memory maps of ``directory``."""
+    """A :class:`Trajectory` whose snapshots are read-only memory maps of ``directory``.
+
+    Unpickles ``meta.pkl``: only for directories you trust (see :func:`load_shared`)."""
     with open(os.path.join(directory, "meta.pkl"), "rb") as f:
         meta = pickle.load(f)
     n_series = meta.pop("_n_opt_series")
@@ -142,33 +160,136 @@ def _load_data(directory):
 
 
 # -- the attributor ------------------------------------------------------------------------
+def _hash_array(h, a):
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+
+
+def fingerprint(att):
+    """A hex digest of what :func:`share_attributor` shares from the fitted ``att``.
+
+    Covers the class, the parameters of simple types (so a ``set_params(mode=...)``
+    changes it), the trained weights and buffers, the trajectory's length and first
+    snapshot and the training data (a dataset by its length only).
+    """
+    h = hashlib.sha256(type(att).__qualname__.encode())
+    simple = (str, int, float, bool, type(None))
+    params = {k: (v if isinstance(v, simple) else type(v).__name__)
+              for k, v in att.get_params(deep=False).items() if k != "net"}
+    h.update(repr(sorted(params.items())).encode())
+    for name, value in att.net_.module_.state_dict().items():
+        h.update(name.encode())
+        _hash_array(h, value)
+    traj = getattr(att, "trajectory_", None)
+    if traj is not None:
+        h.update(f"steps={len(traj)}".encode())
+        _hash_array(h, traj.theta(0))
+    X, y = att._X, att._y
+    if input_kind(X) == "dataset":
+        h.update(f"dataset={len(X)}".encode())
+    elif input_kind(X) == "dict":
+        for k in sorted(X):
+            h.update(str(k).encode())
+            _hash_array(h, X[k])
+    else:
+        _hash_array(h, X)
+    if y is not None:
+        _hash_array(h, y)
+    return h.hexdigest()
+
+
+def _read_fingerprint(directory):
+    try:
+        with open(os.path.join(directory, "fingerprint.txt")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
 def share_attributor(att, directory):
     """Write a fitted attributor to ``directory`` once: trajectory and training data as
-    ``.npy`` files, the rest (trained net, bookkeeping) pickled without them.
+    ``.npy`` files, the rest (trained net, bookkeeping) pickled without them, and its
+    :func:`fingerprint` in ``fingerprint.txt``.
+
+    ``attributor.pkl`` is written last, to a temporary name renamed into place, so it
+    exists only once everything else is complete. If writing fails or is interrupted,
+    what was written is removed again.
 
     Returns ``directory``. :func:`load_shared` reads it back (memory-mapped).
     """
     check_is_fitted(att, "net_")
     os.makedirs(directory, exist_ok=True)
-    traj = getattr(att, "trajectory_", None)
-    if traj is not None:
-        save_trajectory(traj, os.path.join(directory, "trajectory"))
-    _save_data(att._X, att._y, os.path.join(directory, "data"))
-    shell = copy.copy(att)
-    shell.trajectory_ = None
-    shell._X = shell._y = None
-    # (the fitted net no longer holds the recording callback: BaseAttributor._fit_net
-    # removes it, so pickling the shell does not copy the trajectory or the data)
-    with open(os.path.join(directory, "attributor.pkl"), "wb") as f:
-        pickle.dump({"version": _VERSION, "attributor": shell,
-                     "has_trajectory": traj is not None}, f)
+    names = ("trajectory", "data", "fingerprint.txt", "attributor.pkl")
+    existing = {n for n in names if os.path.exists(os.path.join(directory, n))}
+    try:
+        digest = fingerprint(att)
+        traj = getattr(att, "trajectory_", None)
+        if traj is not None:
+            save_trajectory(traj, os.path.join(directory, "trajectory"))
+        _save_data(att._X, att._y, os.path.join(directory, "data"))
+        shell = copy.copy(att)
+        shell.trajectory_ = None
+        shell._X = shell._y = None
+        # (the fitted net no longer holds the recording callback: BaseAttributor._fit_net
+        # removes it, so pickling the shell does not copy the trajectory or the data)
+        _write_atomic(os.path.join(directory, "fingerprint.txt"),
+                      lambda f: f.write(digest.encode()))
+        _write_atomic(os.path.join(directory, "attributor.pkl"), lambda f: pickle.dump(
+            {"version": _VERSION, "attributor": shell, "has_trajectory": traj is not None,
+             "fingerprint": digest}, f))
+    except BaseException:
+        for n in names:
+            if n not in existing:
+                path = os.path.join(directory, n)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
+                    _remove(path)
+        raise
     return directory
 
 
-def load_shared(directory):
-    """The attributor written by :func:`share_attributor`, with memory-mapped arrays."""
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_atomic(path, write):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def load_shared(directory, expected=None):
+    """The attributor written by :func:`share_attributor`, with memory-mapped arrays.
+
+    .. warning:: This unpickles files of ``directory``, which can run arbitrary code:
+       only load directories you wrote yourself, never ones from an untrusted source.
+
+    Parameters
+    ----------
+    directory : str
+    expected : str or None
+        A :func:`fingerprint`; ``ValueError`` if the directory holds another attributor.
+    """
+    if expected is not None and _read_fingerprint(directory) != expected:
+        raise ValueError(f"shared_dir={directory!r} holds another attributor than the one "
+                         f"this task was sent for (fingerprint mismatch).")
     with open(os.path.join(directory, "attributor.pkl"), "rb") as f:
         payload = pickle.load(f)
+    if expected is not None and payload.get("fingerprint") != expected:
+        raise ValueError(f"shared_dir={directory!r}: attributor.pkl is not the attributor "
+                         f"this task was sent for (fingerprint mismatch).")
     att = payload["attributor"]
     if payload["has_trajectory"]:
         att.trajectory_ = load_trajectory(os.path.join(directory, "trajectory"))
@@ -176,20 +297,41 @@ def load_shared(directory):
     return att
 
 
-def _cached(directory):
+def _cached(directory, digest):
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = {}
-    if directory not in cache:
-        cache[directory] = load_shared(directory)
-    return cache[directory]
+    if (directory, digest) not in cache:
+        cache[(directory, digest)] = load_shared(directory, expected=digest)
+    return cache[(directory, digest)]
 
 
-def _chunk_task(directory, X_chunk, y_chunk, objective):
+def _chunk_task(directory, digest, X_chunk, y_chunk, objective):
     """One task: load (once per worker thread) and attribute one chunk of test points."""
-    att = _cached(directory)
+    att = _cached(directory, digest)
     with _SWEEP_LOCK:
         return att.attribute(X_chunk, y_chunk, objective=objective)
+
+
+class _TermAsExit:
+    """In the main thread, turn SIGTERM into ``SystemExit`` for the block, so that a
+    temporary shared directory is removed when the run is terminated (``kill``);
+    nothing can clean up after SIGKILL."""
+
+    def __enter__(self):
+        self._old = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def handler(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def _chunks(X, y, size):
@@ -222,8 +364,11 @@ def parallel_attribute(att, X_test, y_test, objective="per_sample", *, chunk_siz
         the dask backend, as many tasks in flight as the cluster takes).
     shared_dir : str or None
         Where the trajectory, training data and attributor are written once (a fresh
-        temporary directory when None; must be visible to all workers on a cluster).
-        Reused if it already holds a shared attributor.
+        temporary directory when None, removed at the end, also when the run fails, is
+        interrupted or gets SIGTERM; must be visible to all workers on a cluster).
+        Reused if it already holds this attributor (same :func:`fingerprint`);
+        ``ValueError`` if it holds another one. Only give directories you trust: their
+        ``.pkl`` files are unpickled.
 
     Returns
     -------
@@ -243,19 +388,27 @@ def parallel_attribute(att, X_test, y_test, objective="per_sample", *, chunk_siz
     if y_test is not None and input_kind(X_test) != "dataset":
         y_test = np.asarray(y_test)
     tmp = None
-    if shared_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="hydrattr-shared-")
-        shared_dir = tmp.name
-    try:
-        if not os.path.exists(os.path.join(shared_dir, "attributor.pkl")):
-            share_attributor(att, shared_dir)
-        parts = list(_chunks(X_test, y_test, int(chunk_size)))
-        outs = Parallel(n_jobs=n_jobs)(
-            delayed(_chunk_task)(shared_dir, Xc, yc, objective) for Xc, yc, _ in parts)
-    finally:
-        if tmp is not None:
-            _local.__dict__.get("cache", {}).pop(shared_dir, None)
-            tmp.cleanup()
+    digest = fingerprint(att)
+    with _TermAsExit():
+        if shared_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="hydrattr-shared-")
+            shared_dir = tmp.name
+        try:
+            if not os.path.exists(os.path.join(shared_dir, "attributor.pkl")):
+                share_attributor(att, shared_dir)
+            elif _read_fingerprint(shared_dir) != digest:
+                raise ValueError(
+                    f"shared_dir={shared_dir!r} already holds another attributor (or one "
+                    f"fitted differently): its fingerprint does not match this one. Pass an "
+                    f"empty or new directory, or remove that one.")
+            parts = list(_chunks(X_test, y_test, int(chunk_size)))
+            outs = Parallel(n_jobs=n_jobs)(
+                delayed(_chunk_task)(shared_dir, digest, Xc, yc, objective)
+                for Xc, yc, _ in parts)
+        finally:
+            if tmp is not None:
+                _local.__dict__.get("cache", {}).pop((shared_dir, digest), None)
+                tmp.cleanup()
     if objective == "mean":  # C is linear in the test gradient: weight chunk means by size
         n = sum(m for *_, m in parts)
         return sum(C * (m / n) for C, (*_, m) in zip(outs, parts))

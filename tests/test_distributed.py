@@ -93,3 +93,78 @@ def test_parameter_errors(fitted):
         parallel_attribute(att, Xt, yt, chunk_size=0)
     with pytest.raises(ValueError, match="objective"):
         parallel_attribute(att, Xt, yt, objective="sum")
+
+
+# ------------------------------------------------------------- what is shared is checked
+def test_shared_dir_of_another_attributor_is_refused(fitted, tmp_path):
+    att, Xt, yt, C = fitted
+    other = HydraAttributor(att.net, mode="exact", random_state=1, verbose=0).fit(*_data(N, 0))
+    parallel_attribute(other, Xt, yt, chunk_size=4, n_jobs=1, shared_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="already holds another attributor"):
+        parallel_attribute(att, Xt, yt, chunk_size=4, n_jobs=1, shared_dir=str(tmp_path))
+    # the same attributor with another mode is another attributor too
+    with pytest.raises(ValueError, match="fingerprint"):
+        parallel_attribute(other.set_params(mode="fast"), Xt, yt, n_jobs=1,
+                           shared_dir=str(tmp_path))
+    other.set_params(mode="exact")
+    # reuse by the attributor that wrote it gives its own C
+    np.testing.assert_allclose(
+        parallel_attribute(other, Xt, yt, chunk_size=4, n_jobs=1, shared_dir=str(tmp_path)),
+        other.attribute(Xt, yt), rtol=1e-12, atol=1e-15)
+
+
+def test_a_task_checks_what_it_loads(fitted, tmp_path):
+    from hydrattr.distributed import _chunk_task, fingerprint
+
+    att, Xt, yt, C = fitted
+    share_attributor(att, str(tmp_path))
+    with pytest.raises(ValueError, match="holds another attributor than the one"):
+        _chunk_task(str(tmp_path), "0" * 64, Xt, yt, "per_sample")
+    np.testing.assert_allclose(_chunk_task(str(tmp_path), fingerprint(att), Xt, yt,
+                                           "per_sample"), C, rtol=1e-12, atol=1e-15)
+
+
+def test_an_interrupted_share_leaves_nothing(fitted, tmp_path, monkeypatch):
+    att, Xt, yt, C = fitted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pickle, "dump", interrupted)  # while writing attributor.pkl
+    with pytest.raises(KeyboardInterrupt):
+        share_attributor(att, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+_SIGTERM_SCRIPT = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}]
+import joblib
+import hydrattr.distributed as d
+from test_distributed import _data, fitted
+att, Xt, yt, C = fitted.__wrapped__()
+
+def killed(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    import time
+    time.sleep(5)
+
+d._chunk_task = killed
+with joblib.parallel_config(backend="threading"):
+    d.parallel_attribute(att, Xt, yt, n_jobs=1)
+"""
+
+
+def test_temporary_shared_dir_is_removed_on_sigterm(tmp_path):
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "term.py"
+    script.write_text(_SIGTERM_SCRIPT.format(tests=tests))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    assert out.returncode == 128 + 15, out.stderr[-2000:]
+    assert [p for p in os.listdir(tmp) if p.startswith("hydrattr-shared-")] == []
