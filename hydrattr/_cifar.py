@@ -8,6 +8,11 @@ Each batch file is a pickle of a dict with ``data`` (``uint8``, ``(n, 3072)``, t
 channels of a 32x32 image one after the other) and ``labels`` (list of int); the meta
 file holds ``label_names``. Nothing is downloaded. Re-exported by
 :mod:`hydrattr.datasets`.
+
+Security: these files are pickles, and unpickling an arbitrary file can run arbitrary
+code. They are read with a restricted unpickler that builds only plain containers and
+numpy arrays (all a CIFAR file holds) and refuses anything else with a ``ValueError``;
+still, only read CIFAR files from a source you trust (the official archive).
 """
 from __future__ import annotations
 
@@ -25,10 +30,38 @@ CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["te
                  "meta": "batches.meta"}
 
 
-def read_cifar_batch(path):
-    """Read one CIFAR batch file: ``(X uint8 (n, 3, 32, 32), y int64 (n,))``."""
+# what CIFAR's pickles (Python 2 cPickle of dicts of numpy arrays, lists, strings) need
+_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a CIFAR file holds only dicts, lists, "
+            f"strings and numpy arrays")
+
+
+def _load(path):
+    """Unpickle a CIFAR file with :class:`_CifarUnpickler` (no arbitrary code)."""
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            return _CifarUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path}: not a CIFAR file ({err}).") from err
+
+
+def read_cifar_batch(path):
+    """Read one CIFAR batch file: ``(X uint8 (n, 3, 32, 32), y int64 (n,))``.
+
+    The file is a pickle: it is read with a restricted unpickler that only builds
+    containers and numpy arrays (``ValueError`` for anything else), but read only files
+    from a source you trust.
+    """
+    entry = _load(path)
     if not isinstance(entry, dict) or "data" not in entry:
         raise ValueError(f"{path}: not a CIFAR batch file (expected a pickled dict with "
                          f"'data' and 'labels').")
@@ -72,7 +105,8 @@ def load_cifar10(root=None, n_train=40000, n_valid=10000, random_state=0, dtype=
 
     A seeded permutation of the official 50,000 training images gives ``n_train``
     training and the next ``n_valid`` validation images; the official test batch is the
-    test set.
+    test set. The files are pickles, read with a restricted unpickler (containers and
+    numpy arrays only); still, load only files from a source you trust.
 
     Parameters
     ----------
@@ -100,8 +134,7 @@ def load_cifar10(root=None, n_train=40000, n_valid=10000, random_state=0, dtype=
     classes = None
     meta = folder / CIFAR10_FILES["meta"]
     if meta.is_file():
-        with open(meta, "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1").get("label_names", [])) or None
+        classes = list(_load(meta).get("label_names", [])) or None
     for name, v, lo in (("n_train", n_train, 1), ("n_valid", n_valid, 0)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= len(X):
             raise ValueError(f"{name} must be an int in [{lo}, {len(X)}], got {v!r}")

@@ -76,3 +76,21 @@ def test_matches_torchvision_reader(tmp_path, monkeypatch):
     order = np.argsort(s.train_index)
     np.testing.assert_array_equal(s.X_train[order].transpose(0, 2, 3, 1), ds.data)
     np.testing.assert_array_equal(s.y_train[order], np.asarray(ds.targets))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    # CIFAR files are pickles: one that would call os.system must not be executed
+    import os
+
+    from hydrattr._cifar import read_cifar_batch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f, protocol=2)
+    with pytest.raises(ValueError, match="not a CIFAR file.*refusing to load"):
+        read_cifar_batch(path)
+    assert not (tmp_path / "pwned").exists()
