@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -140,11 +140,11 @@ class LabelNoiseCleaner(_ContributionSampler):
     _parameter_constraints = {
         "attributor": "no_validation",
         "score": [StrOptions({"dynamics", "contribution"})],
-        "validation_size": [Interval(numbers.Real, 0, 1, closed="neither"),
+        "validation_size": [Interval(RealNotInt, 0, 1, closed="neither"),
                             Interval(numbers.Integral, 1, None, closed="left")],
         "validation_data": [tuple, list, None],
         "fraction": [Interval(numbers.Real, 0, 1, closed="left"), None],
-        "threshold": [Interval(numbers.Real, None, None, closed="neither"), None],
+        "threshold": [Interval(numbers.Real, None, None, closed="both"), None],
         "stratify": ["boolean"],
         "n_rounds": [Interval(numbers.Integral, 1, None, closed="left")],
         "objective": [StrOptions({"mean", "median"})],

@@ -15,7 +15,7 @@ import numbers
 
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._sampler import _ContributionSampler
@@ -142,7 +142,7 @@ class SignClusterDetector(_ContributionSampler):
     _parameter_constraints = {
         "attributor": "no_validation",
         "n_reference": [Interval(numbers.Integral, 1, None, closed="left")],
-        "validation_size": [Interval(numbers.Real, 0, 1, closed="neither"),
+        "validation_size": [Interval(RealNotInt, 0, 1, closed="neither"),
                             Interval(numbers.Integral, 1, None, closed="left")],
         "validation_data": [tuple, list, None],
         "n_init": [Interval(numbers.Integral, 1, None, closed="left")],

@@ -60,7 +60,7 @@ def one_hot_validation():
 
 def test_planted_sign_structure_is_recovered_exactly():
     X, y, flipped = planted()
-    det = SignClusterDetector(FeatureContributions(), n_reference=D,
+    det = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D,
                               validation_data=one_hot_validation(), random_state=0)
     Xk, yk = det.fit_resample(X, y)
     np.testing.assert_array_equal(det.label_issues_, flipped)
@@ -79,16 +79,16 @@ def test_planted_sign_structure_is_recovered_exactly():
 def test_flagged_group_is_the_one_that_hurts_more_not_the_smaller_one():
     # 70% flipped: the flagged group is the larger one, chosen by its lower mean score
     X, y, flipped = planted(flip_frac=0.7, seed=1)
-    det = SignClusterDetector(FeatureContributions(), n_reference=D,
+    det = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D,
                               validation_data=one_hot_validation(), random_state=0).fit(X, y)
     np.testing.assert_array_equal(det.label_issues_, flipped)
 
 
 def test_packed_storage_blocks_and_subsampled_references():
     X, y, flipped = planted(seed=2)
-    full = SignClusterDetector(FeatureContributions(), n_reference=D,
+    full = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D,
                                validation_data=one_hot_validation(), random_state=0).fit(X, y)
-    packed = SignClusterDetector(FeatureContributions(), n_reference=D, sign_storage="packed",
+    packed = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D, sign_storage="packed",
                                  reference_batch_size=5, validation_data=one_hot_validation(),
                                  random_state=0).fit(X, y)
     assert packed.sign_vectors_.dtype == np.uint8
@@ -97,23 +97,23 @@ def test_packed_storage_blocks_and_subsampled_references():
     np.testing.assert_array_equal(packed.sign_matrix(), full.sign_matrix())
     np.testing.assert_array_equal(packed.label_issues_, full.label_issues_)
     np.testing.assert_allclose(packed.scores_, full.scores_, rtol=1e-12)
-    blocks = SignClusterDetector(FeatureContributions(), n_reference=D, reference_batch_size=7,
+    blocks = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D, reference_batch_size=7,
                                  validation_data=one_hot_validation(), random_state=0).fit(X, y)
     assert blocks.attributor_.calls_ == [7, 7, 7, 3]
     np.testing.assert_array_equal(blocks.sign_vectors_, full.sign_vectors_)
-    sub = SignClusterDetector(FeatureContributions(), n_reference=10,
+    sub = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=10,
                               validation_data=one_hot_validation(), random_state=0).fit(X, y)
     ref = sub.reference_indices_
     assert sub.n_reference_ == 10 and len(np.unique(ref)) == 10 and ref.max() < D
     np.testing.assert_array_equal(sub.sign_matrix(), np.sign(X[:, ref]).astype(np.int8))
-    many = SignClusterDetector(FeatureContributions(), n_reference=1000,
+    many = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=1000,
                                validation_data=one_hot_validation(), random_state=0).fit(X, y)
     assert many.n_reference_ == D  # all validation points when fewer
 
 
 def test_validation_split_rows_are_never_flagged():
     X, y, flipped = planted()
-    det = SignClusterDetector(FeatureContributions(), n_reference=5, validation_size=0.25,
+    det = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=5, validation_size=0.25,
                               random_state=0)
     det.fit(X, y)  # validation rows are not one-hot here: only the bookkeeping is checked
     va = det.validation_indices_
@@ -132,13 +132,13 @@ def test_validation_split_rows_are_never_flagged():
 def test_parameter_errors(kw, match):
     X, y, _ = planted()
     with pytest.raises(ValueError, match=match):
-        SignClusterDetector(FeatureContributions(), **kw).fit(X, y)
+        SignClusterDetector(FeatureContributions(), **{"clustering": "signs", **kw}).fit(X, y)
 
 
 def test_single_class_rows_and_identical_signs_are_not_split():
     X, y, _ = planted()
     X = np.abs(X)  # every sign +1: nothing to split
-    det = SignClusterDetector(FeatureContributions(), n_reference=D,
+    det = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D,
                               validation_data=one_hot_validation(), random_state=0).fit(X, y)
     assert not det.label_issues_.any() and (det.cluster_labels_ == 0).all()
 
@@ -149,7 +149,7 @@ def test_mean_clustering_recovers_groups_that_signs_cannot_see():
     X, y, flipped = planted(seed=3)
     X = np.abs(X) * np.where(flipped, 0.1, 1.0)[:, None]
     kw = dict(n_reference=D, validation_data=one_hot_validation(), random_state=0)
-    signs = SignClusterDetector(FeatureContributions(), **kw).fit(X, y)
+    signs = SignClusterDetector(FeatureContributions(), clustering="signs", **kw).fit(X, y)
     assert not signs.label_issues_.any()
     mean = SignClusterDetector(FeatureContributions(), clustering="mean", **kw).fit(X, y)
     np.testing.assert_array_equal(mean.label_issues_, flipped)
@@ -201,7 +201,7 @@ def test_label_issues_method_equals_a_refit_with_the_other_clustering():
     with pytest.raises(ValueError, match="clustering"):
         fits["signs"].label_issues("gmm")
     with pytest.raises(NotFittedError):
-        SignClusterDetector(FeatureContributions()).label_issues()
+        SignClusterDetector(FeatureContributions(), clustering="signs").label_issues()
 
 
 def test_detector_with_hydra_inside_cleaned_classifier():
@@ -217,7 +217,7 @@ def test_detector_with_hydra_inside_cleaned_classifier():
             optimizer=torch.optim.SGD, lr=0.1,
             optimizer__momentum=0.9, max_epochs=3, batch_size=32, train_split=None,
             iterator_train__shuffle=True, verbose=0)
-        det = SignClusterDetector(HydraAttributor(net, random_state=0, verbose=0),
+        det = SignClusterDetector(HydraAttributor(net, random_state=0, verbose=0), clustering="signs",
                                   n_reference=20, validation_size=0.25, random_state=0)
         clf = CleanedClassifier(det, LogisticRegression(max_iter=300)).fit(X, y)
         fitted = clf.cleaner_
@@ -243,7 +243,7 @@ def test_bare_net_is_wrapped_in_a_whole_run_hydra_attributor():
         module__dtype=torch.float64, criterion=torch.nn.CrossEntropyLoss,
         optimizer=torch.optim.SGD, lr=0.1, max_epochs=1, batch_size=32, train_split=None,
         verbose=0)
-    det = SignClusterDetector(net, n_reference=10, validation_size=0.25, random_state=0,
+    det = SignClusterDetector(net, clustering="signs", n_reference=10, validation_size=0.25, random_state=0,
                               verbose=1).fit(X, y)
     att = det.attributor_
     assert isinstance(att, HydraAttributor) and att.net is not net
@@ -253,7 +253,7 @@ def test_bare_net_is_wrapped_in_a_whole_run_hydra_attributor():
 
 def test_to_frame_adds_the_clusters():
     X, y, _ = planted()
-    det = SignClusterDetector(FeatureContributions(), n_reference=D,
+    det = SignClusterDetector(FeatureContributions(), clustering="signs", n_reference=D,
                               validation_data=one_hot_validation(), random_state=0)
     with pytest.raises(NotFittedError):
         det.to_frame()
