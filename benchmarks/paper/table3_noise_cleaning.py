@@ -114,7 +114,7 @@ def run_one(args, dataset, rate):
     t0 = time.perf_counter()
     attr = HydraAttributor(net, mode="fast", storage="replay", trajectory=traj_kind,
                            store_dir=args.work_dir, random_state=seed, verbose=0)
-    cleaner = LabelNoiseCleaner(attr, score="contribution", validation_data=(Xv, yv),
+    cleaner = LabelNoiseCleaner(attr, score_by="contribution", validation_data=(Xv, yv),
                                 fraction=rate, random_state=seed)
     cleaner.fit_resample(X, y)
     timings["hydra_fast_fit_and_score"] = time.perf_counter() - t0
@@ -156,7 +156,7 @@ def run_one(args, dataset, rate):
             attr2 = HydraAttributor(net, mode="fast", storage=args.ens_storage,
                                     trajectory=traj_kind, store_dir=args.work_dir,
                                     random_state=seed, verbose=0)
-            cl2 = LabelNoiseCleaner(attr2, score="contribution", validation_data=(Xv, yv),
+            cl2 = LabelNoiseCleaner(attr2, score_by="contribution", validation_data=(Xv, yv),
                                     fraction=rate, stratify=True, n_rounds=args.n_rounds,
                                     random_state=seed)
             cl2.fit_resample(X, y)
@@ -183,7 +183,7 @@ def run_one(args, dataset, rate):
             ens = EnsembleAttributor(member, n_estimators=args.n_estimators,
                                      random_state=seed)
             rounds = args.n_rounds if ens_method == "ens_rounds" else 1
-            ecl = LabelNoiseCleaner(ens, score="contribution", validation_data=(Xv, yv),
+            ecl = LabelNoiseCleaner(ens, score_by="contribution", validation_data=(Xv, yv),
                                     fraction=rate, stratify=rounds > 1, n_rounds=rounds,
                                     random_state=seed)
             ecl.fit_resample(X, y)
@@ -212,7 +212,7 @@ def run_one(args, dataset, rate):
                 net, solver="lissa", damping=args.if_damping, lissa_scale=args.if_scale,
                 lissa_depth=args.if_depth, lissa_batch_size=64, random_state=seed,
                 verbose=0)
-            icl = LabelNoiseCleaner(inf, score="contribution", validation_data=(Xv, yv),
+            icl = LabelNoiseCleaner(inf, score_by="contribution", validation_data=(Xv, yv),
                                     fraction=rate, random_state=seed)
             icl.fit_resample(X, y)
             timings["if_fit_and_score"] = time.perf_counter() - t0

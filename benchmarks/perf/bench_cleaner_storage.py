@@ -57,7 +57,7 @@ def _child(cfg):
     t0 = time.perf_counter()
     cleaner = LabelNoiseCleaner(
         HydraAttributor(net, mode="fast", storage=cfg["storage"], last_epochs="final_lr",
-                        random_state=args.seed, verbose=0), score="contribution",
+                        random_state=args.seed, verbose=0), score_by="contribution",
         validation_data=(d.X_valid, d.y_valid), fraction=cfg["rate"], stratify=True,
         random_state=args.seed)
     cleaner.fit_resample(d.X_train, y)

@@ -5,7 +5,7 @@ Frozen study: its finding is recorded in the docs; rerun it only to check that.
 Finding: of the readouts of one fast-HYDRA run, only truncating the hypergradient to the
     final learning-rate phase gains clearly (MNIST 80%: 0.944 against 0.929 per class),
     which made last_epochs="final_lr" the default attributor of
-    LabelNoiseCleaner(score="contribution"); truncating exact mode does not rescue it at
+    LabelNoiseCleaner(score_by="contribution"); truncating exact mode does not rescue it at
     50% noise.
 Recorded in: docs/results/cleaning.rst, "Which readout of one run ranks wrong labels
     best" and "Exact mode as a cleaner"; docs/cleaning.rst, "What to score: the final

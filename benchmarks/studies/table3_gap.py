@@ -76,7 +76,7 @@ def run_one(args, dataset, rate):
 
     removed_by = {}
     cleaner = LabelNoiseCleaner(
-        HydraAttributor(net, mode="fast", random_state=seed, verbose=0), score="contribution",
+        HydraAttributor(net, mode="fast", random_state=seed, verbose=0), score_by="contribution",
         validation_data=(Xv, yv), fraction=rate, stratify=True, random_state=seed)
     cleaner.fit_resample(X, y)
     removed_by["hydra_fast_pc"] = cleaner.removed_mask_.copy()

@@ -91,7 +91,7 @@ def scores(args, d, y, flipped, net, dataset, rate):
     attr = HydraAttributor(net, mode="fast", storage="replay",
                            trajectory="memmap" if args.memmap else "memory",
                            store_dir=args.work_dir, random_state=args.seed, verbose=0)
-    cleaner = LabelNoiseCleaner(attr, score="contribution",
+    cleaner = LabelNoiseCleaner(attr, score_by="contribution",
                                 validation_data=(d.X_valid, d.y_valid), fraction=rate,
                                 random_state=args.seed)
     cleaner.fit_resample(d.X_train, y)
