@@ -124,3 +124,9 @@ def run_settings(benchmark, stem, args, settings, run_one, markdown):
         save_results(stem, run_record(benchmark, args, t0, results=results), md)
     print(md)
     return results
+
+
+def publish(stem, payload, md, out=None, indent=2):
+    """:func:`save_results`, then print the markdown ``md``: how a run ends."""
+    save_results(stem, payload, md, out=out, indent=indent)
+    print(md)

@@ -35,8 +35,7 @@ import torch
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (RESULTS, add_data_arg, load_split, paper_lenet, save_results,  # noqa: E402
-                     tagged)
+from _common import RESULTS, add_data_arg, load_split, paper_lenet, publish, tagged  # noqa: E402
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
@@ -260,8 +259,7 @@ def main(argv=None):
                   + (f"{tan['mean_l2_error']:.3g} | {tan['mean_rel_error']:.3f} |"
                      if tan else " | |"))
     md += ["", "Plots: " + ", ".join(os.path.basename(q) for q in plots), ""]
-    save_results(name, res, "\n".join(md), out=args.out)
-    print("\n".join(md))
+    publish(name, res, "\n".join(md), out=args.out)
     return 0
 
 

@@ -10,7 +10,8 @@ test accuracy. Rows, all in one run with the same network, seed and data:
   HYDRA trains a clone exactly as ``net.fit`` would);
 * ``if``: :class:`~hydrattr.influence.InfluenceFunctionAttributor` (LiSSA) scores;
 * ``hydra_fast``: :class:`~hydrattr.cleaning.LabelNoiseCleaner` with
-  ``HydraAttributor(mode="fast")``;
+  ``HydraAttributor(mode="fast")`` and ``score_by="contribution"`` (the paper's score;
+  every cleaner here pins it, the default being training dynamics);
 * ``hydra_fast_final_lr`` (method ``final_lr``): the same fast scores truncated to the
   final learning-rate phase (``HydraAttributor(last_epochs="final_lr")``: sample weights
   act only in the epochs since the rate last changed), from the same recorded run;
@@ -57,7 +58,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
                      cleanlab_removed, default_tag, fit_net, load_result, noisy_setting,
-                     precision_recall, retrain_seeds, run_settings, save_results, start_run)
+                     precision_recall, publish, retrain_seeds, run_settings, start_run)
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -428,8 +429,7 @@ def main(argv=None):
         md = markdown(results, run_args).replace(
             "\n\n", f"\n\nMerged from the runs {', '.join(tags)} (same data, noise, seed "
                     f"and settings; rows present in several runs agree exactly).\n\n", 1)
-        save_results(f"table3_{tag}", payload, md)
-        print(md)
+        publish(f"table3_{tag}", payload, md)
         return
     if args.quick:
         apply_preset(args, "table3_quick", if_depth=200)

@@ -43,7 +43,7 @@ from sklearn.base import BaseEstimator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (TABLE4_PAPER, add_run_args, add_setting_args,  # noqa: E402
                      ensemble_part_path, evaluate, evaluate_splits, member_seed, noisy_setting,
-                     run_record, save_results, start_run, table4_markdown)
+                     publish, run_record, start_run, table4_markdown)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.detection import SignClusterDetector  # noqa: E402
@@ -126,8 +126,7 @@ def run_combine(args):
     md = table4_markdown([res], args) + (
         "\n`hydra_fast_m<k>`: member k alone (fitted in its own process); "
         "`hydra_fast_ens<K>`: the mean of members 0..K-1 (seconds: sum of their fits).\n")
-    save_results(f"table4_{tag}", payload, md)
-    print(md)
+    publish(f"table4_{tag}", payload, md)
 
 
 def main(argv=None):

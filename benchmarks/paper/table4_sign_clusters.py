@@ -3,7 +3,8 @@
 50% of the training labels are replaced by a uniformly drawn wrong class; LeNet-5 is
 trained with the paper's schedule (50 epochs); every training sample's contributions to
 ``n_reference`` (1,000) randomly drawn validation points are reduced to signs and, per
-class, k-means splits the sign vectors in two (:class:`~hydrattr.detection.SignClusterDetector`).
+class, k-means splits the sign vectors in two (:class:`~hydrattr.detection.SignClusterDetector`
+with ``clustering="signs"``, pinned here: the detector's default is training dynamics).
 Every row has a ``_mean`` twin: the same fitted contributions split with
 ``clustering="mean"`` (a two-component Gaussian mixture on each class's mean contribution).
 Reported: the Jaccard index between the detected groups and the true partition

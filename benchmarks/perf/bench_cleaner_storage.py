@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (add_run_args, add_setting_args, noisy_setting, peak_rss_gib,  # noqa: E402
-                     run_record, save_results, tagged)
+                     publish, run_record, tagged)
 
 STORAGES = ("dense", "half", "replay")
 
@@ -153,8 +153,7 @@ def main(argv=None):
             r["same_removed_as_dense"] = bool(np.array_equal(out["removed"], base["removed"]))
     payload = run_record("bench_cleaner_storage", args, t0, rows=rows)
     md = markdown(rows, args)
-    save_results(stem, payload, md)
-    print(md)
+    publish(stem, payload, md)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import (RESULTS, add_data_arg, load_split, mnist_lenet, peak_rss_gib,  # noqa: E402
-                     save_results, tagged)
+                     publish, tagged)
 PAPER = {"fast_vs_hessian_speedup_densenet": 971, "speedup_quoted_in_issue": 22}
 
 
@@ -185,8 +185,7 @@ def main(argv=None):
           f"trajectory {res['setting']['trajectory_gib']:.2f} GiB ({args.trajectory}). "
           f"Load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           f"(shared machine: absolute times are noisy, ratios less so).", ""]
-    save_results(name, res, "\n".join(md), out=args.out)
-    print("\n".join(md))
+    publish(name, res, "\n".join(md), out=args.out)
     return 0
 
 

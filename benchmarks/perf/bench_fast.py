@@ -32,7 +32,7 @@ import torch
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import (RESULTS, add_data_arg, load_split, mnist_lenet, peak_rss_gib,  # noqa: E402
-                     save_results, tagged)
+                     publish, tagged)
 
 
 def main(argv=None):
@@ -111,8 +111,7 @@ def main(argv=None):
           f"| peak RSS | {rss:.2f} GiB | | <= 16 GiB |",
           f"| per-sample store | {res['store_gib']:.2f} GiB | | |",
           f"| trained weights identical to plain fit | {same} | | |", ""]
-    save_results(name, res, "\n".join(md), out=args.out)
-    print("\n".join(md))
+    publish(name, res, "\n".join(md), out=args.out)
     return 0
 
 

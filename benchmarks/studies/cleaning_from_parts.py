@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (RESULTS, add_run_args, add_setting_args, ensemble_part_path,  # noqa: E402
-                     load_split, run_record, save_results)
+                     load_split, publish, run_record)
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 from hydrattr.datasets import make_label_noise  # noqa: E402
@@ -169,8 +169,7 @@ def main(argv=None):
     payload = run_record("cleaning_from_parts", args, rows=rows, errors=errors,
                          table3_peers=peers)
     md = markdown(rows, errors, peers, args)
-    save_results(f"cleaning_from_parts_{tag}", payload, md)
-    print(md)
+    publish(f"cleaning_from_parts_{tag}", payload, md)
 
 
 if __name__ == "__main__":

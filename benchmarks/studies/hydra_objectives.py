@@ -62,8 +62,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (add_run_args, add_setting_args, apply_preset, cleanlab_select,  # noqa: E402
-                     markdown_head, noisy_setting, oof_probs, parse_settings,
-                     precision_recall, run_record, save_results)
+                     markdown_head, noisy_setting, oof_probs, parse_settings, precision_recall,
+                     publish, run_record)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr._core.functional import per_sample_grads  # noqa: E402
@@ -281,8 +281,7 @@ def main(argv=None):
     payload = run_record("hydra_objectives", args, t0, results=results)
     md = markdown(results, args)
     tag = args.tag or ("quick" if args.quick else f"n{args.n_train}_e{args.epochs}")
-    save_results(f"hydra_objectives_{tag}", payload, md)
-    print(md)
+    publish(f"hydra_objectives_{tag}", payload, md)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (add_run_args, add_setting_args, cleanlab_select, hybrid_scores,  # noqa: E402
-                     noisy_setting, parse_settings, run_record, save_results, start_run)
+                     noisy_setting, parse_settings, publish, run_record, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -207,8 +207,7 @@ def main(argv=None):
     tag = args.tag or f"n{args.n_train}_e{args.epochs}"
     payload = run_record("oof_cleaning", args, results=results)
     md = markdown(results, args)
-    save_results(f"oof_cleaning_{tag}", payload, md)
-    print(md)
+    publish(f"oof_cleaning_{tag}", payload, md)
 
 
 if __name__ == "__main__":

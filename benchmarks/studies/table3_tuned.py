@@ -67,8 +67,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
                      cleanlab_select, default_tag, fit_net, hybrid_scores, load_result,
-                     noisy_setting, oof_probs, parse_settings, precision_recall, retrain_seeds,
-                     run_settings, save_results, start_run)
+                     noisy_setting, oof_probs, parse_settings, precision_recall, publish,
+                     retrain_seeds, run_settings, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -260,11 +260,10 @@ def main(argv=None):
         results = [res for part in parts for res in part["results"]]
         run_args = argparse.Namespace(**parts[0]["args"])
         md = markdown(results, run_args)
-        save_results(f"table3_tuned_{args.tag or 'merged'}",
+        publish(f"table3_tuned_{args.tag or 'merged'}",
                      {"benchmark": "table3_tuned", "argv": sys.argv,
                       "merged": args.merge.split(","), "args": parts[0]["args"],
                       "results": results}, md)
-        print(md)
         return
     settings = parse_settings(p, args.settings)
     if args.quick:
