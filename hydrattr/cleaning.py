@@ -3,7 +3,7 @@
 * :class:`LabelNoiseCleaner` scores every training sample and drops the least useful
   ones. By default the score is the sample's *training dynamics* (its margin in the real
   training forward pass of every step it entered, averaged over the run) and the number
-  to drop is estimated from the run's averaged predictions; with ``score="contribution"``
+  to drop is estimated from the run's averaged predictions; with ``score_by="contribution"``
   it is the HYDRA paper's contribution to a validation loss. It is an
   imbalanced-learn-style *sampler*: ``fit_resample(X, y)`` returns the kept rows, so it
   works inside ``imblearn.pipeline.Pipeline`` (imbalanced-learn is optional: nothing
@@ -34,7 +34,7 @@ __all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 class LabelNoiseCleaner(_ContributionSampler):
     """Drop the training samples most likely to carry a wrong label.
 
-    Two scores are available (``score``):
+    Two scores are available (``score_by``):
 
     * ``"dynamics"`` (default): a clone of the net is trained once on all the rows given
       to :meth:`fit_resample` and each row's margin ``log p(given label) - max_{k != given}
@@ -65,14 +65,14 @@ class LabelNoiseCleaner(_ContributionSampler):
         The net to train (cloned; it should use ``train_split=None``, output one logit or
         probability per class and use ``CrossEntropyLoss`` or ``NLLLoss``), or an
         attributor such as ``HydraAttributor(net, storage="replay",
-        last_epochs="final_lr")``. With ``score="dynamics"`` only its net is used. With
-        ``score="contribution"`` a bare net is wrapped as ``HydraAttributor(net,
+        last_epochs="final_lr")``. With ``score_by="dynamics"`` only its net is used. With
+        ``score_by="contribution"`` a bare net is wrapped as ``HydraAttributor(net,
         storage="replay", last_epochs="final_lr", random_state=random_state,
         verbose=verbose)``.
-    score : {"dynamics", "contribution"}, default="dynamics"
+    score_by : {"dynamics", "contribution"}, default="dynamics"
         What ranks the rows (see above).
     validation_size : float in (0, 1) or int, default=0.2
-        ``score="contribution"`` only: the fraction (or number) of rows held out as the
+        ``score_by="contribution"`` only: the fraction (or number) of rows held out as the
         validation part when ``validation_data`` is None.
     validation_data : tuple (X_val, y_val) or None, default=None
         Rows with trusted labels (from the same classes as ``y``). They are never scored
@@ -89,7 +89,7 @@ class LabelNoiseCleaner(_ContributionSampler):
         With ``fraction``: remove it in ``n_rounds`` equal steps, training a fresh clone on
         the rows still kept before each step after the first and rescoring them.
     objective : {"mean", "median"}, default="mean"
-        ``score="contribution"`` only: each row's contribution to the mean validation
+        ``score_by="contribution"`` only: each row's contribution to the mean validation
         loss (one column), or the median of its contributions to each validation point.
     random_state : int, RandomState instance or None, default=None
         Seeds torch before training and the validation split.
@@ -100,12 +100,12 @@ class LabelNoiseCleaner(_ContributionSampler):
     Attributes
     ----------
     attributor_ : attributor
-        ``score="contribution"``: the fitted clone (with ``n_rounds > 1``: the first
+        ``score_by="contribution"``: the fitted clone (with ``n_rounds > 1``: the first
         round's).
     net_ : skorch.NeuralNet
-        ``score="dynamics"``: the net trained on every row (the first round's).
+        ``score_by="dynamics"``: the net trained on every row (the first round's).
     dynamics_ : TrainingDynamics
-        ``score="dynamics"``: the first round's per-row margins and probabilities.
+        ``score_by="dynamics"``: the first round's per-row margins and probabilities.
     classes_ : ndarray
         Class labels seen in ``y``.
     scores_ : ndarray of shape (n_samples,)
@@ -113,14 +113,14 @@ class LabelNoiseCleaner(_ContributionSampler):
         NaN for validation rows and rows that never entered a training step. With
         ``n_rounds > 1``: the score from the last round that scored the row.
     estimated_counts_ : ndarray of int
-        ``score="dynamics"`` with neither ``fraction`` nor ``threshold``: the estimated
+        ``score_by="dynamics"`` with neither ``fraction`` nor ``threshold``: the estimated
         number of wrong labels per class (indexed like ``classes_``).
     removed_mask_ : ndarray of bool, shape (n_samples,)
         True for removed rows.
     sample_indices_ : ndarray of int
         Indices of the kept rows (what :meth:`fit_resample` returns).
     train_indices_, validation_indices_ : ndarray of int
-        Rows scored, and rows held out as validation part (``score="contribution"``).
+        Rows scored, and rows held out as validation part (``score_by="contribution"``).
     threshold_ : float
         The largest removed score (``-inf`` when nothing was removed), or the threshold
         used.
@@ -139,7 +139,7 @@ class LabelNoiseCleaner(_ContributionSampler):
 
     _parameter_constraints = {
         "attributor": "no_validation",
-        "score": [StrOptions({"dynamics", "contribution"})],
+        "score_by": [StrOptions({"dynamics", "contribution"})],
         "validation_size": [Interval(RealNotInt, 0, 1, closed="neither"),
                             Interval(numbers.Integral, 1, None, closed="left")],
         "validation_data": [tuple, list, None],
@@ -152,11 +152,11 @@ class LabelNoiseCleaner(_ContributionSampler):
         "verbose": ["verbose"],
     }
 
-    def __init__(self, attributor=None, score="dynamics", validation_size=0.2,
+    def __init__(self, attributor=None, score_by="dynamics", validation_size=0.2,
                  validation_data=None, fraction=None, threshold=None, stratify=False,
                  n_rounds=1, objective="mean", random_state=None, verbose=0):
         self.attributor = attributor
-        self.score = score
+        self.score_by = score_by
         self.validation_size = validation_size
         self.validation_data = validation_data
         self.fraction = fraction
@@ -168,7 +168,7 @@ class LabelNoiseCleaner(_ContributionSampler):
         self.verbose = verbose
 
     def _uses_dynamics(self):
-        return self.score == "dynamics"
+        return self.score_by == "dynamics"
 
     def _check_params(self, n):
         self._validate_params()
@@ -187,7 +187,7 @@ class LabelNoiseCleaner(_ContributionSampler):
             raise ValueError(f"n_rounds={r} needs fraction (the total to remove); it cannot "
                              f"be used with a threshold or the estimated count.")
 
-    # -- contributions (score="contribution") ------------------------------------------
+    # -- contributions (score_by="contribution") ------------------------------------------
     def _contribution(self, attributor, X_val, y_val):
         if self.objective == "mean":
             return np.asarray(attributor.attribute(X_val, y_val, objective="mean"),
@@ -212,7 +212,7 @@ class LabelNoiseCleaner(_ContributionSampler):
         self._set_scores(s, train_rows, n_samples)
         return remove
 
-    # -- training dynamics (score="dynamics") -------------------------------------------
+    # -- training dynamics (score_by="dynamics") -------------------------------------------
     def _fit_dynamics(self, X, y_enc):
         extra = self._trusted_validation(X)
         n = X.shape[0]

@@ -43,7 +43,7 @@ class SignClusterDetector(_ContributionSampler):
       (trusted labels) is trained on too, never flagged.
     * ``"signs"``: the detector of the HYDRA paper (Chen et al., AAAI 2021, Table 4).
       The data is split into a training and a validation part exactly as in
-      :class:`~hydrattr.cleaning.LabelNoiseCleaner` with ``score="contribution"`` (or
+      :class:`~hydrattr.cleaning.LabelNoiseCleaner` with ``score_by="contribution"`` (or
       ``validation_data`` is used). A clone of ``attributor`` is trained on the training
       part; ``n_reference`` validation points are drawn at random and each training
       sample's contributions to them (``C[i, j] ~ loss_j(without i) - loss_j(with

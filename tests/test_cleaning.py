@@ -70,7 +70,7 @@ def digits():
 
 def test_fraction_removes_exactly_the_lowest_scores():
     X, y = _stub_data()
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X[:4], y[:4]), fraction=0.25)
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X[:4], y[:4]), fraction=0.25)
     Xk, yk = c.fit_resample(X, y)
     np.testing.assert_array_equal(c.scores_, X[:, 0])
     np.testing.assert_array_equal(np.flatnonzero(c.removed_mask_), np.arange(5))  # 20*0.25
@@ -87,9 +87,9 @@ def test_stratify_removes_the_fraction_within_each_class():
     # would also do; shift class 1 up by 100 so the global cut takes class 0 only.
     X, y = _stub_data(24)
     X[y == 1, 0] += 100
-    glob = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y), fraction=0.25).fit(X, y)
+    glob = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), fraction=0.25).fit(X, y)
     np.testing.assert_array_equal(np.flatnonzero(glob.removed_mask_), [0, 2, 4, 6, 8, 10])
-    strat = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y), fraction=0.25,
+    strat = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), fraction=0.25,
                               stratify=True).fit(X, y)
     np.testing.assert_array_equal(np.flatnonzero(strat.removed_mask_), [0, 1, 2, 3, 4, 5])
     assert strat.n_removed_ == 6 and strat.threshold_ == X[5, 0]
@@ -114,8 +114,8 @@ def test_rounds_refit_on_the_kept_rows():
     # Ground truth by hand: 20 rows, fraction 0.5 in 2 rounds = 5 + 5 lowest.
     X, y = _stub_data(20)
     X[:4, 1] = 1.0  # rows 0-3 are poison (and already the lowest scores)
-    one = LabelNoiseCleaner(RefitScores(), score="contribution", validation_data=(X, y), fraction=0.5).fit(X, y)
-    two = LabelNoiseCleaner(RefitScores(), score="contribution", validation_data=(X, y), fraction=0.5,
+    one = LabelNoiseCleaner(RefitScores(), score_by="contribution", validation_data=(X, y), fraction=0.5).fit(X, y)
+    two = LabelNoiseCleaner(RefitScores(), score_by="contribution", validation_data=(X, y), fraction=0.5,
                             n_rounds=2).fit(X, y)
     np.testing.assert_array_equal(one.removed_mask_, two.removed_mask_)
     np.testing.assert_array_equal(np.flatnonzero(two.removed_mask_), np.arange(10))
@@ -128,23 +128,23 @@ def test_rounds_refit_on_the_kept_rows():
 
 def test_threshold_and_default_threshold_zero():
     X, y = _stub_data()
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y), threshold=2.0).fit(X, y)
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), threshold=2.0).fit(X, y)
     np.testing.assert_array_equal(c.removed_mask_, X[:, 0] < 2.0)
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y)).fit(X, y)
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y)).fit(X, y)
     np.testing.assert_array_equal(c.removed_mask_, X[:, 0] < 0)  # harmful rows only
     assert c.n_removed_ == 6
 
 
 def test_median_objective_uses_per_sample_columns():
     X, y = _stub_data()
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y), objective="median",
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), objective="median",
                           fraction=0.1).fit(X, y)
     np.testing.assert_array_equal(c.scores_, X[:, 0])  # median of (s-1, s, s+5)
 
 
 def test_split_is_stratified_seeded_and_validation_rows_are_kept():
     X, y = _stub_data(40)
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_size=0.25, fraction=0.5,
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_size=0.25, fraction=0.5,
                           random_state=3).fit(X, y)
     tr, va = c.train_indices_, c.validation_indices_
     assert len(va) == 10 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 40
@@ -152,7 +152,7 @@ def test_split_is_stratified_seeded_and_validation_rows_are_kept():
     assert c.attributor_.n_fit_ == 30
     assert np.isnan(c.scores_[va]).all() and not c.removed_mask_[va].any()
     assert c.n_removed_ == 15  # half of the 30 scored rows
-    c2 = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_size=0.25, fraction=0.5,
+    c2 = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_size=0.25, fraction=0.5,
                            random_state=3).fit(X, y)
     np.testing.assert_array_equal(c2.validation_indices_, va)
 
@@ -172,7 +172,7 @@ def test_split_is_stratified_seeded_and_validation_rows_are_kept():
 def test_parameter_errors_name_the_parameter(kw, match):
     X, y = _stub_data()
     with pytest.raises(ValueError, match=match):
-        LabelNoiseCleaner(ColumnScores(), score="contribution", **kw).fit(X, y)
+        LabelNoiseCleaner(ColumnScores(), score_by="contribution", **kw).fit(X, y)
 
 
 def test_attributor_errors_and_validation_data_errors():
@@ -182,16 +182,16 @@ def test_attributor_errors_and_validation_data_errors():
     with pytest.raises(TypeError, match="attributor must be"):
         LabelNoiseCleaner(LogisticRegression()).fit(X, y)
     with pytest.raises(ValueError, match="labels not seen"):
-        LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X, y + 5)).fit(X, y)
+        LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y + 5)).fit(X, y)
     with pytest.raises(ValueError, match="features"):
-        LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(X[:, :1], y)).fit(X, y)
+        LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X[:, :1], y)).fit(X, y)
 
 
 def test_string_labels_and_pandas_round_trip():
     X, y = _stub_data()
     labels = np.array(["cat", "dog"])[y]
     df = pd.DataFrame(X, columns=["a", "b"], index=np.arange(100, 120))
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_data=(df, labels), fraction=0.25)
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(df, labels), fraction=0.25)
     Xk, yk = c.fit_resample(df, pd.Series(labels, index=df.index))
     assert list(c.classes_) == ["cat", "dog"]
     assert isinstance(Xk, pd.DataFrame) and list(Xk.index) == list(range(105, 120))
@@ -201,7 +201,7 @@ def test_string_labels_and_pandas_round_trip():
 def test_to_frame_is_the_fitted_decision_row_by_row():
     X, y = _stub_data()
     labels = np.array(["cat", "dog"])[y]
-    c = LabelNoiseCleaner(ColumnScores(), score="contribution", validation_size=4, fraction=0.25, random_state=0)
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_size=4, fraction=0.25, random_state=0)
     with pytest.raises(NotFittedError):
         c.to_frame()
     c.fit(X, labels)
@@ -225,7 +225,7 @@ def test_scores_equal_a_direct_attribution_on_the_same_split():
     d = load_digits_split(random_state=1)
     X, y = d.X_train[:200].astype(np.float64), d.y_train[:200]
     attr = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0)
-    c = LabelNoiseCleaner(attr, score="contribution", validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
+    c = LabelNoiseCleaner(attr, score_by="contribution", validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
     tr, va = c.train_indices_, c.validation_indices_
     ref = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0).fit(X[tr], y[tr])
     expected = ref.attribute(X[va], y[va], objective="mean")[:, 0]
@@ -249,7 +249,7 @@ def test_digits_noise_cleaner_removes_flipped_rows(digits, mode, bound, kw):
     fast, oscillating run is a poorer removal score than its fast approximation.)"""
     X, y, flipped, Xv, yv = digits
     attr = HydraAttributor(mlp_net(), mode=mode, storage="replay", random_state=0, verbose=0)
-    c = LabelNoiseCleaner(attr, score="contribution", validation_data=(Xv, yv), fraction=0.2, random_state=0,
+    c = LabelNoiseCleaner(attr, score_by="contribution", validation_data=(Xv, yv), fraction=0.2, random_state=0,
                           **kw)
     Xk, yk = c.fit_resample(X, y)
     removed = c.removed_mask_
@@ -269,7 +269,7 @@ def test_net_with_train_split_warns_and_held_out_rows_are_kept():
 
     attr = HydraAttributor(mlp_net(epochs=1, train_split=ValidSplit(5)), random_state=0,
                            verbose=0)
-    c = LabelNoiseCleaner(attr, score="contribution", validation_size=30, threshold=np.inf, random_state=0)
+    c = LabelNoiseCleaner(attr, score_by="contribution", validation_size=30, threshold=np.inf, random_state=0)
     with pytest.warns(UserWarning, match="train_split"):
         c.fit(X, y)
     held_out = ~c.attributor_.trained_mask_
@@ -287,7 +287,7 @@ def test_imblearn_pipeline_fits_the_final_step_on_the_kept_rows():
     X, y = _stub_data(40)
     X[:, 1] = np.random.RandomState(0).randn(40) + y
     pipe = imblearn_pipeline.Pipeline([
-        ("clean", LabelNoiseCleaner(ColumnScores(), score="contribution", validation_size=0.2, fraction=0.3,
+        ("clean", LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_size=0.2, fraction=0.3,
                                     random_state=0)),
         ("clf", LogisticRegression())]).fit(X, y)
     kept = pipe.named_steps["clean"].sample_indices_
@@ -299,7 +299,7 @@ def test_imblearn_pipeline_fits_the_final_step_on_the_kept_rows():
 def test_cleaned_classifier_forwards_and_matches_manual_fit():
     X, y = _stub_data(40)
     X[:, 1] = np.random.RandomState(0).randn(40) + y
-    clf = CleanedClassifier(LabelNoiseCleaner(ColumnScores(), score="contribution", validation_size=0.2,
+    clf = CleanedClassifier(LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_size=0.2,
                                               fraction=0.3, random_state=0),
                             LogisticRegression()).fit(X, y)
     kept = clf.sample_indices_
@@ -317,7 +317,7 @@ def test_grid_search_tunes_the_fraction_in_a_plain_pipeline(digits):
     X, y = X[:300], y[:300]
     attr = HydraAttributor(mlp_net(epochs=2), random_state=0, verbose=0)
     pipe = make_pipeline(StandardScaler(), CleanedClassifier(
-        LabelNoiseCleaner(attr, score="contribution", random_state=0), LogisticRegression(max_iter=200)))
+        LabelNoiseCleaner(attr, score_by="contribution", random_state=0), LogisticRegression(max_iter=200)))
     grid = GridSearchCV(pipe, {"cleanedclassifier__cleaner__fraction": [0.0, 0.2],
                                "cleanedclassifier__cleaner__attributor__net__lr": [0.1]},
                         cv=2)
@@ -351,7 +351,7 @@ def test_bare_net_is_wrapped_in_a_seeded_hydra_attributor():
     d = load_digits_split(random_state=0)
     X, y = d.X_train[:120].astype(np.float64), d.y_train[:120]
     net = mlp_net(epochs=1)
-    c = LabelNoiseCleaner(net, score="contribution", validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
+    c = LabelNoiseCleaner(net, score_by="contribution", validation_size=0.25, fraction=0.1, random_state=0).fit(X, y)
     assert isinstance(c.attributor_, HydraAttributor)
     assert c.attributor_.random_state == 0 and c.attributor_.verbose == 0
     # the cleaner's default: the final learning-rate phase (here a constant rate: all of it)
@@ -360,7 +360,7 @@ def test_bare_net_is_wrapped_in_a_seeded_hydra_attributor():
     assert c.attributor_.storage == "replay" and c.attributor_.store_ is None
     # verbose reaches the wrapped attributor (progress bars on long runs), off by default
     assert c.attributor_.verbose == 0
-    c1 = LabelNoiseCleaner(net, score="contribution", validation_size=0.25, fraction=0.1, random_state=0,
+    c1 = LabelNoiseCleaner(net, score_by="contribution", validation_size=0.25, fraction=0.1, random_state=0,
                            verbose=1).fit(X, y)
     assert c1.attributor_.verbose == 1
     np.testing.assert_array_equal(c1.removed_mask_, c.removed_mask_)  # bars change nothing

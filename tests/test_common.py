@@ -136,7 +136,7 @@ def test_nested_lr_changes_the_fitted_net():
     X, y = rng.randn(40, 3), rng.randint(0, 3, 40)
     c = cleaner().set_params(attributor__net__lr=0.0)  # lr 0: weights never move
     c.fit(X, y)
-    net0 = c.attributor_.net_
+    net0 = c.net_  # the default (training dynamics) trains the attributor's net itself
     init = clone(c.attributor.net)
     torch.manual_seed(0)
     init.initialize()
@@ -180,11 +180,12 @@ def test_pickled_fitted_samplers_and_meta_estimator():
 def _validated_estimators():
     # scikit-learn's check_param_validation is not among the checks parametrize_with_checks
     # yields (scikit-learn runs it on its own estimators only), so it runs here on the
-    # attributors; add the samplers (cleaning, detection) once their constraints pass it
+    # attributors and the samplers (cleaning, detection)
     from hydrattr.base import BaseAttributor
 
     return [e for e in all_estimators()
-            if isinstance(e, (BaseAttributor, EnsembleAttributor))]
+            if isinstance(e, (BaseAttributor, EnsembleAttributor, LabelNoiseCleaner,
+                              SignClusterDetector))]
 
 
 @pytest.mark.parametrize("estimator", _validated_estimators(),

@@ -205,5 +205,5 @@ def test_contribution_score_without_trusted_validation_warns():
     d = load_digits_split(random_state=0)
     X, y = d.X_train[:120].astype(np.float32), d.y_train[:120]
     with pytest.warns(UserWarning, match="validation_data with trusted labels"):
-        LabelNoiseCleaner(mlp(epochs=1), score="contribution", fraction=0.1,
+        LabelNoiseCleaner(mlp(epochs=1), score_by="contribution", fraction=0.1,
                           random_state=0).fit(X, y)

@@ -7,7 +7,7 @@ net, and these removed sets, judged on the same rows in the same run:
 * ``hydrattr default``: ``LabelNoiseCleaner(net)`` (training dynamics, estimated count);
 * ``hydrattr trusted val``: the same with ``validation_data`` = a small clean set;
 * ``detector``: ``SignClusterDetector(net)`` (margin trajectories, per-class k-means);
-* ``contribution (paper)``: ``LabelNoiseCleaner(net, score="contribution")`` with the
+* ``contribution (paper)``: ``LabelNoiseCleaner(net, score_by="contribution")`` with the
   noisy validation split and the default threshold: the previous default;
 * ``own loss``: one plain fit, the highest final training losses, as many as the default
   removes;
@@ -126,7 +126,7 @@ def one_seed(args, dataset, rate, seed):
     if not args.skip_contribution:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            cc, t = timed(lambda: LabelNoiseCleaner(net, score="contribution",
+            cc, t = timed(lambda: LabelNoiseCleaner(net, score_by="contribution",
                                                     random_state=seed).fit(X, yn))
         removed["contribution (paper)"], cost["contribution (paper)"] = cc.removed_mask_, t
     k = int(cl.removed_mask_.sum())
