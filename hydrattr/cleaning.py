@@ -22,11 +22,13 @@ import numbers
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
+from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._sampler import _ContributionSampler
-from .label_issues import estimate_issue_counts, find_label_issues, remove_lowest
+from .label_issues import (estimate_issue_counts, find_label_issues, remove_lowest,
+                           split_in_two)
 
 __all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 
@@ -53,11 +55,12 @@ class LabelNoiseCleaner(_ContributionSampler):
       otherwise).
 
     How many rows go: ``fraction`` (the lowest scores), ``threshold`` (every score below
-    it), or, when both are None, an estimate. With ``"dynamics"`` the estimate is
-    confident learning's count of wrong labels per given class, computed from the
-    predictions averaged over the run, and each class's lowest margins are removed; with
-    ``"contribution"`` it is ``threshold=0`` (every row predicted to raise the validation
-    loss).
+    it), or, when both are None, an estimate. With ``"dynamics"`` the estimate is, per
+    given class, the smaller of confident learning's count of wrong labels (from the
+    predictions averaged over the run) and the size of the low-margin group when the
+    class's margin trajectories are split in two (as :class:`SignClusterDetector` does),
+    and each class's lowest margins are removed; with ``"contribution"`` it is
+    ``threshold=0`` (every row predicted to raise the validation loss).
 
     Parameters
     ----------
@@ -114,7 +117,7 @@ class LabelNoiseCleaner(_ContributionSampler):
         ``n_rounds > 1``: the score from the last round that scored the row.
     estimated_counts_ : ndarray of int
         ``score_by="dynamics"`` with neither ``fraction`` nor ``threshold``: the estimated
-        number of wrong labels per class (indexed like ``classes_``).
+        number of wrong labels per class (indexed like ``classes_``), the number removed.
     removed_mask_ : ndarray of bool, shape (n_samples,)
         True for removed rows.
     sample_indices_ : ndarray of int
@@ -228,14 +231,24 @@ class LabelNoiseCleaner(_ContributionSampler):
         s = dyn.mean_margin()
         counts = None
         if self.fraction is None and self.threshold is None:
-            seen = dyn.seen
-            counts = np.zeros(len(self.classes_), dtype=np.int64)
-            counts[:] = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen],
-                                              n_classes=len(self.classes_))
+            counts = self._estimate_counts(dyn, s, y_enc)
             self.estimated_counts_ = counts
         remove = self._decide(s, y_enc, rescore, counts=counts)
         self._set_scores(s, np.arange(n), n)
         return remove
+
+    def _estimate_counts(self, dyn, s, y_enc):
+        """Per class, the smaller of two estimates of its wrong labels: confident
+        learning's count from the run's averaged predictions, and the size of the
+        low-margin group when the class's margin trajectories are split in two."""
+        K = len(self.classes_)
+        seen = dyn.seen
+        confident = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen], n_classes=K)
+        rs = check_random_state(self.random_state)
+        seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in range(K)}
+        flagged = split_in_two(dyn.epoch_margins(), s, y_enc, seeds) == 1
+        clustered = np.bincount(y_enc[flagged], minlength=K)
+        return np.minimum(confident, clustered)
 
     # -- shared --------------------------------------------------------------------------
     def _decide(self, s, y, rescore, counts=None, default_threshold=None):
