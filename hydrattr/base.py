@@ -174,6 +174,12 @@ class BaseAttributor(BaseEstimator):
         """Hook run after validation and before training (``n_rows`` training rows,
         ``n_params`` trainable parameters): anything that can fail for a bad parameter should fail here."""
 
+    def _make_recorder(self, dataset, record_rng):
+        """The callback that records the run (HYDRA's fused fit uses a subclass)."""
+        return TrajectoryRecorder(dataset, record_rng=record_rng,
+                                  storage=getattr(self, "trajectory", "memory"),
+                                  directory=getattr(self, "store_dir", None))
+
     def _fit_net(self, X, y):
         """Clone, initialise, seed and train the net while recording the trajectory."""
         _check_net(self.net)
@@ -196,9 +202,7 @@ class BaseAttributor(BaseEstimator):
         rec_ds = RecordingDataset(net.get_dataset(Xc, yc))
         recorder = None
         if self._record_trajectory:
-            recorder = TrajectoryRecorder(rec_ds, record_rng=has_dropout,
-                                          storage=getattr(self, "trajectory", "memory"),
-                                          directory=getattr(self, "store_dir", None))
+            recorder = self._make_recorder(rec_ds, record_rng=has_dropout)
             # the clone's own copies of the callbacks, so that training never initialises
             # (and attaches schedulers to) the caller's callback objects
             own_callbacks = net.callbacks

@@ -87,6 +87,22 @@ class HydraAttributor(BaseAttributor):
         Jacobian of the per-sample losses (exact with BatchNorm batch statistics and
         replayed dropout masks). ``"auto"`` picks ``"jacobian"`` when the module has
         BatchNorm or dropout layers.
+    fit_path : {"fused", "two_pass"}, default="fused"
+        How fast mode with a store (``storage`` other than ``"replay"``) fills it, for
+        SGD. ``"fused"``: during training, each tracked row's per-sample gradient is
+        committed to the store at the step it is computed, its coefficient brought
+        forward lazily (only when the row enters its next batch, and once at the end);
+        the gradients come from the training backward itself (each ``Linear`` /
+        ``Conv2d`` layer's input times its output gradient) when every trainable
+        parameter lives in such a layer and the module has no BatchNorm, and are
+        otherwise computed at that step like the two-pass fit computes them. No second
+        pass, no parameter snapshots kept, training bit-identical to ``net.fit``; the
+        store's working memory doubles during training for the momentum part (none
+        without momentum). ``"two_pass"``: train while recording every step's
+        parameters, then a second pass over the trajectory recomputes per-sample
+        gradients with ``vmap``. Both give the same ``C`` to float rounding. Adam/AdamW
+        (per-coordinate coefficients computed last step first), exact mode and
+        ``storage="replay"`` always take the two-pass route.
     test_batch_size : int, default=256
         Test points per block when computing test gradients and per sweep (exact/replay).
     store_dir : str or None
@@ -119,8 +135,8 @@ class HydraAttributor(BaseAttributor):
     """
 
     def __init__(self, net, mode="fast", storage="dense", trajectory="memory", last_epochs=None,
-                 track=None, per_sample="auto", test_batch_size=256, store_dir=None,
-                 random_state=None, verbose=1):
+                 track=None, per_sample="auto", fit_path="fused", test_batch_size=256,
+                 store_dir=None, random_state=None, verbose=1):
         self.net = net
         self.mode = mode
         self.storage = storage
@@ -128,6 +144,7 @@ class HydraAttributor(BaseAttributor):
         self.last_epochs = last_epochs
         self.track = track
         self.per_sample = per_sample
+        self.fit_path = fit_path
         self.test_batch_size = test_batch_size
         self.store_dir = store_dir
         self.random_state = random_state
@@ -142,6 +159,7 @@ class HydraAttributor(BaseAttributor):
                         StrOptions({"final_lr"})],
         "track": [None, Interval(Integral, 1, None, closed="left"), "array-like"],
         "per_sample": [StrOptions({"auto", "vmap", "jacobian"})],
+        "fit_path": [StrOptions({"fused", "two_pass"})],
         "test_batch_size": [Interval(Integral, 1, None, closed="left")],
         "store_dir": [None, str, os.PathLike],
     }
@@ -161,6 +179,43 @@ class HydraAttributor(BaseAttributor):
             self._new_store = SampleStore(len(self.rows_), n_params, kind=self.storage,
                                           dtype=self.param_dtype_, directory=self.store_dir)
 
+    def _make_recorder(self, dataset, record_rng):
+        self._fused_recorder = None
+        if getattr(self, "_new_store", None) is None or self.fit_path != "fused":
+            return super()._make_recorder(dataset, record_rng)
+        from ._fused import FusedRecorder
+
+        rows_map = np.full(len(dataset), -1, dtype=np.int64)
+        rows_map[self.rows_] = np.arange(len(self.rows_))
+        self._fused_recorder = FusedRecorder(
+            dataset, store=self._new_store, rows_map=rows_map, per_sample=self.per_sample,
+            last_epochs=self.last_epochs, record_rng=record_rng, storage=self.trajectory,
+            directory=self.store_dir)
+        return self._fused_recorder
+
+    def _fill_store(self, store):
+        """The fast-mode store: finished by the fused recorder when it filled it for this
+        window, else filled by the two-pass sweep over the recorded trajectory."""
+        rec, self._fused_recorder = getattr(self, "_fused_recorder", None), None
+        lazy = None if rec is None else rec.lazy_
+        self.fit_path_ = "two_pass"
+        if lazy is not None:
+            self.hooks_fallback_ = rec.hook_fallback_
+            if not rec.window_lost_ and lazy.start == self.window_start_ and \
+                    len(lazy) == len(self.trajectory_):
+                lazy.finish()
+                self.fit_path_ = "fused"
+                return
+            from ._fused import zero_store
+
+            lazy.velocity = None
+            zero_store(store)  # the window began elsewhere: fill it again from the record
+        with module_mode(self.net_.module_, training=True):
+            build_fast_store(self.trajectory_, self._loss_fn(), self._data_fn(), store,
+                             self._rows_map, independent=self._independent,
+                             device=self._device, progress=self._progress(),
+                             start=self.window_start_)
+
     @property
     def _independent(self):
         if self.per_sample == "auto":
@@ -177,11 +232,7 @@ class HydraAttributor(BaseAttributor):
         self.store_ = None
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
         if store is not None:
-            with module_mode(self.net_.module_, training=True):
-                build_fast_store(self.trajectory_, self._loss_fn(), self._data_fn(), store,
-                                 self._rows_map, independent=self._independent,
-                                 device=self._device, progress=self._progress(),
-                                 start=self.window_start_)
+            self._fill_store(store)
             self.store_ = store
             self._store_last_epochs = self.last_epochs
             self.trajectory_ = None  # everything fast mode needs is in the store

@@ -1,0 +1,238 @@
+"""The fused fast-mode fit: the per-sample store filled while skorch trains.
+
+:class:`FusedRecorder` is a :class:`~hydrattr._skorch.TrajectoryRecorder` (same checks,
+same record of batches and hyperparameters) that also commits every tracked row's
+per-sample gradient to a :class:`~hydrattr._core.fused.LazyStore` at the step it is
+computed. The gradients come from the training backward itself through
+:class:`~hydrattr._core.fused.PerSampleHooks` when every trainable parameter lives in a
+``Linear`` or ``Conv2d`` layer and samples do not interact (no BatchNorm); otherwise
+they are computed at that step from the step's parameters with
+:func:`~hydrattr._core.functional.per_sample_grads` (``vmap``, or the batch Jacobian
+with BatchNorm and the replayed dropout masks), exactly as the two-pass fit does later.
+Either way there is no second pass over a stored trajectory, and, the hooks only
+observing, training is the plain ``net.fit`` bit for bit.
+
+Only SGD is fused (Adam's fast-mode coefficients are per coordinate and computed last
+step first): with Adam the recorder records the full trajectory like its parent and the
+attributor takes the two-pass route.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._core.functional import per_sample_grads
+from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
+from ._skorch import TrajectoryRecorder, _is_adam, make_loss_fn, module_flags, module_mode
+
+__all__ = ["FusedRecorder", "zero_store"]
+
+
+def zero_store(store, chunk_rows=4096):
+    """Set every entry of a :class:`~hydrattr._core.store.SampleStore` to zero."""
+    data = store.data
+    if isinstance(data, np.ndarray):
+        for s in range(0, data.shape[0], chunk_rows):
+            data[s:s + chunk_rows] = 0
+    else:
+        data.zero_()
+
+
+def _take(x, mask):
+    if isinstance(x, dict):
+        return {k: _take(v, mask) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(v, mask) for v in x)
+    return x[mask.to(x.device)]
+
+
+class FusedRecorder(TrajectoryRecorder):
+    """Record the run and fill the fast-mode store during it; see the module docstring.
+
+    Parameters
+    ----------
+    dataset : RecordingDataset
+    store : SampleStore
+        The store to fill (zeros), one row per tracked training row.
+    rows_map : ndarray of int
+        Data row -> store slot (-1: not tracked).
+    per_sample : {"auto", "vmap", "jacobian"}
+        As :class:`~hydrattr.HydraAttributor`: "jacobian" (or "auto" with BatchNorm or
+        dropout) takes per-sample gradients through the real batch. The backward hooks
+        are used unless the module has BatchNorm or ``per_sample="jacobian"``.
+    last_epochs : None, int or "final_lr"
+        The window whose steps count. The store is reset where the window will begin if
+        that is known during training (an int: epoch ``max_epochs - last_epochs``;
+        "final_lr": an epoch whose first step changes the learning rate); the
+        attributor checks the window against the finished run and otherwise falls back
+        to the two-pass fit, for which the full trajectory is then kept.
+    hooks : bool
+        Allow the backward hooks (False: always compute per-sample gradients at the step).
+    record_rng, storage, directory : see :class:`TrajectoryRecorder`.
+    """
+
+    def __init__(self, dataset, store=None, rows_map=None, per_sample="auto",
+                 last_epochs=None, hooks=True, record_rng=False, storage="memory",
+                 directory=None):
+        super().__init__(dataset, record_rng=record_rng, storage=storage, directory=directory)
+        self.store = store
+        self.rows_map = rows_map
+        self.per_sample = per_sample
+        self.last_epochs = last_epochs
+        self.hooks = hooks
+
+    def initialize(self):
+        super().initialize()
+        self.lazy_ = None
+        self.fused_ = False
+        return self
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        super().on_train_begin(net, X=X, y=y, **kwargs)
+        self.fused_ = not _is_adam(net.optimizer_)
+        self.window_lost_ = False
+        self.hook_fallback_ = None  # why the hooks were not used (None: they were)
+        self._psh = None
+        self._net = net
+        if not self.fused_:
+            return
+        if self.last_epochs is None:  # nothing can need the snapshots: keep only the last
+            lean = LeanTrajectory(self.spec_, len(self.dataset), dtype=self.trajectory_.dtype)
+            lean.buffers0 = self.trajectory_.buffers0
+            self.trajectory_ = lean
+        momentum = any(float(g.get("momentum", 0.0)) != 0.0
+                       for g in net.optimizer_.param_groups)
+        self.lazy_ = LazyStore(self.store, self.spec_.group_sizes, velocity=momentum,
+                               directory=self.directory)
+        has_bn, has_dropout = module_flags(net.module_)
+        if self.per_sample == "auto":
+            self._independent = not (has_bn or has_dropout)
+        else:
+            self._independent = self.per_sample == "vmap"
+        if not self.hooks:
+            self.hook_fallback_ = "hooks disabled"
+        elif has_bn:
+            self.hook_fallback_ = "BatchNorm couples the samples of a batch"
+        elif self.per_sample == "jacobian":
+            self.hook_fallback_ = "per_sample='jacobian'"
+        else:
+            psh = PerSampleHooks(net.module_, self.spec_)
+            if psh.supported:
+                self._psh = psh.attach()
+            else:
+                self.hook_fallback_ = psh.reason
+        self._checked = False
+        self._loss_fn = None
+        self._batch = None
+        self._reset_epoch = None
+        if isinstance(self.last_epochs, (int, np.integer)) and \
+                not isinstance(self.last_epochs, bool) and self.last_epochs < net.max_epochs:
+            self._reset_epoch = int(net.max_epochs - self.last_epochs)
+        self._prev_lr = None
+
+    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid,
+                               **kwargs)
+        if self.lazy_ is not None and self._reset_epoch is not None and \
+                len(self.trajectory_.epoch_starts) - 1 == self._reset_epoch:
+            self.lazy_.reset()
+
+    def on_batch_begin(self, net, batch=None, training=False, **kwargs):
+        super().on_batch_begin(net, batch=batch, training=training, **kwargs)
+        if not training or self.lazy_ is None:
+            return
+        rows = np.asarray(self._pending[1], dtype=np.int64)
+        sel = self.rows_map[rows] >= 0
+        self._sel = sel
+        self._batch = None
+        if not sel.any():
+            return
+        if self._psh is not None:
+            # all rows at the first step: their sum is checked against the batch gradient
+            positions = None if (sel.all() or not self._checked) else \
+                torch.as_tensor(np.flatnonzero(sel))
+            theta = self._pending[0]
+            self._psh.begin(positions, len(rows), theta.dtype, theta.device)
+        else:
+            self._batch = batch
+
+    def _after_step(self, optimizer, args, kwargs):
+        pending = self._pending
+        super()._after_step(optimizer, args, kwargs)
+        if self.lazy_ is None:
+            return
+        theta, rows, weight, rng, row = pending[:5]
+        buf = self._psh.end() if self._psh is not None and self._psh.active else None
+        t = len(self.trajectory_) - 1
+        lr = np.asarray(row["lr"], dtype=np.float64)
+        if self.last_epochs == "final_lr" and self._prev_lr is not None and \
+                np.any(lr != self._prev_lr):
+            if self.trajectory_.epoch_starts and self.trajectory_.epoch_starts[-1] == t:
+                self.lazy_.reset()
+            else:
+                self.window_lost_ = True  # begins mid-epoch: the two-pass fit will do it
+        self._prev_lr = lr
+        self.lazy_.step(row)
+        sel = self._sel
+        if not sel.any():
+            return
+        slots = self.rows_map[np.asarray(rows, dtype=np.int64)][sel]
+        wg = None
+        if buf is not None:
+            if not self._checked:
+                self._checked = True
+                if not self._hooks_agree(buf):
+                    self.hook_fallback_ = ("the layers' per-sample products do not add up "
+                                           "to the batch gradient (a parameter used "
+                                           "outside its layer's forward?)")
+                    self._psh.detach()
+                    self._psh = None
+                else:
+                    wg = buf if sel.all() else buf[torch.as_tensor(sel, device=buf.device)]
+            else:
+                wg = buf
+        if wg is None:
+            wg = weight * self._step_grads(theta, sel, rng)
+        self.lazy_.commit(slots, wg)
+
+    def _hooks_agree(self, buf):
+        """The first step's per-sample products add up to the gradient backpropagated."""
+        raw = self._raw
+        if any(r is None for r in raw):
+            return False
+        used = torch.cat([r.reshape(-1) for r in raw]).to(buf.dtype)
+        err = float((buf.sum(0) - used).norm())
+        tol = float(torch.finfo(buf.dtype).eps) ** 0.5
+        return err <= tol * float(used.norm()) + torch.finfo(buf.dtype).tiny
+
+    def _step_grads(self, theta, sel, rng):
+        """Tracked rows' per-sample gradients at the step's parameters, as the two-pass fit
+        computes them (``_fast_step_grads``), without touching the training RNG or the
+        BatchNorm running statistics."""
+        from ._inputs import to_device
+
+        net = self._net
+        if self._loss_fn is None:
+            self._loss_fn = make_loss_fn(net, self.spec_)
+        batch = self._batch
+        self._batch = None
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        x = to_device(x, theta.device)
+        y = y.to(theta.device) if isinstance(y, torch.Tensor) else y
+        m = torch.as_tensor(sel)
+        devices = [theta.device] if theta.is_cuda else []
+        with torch.random.fork_rng(devices=devices), \
+                module_mode(net.module_, training=True):
+            if self._independent and not sel.all():
+                return per_sample_grads(self._loss_fn, theta, _take(x, m), _take(y, m),
+                                        independent=True).detach()
+            g = per_sample_grads(self._loss_fn, theta, x, y, independent=self._independent,
+                                 rng_state=rng).detach()
+        return g if sel.all() else g[m.to(g.device)]
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        if self._psh is not None:
+            self._psh.detach()
+            self._psh = None
+        self._batch = self._net = self._loss_fn = None
+        super().on_train_end(net, X=X, y=y, **kwargs)
