@@ -200,6 +200,21 @@ def run_one(args, dataset, rate):
             traceback.print_exc()
             rows.append({"method": name, "error": repr(exc)[:300]})
 
+    if "dynamics" in args.methods:
+        # LabelNoiseCleaner's default: training dynamics, no validation set; its own
+        # estimated count, and the paper's r% rule on the same scores
+        try:
+            t0 = time.perf_counter()
+            dcl = LabelNoiseCleaner(net, random_state=seed).fit(X, y)
+            timings["dynamics_fit_and_score"] = time.perf_counter() - t0
+            retrain("dynamics_default", dcl.removed_mask_,
+                    {"estimated_count": int(dcl.estimated_counts_.sum())})
+            retrain_rules("dynamics", dcl.scores_)
+            del dcl
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"method": "dynamics", "error": repr(exc)[:300]})
+
     if "exact" in args.methods:  # the exact hypergradient of the same run
         rescore("hydra_exact", mode="exact")
     fitted = cleaner = attr = None  # free the trajectory (rescore is done with them)
@@ -390,7 +405,8 @@ def main(argv=None):
                    default=["final_lr", "ens", "ens_final_lr", "rounds", "exact", "if",
                             "cleanlab"],
                    help="optional rows besides no_filtering, hydra_fast and oracle "
-                        "(final_lr, ens_final_lr: HydraAttributor(last_epochs='final_lr'))")
+                        "(final_lr, ens_final_lr: HydraAttributor(last_epochs='final_lr'); "
+                        "dynamics: LabelNoiseCleaner's default, training dynamics)")
     p.add_argument("--n-estimators", type=int, default=3,
                    help="members of the EnsembleAttributor row (method 'ens')")
     p.add_argument("--ens-storage", default="half",
