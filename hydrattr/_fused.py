@@ -18,6 +18,8 @@ attributor takes the two-pass route.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -129,6 +131,7 @@ class FusedRecorder(TrajectoryRecorder):
                 not isinstance(self.last_epochs, bool) and self.last_epochs < net.max_epochs:
             self._reset_epoch = int(net.max_epochs - self.last_epochs)
         self._prev_lr = None
+        self.seconds_ = {"hooks": 0.0, "step_grads": 0.0}
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
         super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid,
@@ -147,14 +150,13 @@ class FusedRecorder(TrajectoryRecorder):
         self._batch = None
         if not sel.any():
             return
+        self._batch = batch  # a reference, for the per-step route (or a first-step refusal)
         if self._psh is not None:
             # all rows at the first step: their sum is checked against the batch gradient
             positions = None if (sel.all() or not self._checked) else \
                 torch.as_tensor(np.flatnonzero(sel))
             theta = self._pending[0]
             self._psh.begin(positions, len(rows), theta.dtype, theta.device)
-        else:
-            self._batch = batch
 
     def _after_step(self, optimizer, args, kwargs):
         pending = self._pending
@@ -191,8 +193,12 @@ class FusedRecorder(TrajectoryRecorder):
                     wg = buf if sel.all() else buf[torch.as_tensor(sel, device=buf.device)]
             else:
                 wg = buf
-        if wg is None:
+        if wg is not None:
+            self._batch = None
+        else:
+            tic = time.perf_counter()
             wg = weight * self._step_grads(theta, sel, rng)
+            self.seconds_["step_grads"] += time.perf_counter() - tic
         self.lazy_.commit(slots, wg)
 
     def _hooks_agree(self, buf):
@@ -232,6 +238,7 @@ class FusedRecorder(TrajectoryRecorder):
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         if self._psh is not None:
+            self.seconds_["hooks"] += self._psh.seconds
             self._psh.detach()
             self._psh = None
         self._batch = self._net = self._loss_fn = None

@@ -132,6 +132,17 @@ class HydraAttributor(BaseAttributor):
         Fast-mode per-sample state.
     window_start_ : int
         First optimizer step whose per-sample terms count (0 unless ``last_epochs``).
+    fit_path_ : {"fused", "two_pass"} or None
+        How the store was filled (None without a store). ``fit_path="fused"`` gives
+        ``"two_pass"`` with Adam, and when the ``last_epochs`` window turned out to begin
+        where the fused fit could not reset the store (a learning rate changed mid-epoch
+        with ``"final_lr"``, or fewer epochs than ``max_epochs``); the trajectory is
+        then kept for that pass.
+    hooks_fallback_ : str or None
+        With a fused fit, why per-sample gradients were computed at each step instead of
+        taken from the training backward (BatchNorm, a parameter outside ``Linear`` /
+        ``Conv2d`` layers, ``per_sample="jacobian"``, or products that did not add up to
+        the batch gradient at the first step); None when the hooks were used.
     """
 
     def __init__(self, net, mode="fast", storage="dense", trajectory="memory", last_epochs=None,
@@ -196,25 +207,35 @@ class HydraAttributor(BaseAttributor):
     def _fill_store(self, store):
         """The fast-mode store: finished by the fused recorder when it filled it for this
         window, else filled by the two-pass sweep over the recorded trajectory."""
+        import time
+
         rec, self._fused_recorder = getattr(self, "_fused_recorder", None), None
         lazy = None if rec is None else rec.lazy_
         self.fit_path_ = "two_pass"
+        self.hooks_fallback_ = None
+        self._fit_profile = {}  # seconds by part of the fit, read by benchmarks/perf
         if lazy is not None:
             self.hooks_fallback_ = rec.hook_fallback_
             if not rec.window_lost_ and lazy.start == self.window_start_ and \
                     len(lazy) == len(self.trajectory_):
                 lazy.finish()
                 self.fit_path_ = "fused"
+                self._fit_profile = {"hooks_s": rec.seconds_["hooks"],
+                                     "step_grads_s": rec.seconds_["step_grads"],
+                                     "commit_s": lazy.seconds["commit"],
+                                     "finish_s": lazy.seconds["finish"]}
                 return
             from ._fused import zero_store
 
             lazy.velocity = None
             zero_store(store)  # the window began elsewhere: fill it again from the record
+        tic = time.perf_counter()
         with module_mode(self.net_.module_, training=True):
             build_fast_store(self.trajectory_, self._loss_fn(), self._data_fn(), store,
                              self._rows_map, independent=self._independent,
                              device=self._device, progress=self._progress(),
                              start=self.window_start_)
+        self._fit_profile = {"store_pass_s": time.perf_counter() - tic}
 
     @property
     def _independent(self):
@@ -230,6 +251,7 @@ class HydraAttributor(BaseAttributor):
         self._rows_map = np.full(n, -1, dtype=np.int64)
         self._rows_map[self.rows_] = np.arange(len(self.rows_))
         self.store_ = None
+        self.fit_path_ = self.hooks_fallback_ = None
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
         if store is not None:
             self._fill_store(store)
