@@ -268,15 +268,16 @@ def _own_loss(net, X, y):
             reduction="none").cpu().numpy().astype(np.float64)
 
 
-def _detection_table(hydra_score, own_loss, flipped, k):
-    """Headline numbers of both scores on the same rows (lower = more suspect for both)."""
+def _detection_table(hydra_score, own_loss, margin, flipped, k):
+    """Headline numbers of the three scores on the same rows (lower = more suspect)."""
     import pandas as pd
 
     from . import metrics
 
     out = []
     for name, suspect in [("HYDRA: lowest score", hydra_score),
-                          ("own training loss: highest", -own_loss)]:
+                          ("own training loss: highest", -own_loss),
+                          ("LabelNoiseCleaner: lowest mean margin", margin)]:
         out.append({"method": name, "ROC AUC": metrics.mislabel_detection_auc(suspect, flipped),
                     f"precision at k={k}": metrics.precision_at_k(suspect, flipped, k)})
     out.append({"method": "random (expected)", "ROC AUC": 0.5,
@@ -294,6 +295,7 @@ def run_demo(args):
     import pandas as pd
 
     from . import datasets
+    from .cleaning import LabelNoiseCleaner
     from .hydra import HydraAttributor
 
     t0 = time.perf_counter()
@@ -319,10 +321,14 @@ def run_demo(args):
     rows = att.rows_
     s, f = scores[rows], flipped[rows]
     own = _own_loss(att.net_, data.X_train[rows], y_noisy[rows])
+    # the default cleaner (training dynamics of a second, identically seeded run)
+    cleaner = LabelNoiseCleaner(net, random_state=args.seed).fit(data.X_train, y_noisy)
+    margin = cleaner.scores_[rows]
     k = max(1, int(round(args.noise * len(rows))))
     table = pd.DataFrame({"row": rows, "label_given": y_noisy[rows],
                           "label_true": data.y_train[rows], "flipped": f, "score": s,
-                          "own_loss": own})
+                          "own_loss": own, "margin": margin,
+                          "removed_by_cleaner": cleaner.removed_mask_[rows]})
     order = np.argsort(s, kind="stable")
     harmful = table.iloc[order[:args.top]].reset_index(drop=True)
     helpful = table.iloc[order[::-1][:args.top]].reset_index(drop=True)
@@ -336,18 +342,27 @@ def run_demo(args):
         print(harmful.to_string(index=False, float_format=fmt))
         print("\nmost helpful training samples:")
         print(helpful.to_string(index=False, float_format=fmt))
+    removed = cleaner.removed_mask_
+    print(f"\nLabelNoiseCleaner (default, no trusted labels) removes {int(removed.sum())} of "
+          f"{n} rows; {int((removed & flipped).sum())} of them are flipped, and "
+          f"{int((~removed & flipped).sum())} flipped rows stay.")
     results = {"auc": None, "precision_at_noise_rate": None, "own_loss_auc": None,
-               "own_loss_precision": None, "k": k, "n_tracked": len(rows),
-               "n_tracked_flipped": int(f.sum()), "test_accuracy": acc}
+               "own_loss_precision": None, "cleaner_auc": None, "cleaner_precision": None,
+               "cleaner_removed": int(removed.sum()),
+               "cleaner_removed_flipped": int((removed & flipped).sum()), "k": k,
+               "n_tracked": len(rows), "n_tracked_flipped": int(f.sum()),
+               "test_accuracy": acc}
     if 0 < f.sum() < len(f):
-        detection = _detection_table(s, own, f, k)
+        detection = _detection_table(s, own, margin, f, k)
         print(f"\nfinding the flipped labels among the {len(rows)} tracked rows "
               f"(k = the noise rate x tracked rows):")
         print(detection.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         results.update(auc=float(detection.iloc[0, 1]),
                        precision_at_noise_rate=float(detection.iloc[0, 2]),
                        own_loss_auc=float(detection.iloc[1, 1]),
-                       own_loss_precision=float(detection.iloc[1, 2]))
+                       own_loss_precision=float(detection.iloc[1, 2]),
+                       cleaner_auc=float(detection.iloc[2, 1]),
+                       cleaner_precision=float(detection.iloc[2, 2]))
     else:
         which = "no flipped label" if not f.any() else "only flipped labels"
         print(f"\nROC AUC and precision are undefined here: the {len(rows)} tracked rows "

@@ -20,9 +20,10 @@ N_FLIPPED_DIGITS = 108  # 10% of them
 
 
 def _detection_rows(text):
-    """The two scored rows of the printed detection table: name -> (auc, precision)."""
+    """The scored rows of the printed detection table: name -> (auc, precision)."""
     found = {}
-    for name, key in [("HYDRA: lowest score", "hydra"), ("own training loss: highest", "own")]:
+    for name, key in [("HYDRA: lowest score", "hydra"), ("own training loss: highest", "own"),
+                      ("LabelNoiseCleaner: lowest mean margin", "cleaner")]:
         m = re.search(re.escape(name) + r"\s+([0-9.]+)\s+([0-9.]+)", text)
         if m:
             found[key] = (float(m.group(1)), float(m.group(2)))
@@ -52,12 +53,17 @@ def test_demo_writes_table_scores_grid_and_baseline(tmp_path, capsys):
     rows = _detection_rows(text)
     k = int(round(0.1 * len(scores)))
     f = scores.flipped.to_numpy()
-    for key, suspect in [("hydra", -scores.score.to_numpy()), ("own", scores.own_loss.to_numpy())]:
+    for key, suspect in [("hydra", -scores.score.to_numpy()), ("own", scores.own_loss.to_numpy()),
+                         ("cleaner", -scores.margin.to_numpy())]:
         auc, prec = rows[key]
         assert auc == pytest.approx(roc_auc_score(f, suspect), abs=6e-5)
         top = np.argsort(-suspect, kind="stable")[:k]
         assert prec == pytest.approx(f[top].mean(), abs=6e-5)
     assert f"precision at k={k}" in text
+    # the default cleaner's removed set, counted from the same CSV
+    removed = scores.removed_by_cleaner.to_numpy()
+    assert (f"removes {removed.sum()} of {len(scores)} rows; {(removed & f).sum()} of them "
+            f"are flipped") in text
     # files get the mode open() would give them (0666 less the umask), not mkstemp's 0600
     for name in ("scores.csv", "harmful_helpful.png"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644
@@ -73,7 +79,7 @@ def test_demo_tracked_rows_are_drawn_independently_of_the_noise(tmp_path, capsys
     scores = pd.read_csv(out / "scores.csv")
     assert len(scores) == N_FLIPPED_DIGITS
     assert 0 < scores.flipped.sum() < 0.3 * len(scores)
-    assert "nan" not in text and set(_detection_rows(text)) == {"hydra", "own"}
+    assert "nan" not in text and set(_detection_rows(text)) == {"hydra", "own", "cleaner"}
 
 
 def test_tracked_rows_at_the_readme_size_hold_the_noise_rate():
