@@ -188,10 +188,10 @@ class LazyStore:
             self.velocity = SampleStore(s.shape[0], s.shape[1], kind=s.kind, dtype=s.dtype,
                                         directory=self.directory)
             return
-        # uninitialised: a row's velocity is written before it is first read (a fresh
-        # state is set, not added to), so the memset of zeros would be wasted
         v = SampleStore.__new__(SampleStore)
         v.kind, v.dtype, v.shape = s.kind, s.dtype, s.shape
+        # uninitialised unless allocated mid-run: a row's velocity is written before it
+        # is first read (a fresh state is set, not added to)
         v.data = (torch.zeros if zero else torch.empty)(s.shape, dtype=s.data.dtype)
         self.velocity = v
 
@@ -271,15 +271,27 @@ class LazyStore:
                         if vs is not None:
                             torch.mul(gs, b[j][1], out=vs)
                     continue
-                new = torch.mul(ps, a00, out=tmp if single else tmp[sl])
-                if vs is not None:
-                    new.add_(vs, alpha=a01)
-                    vs.mul_(a11).add_(ps, alpha=a10)
-                    if gs is not None and b[j][1] != 0:
-                        vs.add_(gs, alpha=b[j][1])
-                if gs is not None:
-                    new.add_(gs, alpha=b[j][0])
-                ps.copy_(new)
+                t = tmp if single else tmp[sl]
+                if vs is None:
+                    ps.mul_(a00)
+                    if gs is not None:
+                        ps.add_(gs, alpha=b[j][0])
+                    continue
+                if a00 != 0:  # p' = a00 (p + a01/a00 v + bP/a00 g): one pass fewer
+                    torch.add(ps, vs, alpha=a01 / a00, out=t)
+                    if gs is not None:
+                        t.add_(gs, alpha=b[j][0] / a00)
+                else:
+                    torch.mul(vs, a01, out=t)
+                    if gs is not None:
+                        t.add_(gs, alpha=b[j][0])
+                vs.mul_(a11).add_(ps, alpha=a10)
+                if gs is not None and b[j][1] != 0:
+                    vs.add_(gs, alpha=b[j][1])
+                if a00 != 0:
+                    torch.mul(t, a00, out=ps)
+                else:
+                    ps.copy_(t)
             self._put_row(P, r, p)
             if v is not None:
                 self._put_row(V, r, v)
