@@ -6,8 +6,8 @@ The "python version" distribution, as torchvision unpacks it::
 
 Each batch file is a pickle of a dict with ``data`` (``uint8``, ``(n, 3072)``, the
 channels of a 32x32 image one after the other) and ``labels`` (list of int); the meta
-file holds ``label_names``. Nothing is downloaded. Re-exported by
-:mod:`hydrattr.datasets`.
+file holds ``label_names``. Nothing is downloaded. :func:`hydrattr.datasets.load_cifar10`
+finds the folder and splits what :func:`read_cifar10` reads.
 
 Security: these files are pickles, and unpickling an arbitrary file can run arbitrary
 code. They are read with a restricted unpickler that builds only plain containers and
@@ -16,14 +16,13 @@ still, only read CIFAR files from a source you trust (the official archive).
 """
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
-from sklearn.utils import Bunch, check_random_state
 
-__all__ = ["CIFAR10_FOLDER", "CIFAR10_FILES", "read_cifar_batch", "load_cifar10"]
+__all__ = ["CIFAR10_FOLDER", "CIFAR10_FILES", "read_cifar_batch", "read_cifar10",
+           "cifar10_candidates"]
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
@@ -77,56 +76,17 @@ def read_cifar_batch(path):
     return X.reshape(-1, 3, 32, 32), y
 
 
-def _resolve_root(root):
-    from .datasets import DATA_ENV_VAR
-
-    source = "root"
-    if root is None:
-        root = os.environ.get(DATA_ENV_VAR) or None
-        source = f"${DATA_ENV_VAR}"
-    if root is None:
-        raise FileNotFoundError(
-            f"No CIFAR-10 directory: pass root=... (the folder given to torchvision's "
-            f"CIFAR10(root)) or set {DATA_ENV_VAR}. Nothing is downloaded.")
+def cifar10_candidates(root):
+    """The folders under ``root`` that may hold the CIFAR-10 batches, in the order tried:
+    torchvision's ``root/cifar-10-batches-py``, ``root`` itself, ``root/cifar10/...``."""
     base = Path(root).expanduser()
-    need = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
-    candidates = [base / CIFAR10_FOLDER, base, base / "cifar10" / CIFAR10_FOLDER]
-    for cand in candidates:
-        if all((cand / f).is_file() for f in need):
-            return cand
-    raise FileNotFoundError(
-        f"Could not find the CIFAR-10 python batches ({', '.join(need)}) in "
-        f"{', '.join(str(c) for c in candidates)} (directory from {source}). Expected "
-        f"torchvision's layout root/{CIFAR10_FOLDER}/. Nothing is downloaded.")
+    return [base / CIFAR10_FOLDER, base, base / "cifar10" / CIFAR10_FOLDER]
 
 
-def load_cifar10(root=None, n_train=40000, n_valid=10000, random_state=0, dtype=np.float32):
-    """CIFAR-10 split as in the HYDRA paper: 40,000 train / 10,000 validation / 10,000 test.
-
-    A seeded permutation of the official 50,000 training images gives ``n_train``
-    training and the next ``n_valid`` validation images; the official test batch is the
-    test set. The files are pickles, read with a restricted unpickler (containers and
-    numpy arrays only); still, load only files from a source you trust.
-
-    Parameters
-    ----------
-    root : str or path-like, optional
-        The directory given to ``torchvision.datasets.CIFAR10(root)`` (holding
-        ``cifar-10-batches-py/``) or that folder itself. Defaults to ``$HYDRATTR_DATA``.
-    n_train, n_valid : int
-        ``n_train >= 1``, ``n_valid >= 0``, ``n_train + n_valid <=`` the training images.
-    random_state : int, RandomState instance or None, default=0
-    dtype : numpy dtype, default=float32
-        Images are scaled to [0, 1] in this dtype (``None`` keeps ``uint8``).
-
-    Returns
-    -------
-    split : sklearn.utils.Bunch
-        ``X_train, y_train, X_valid, y_valid, X_test, y_test`` (X of shape
-        ``(n, 3, 32, 32)``, y int64), ``train_index``, ``valid_index``, ``classes`` (the
-        label names) and ``name="cifar10"``.
-    """
-    folder = _resolve_root(root)
+def read_cifar10(folder):
+    """``(X, y, X_test, y_test, classes)`` from the batches in ``folder``: the 50,000
+    training images, the test batch, and the label names (None without the meta file)."""
+    folder = Path(folder)
     parts = [read_cifar_batch(folder / f) for f in CIFAR10_FILES["train"]]
     X = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
@@ -135,21 +95,4 @@ def load_cifar10(root=None, n_train=40000, n_valid=10000, random_state=0, dtype=
     meta = folder / CIFAR10_FILES["meta"]
     if meta.is_file():
         classes = list(_load(meta).get("label_names", [])) or None
-    for name, v, lo in (("n_train", n_train, 1), ("n_valid", n_valid, 0)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= len(X):
-            raise ValueError(f"{name} must be an int in [{lo}, {len(X)}], got {v!r}")
-    if n_train + n_valid > len(X):
-        raise ValueError(f"n_train + n_valid must be <= {len(X)} (the training images), got "
-                         f"{n_train} + {n_valid} = {n_train + n_valid}")
-    perm = check_random_state(random_state).permutation(len(X))
-    tr, va = perm[:n_train], perm[n_train:n_train + n_valid]
-
-    def scale(a):
-        if dtype is None:
-            return a
-        dt = np.dtype(dtype)
-        return a.astype(dt) / dt.type(255)
-
-    return Bunch(X_train=scale(X[tr]), y_train=y[tr], X_valid=scale(X[va]), y_valid=y[va],
-                 X_test=scale(X_test), y_test=y_test, train_index=tr, valid_index=va,
-                 classes=classes, name="cifar10")
+    return X, y, X_test, y_test, classes

@@ -25,7 +25,7 @@ import torch
 
 from ._core.functional import per_sample_grads
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
-from ._skorch import TrajectoryRecorder, _is_adam, make_loss_fn, module_flags, module_mode
+from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
 __all__ = ["FusedRecorder", "zero_store"]
 
@@ -91,7 +91,7 @@ class FusedRecorder(TrajectoryRecorder):
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         super().on_train_begin(net, X=X, y=y, **kwargs)
-        self.fused_ = not _is_adam(net.optimizer_)
+        self.fused_ = not is_adam(net.optimizer_)
         self.window_lost_ = False
         self.hook_fallback_ = None  # why the hooks were not used (None: they were)
         self._psh = None

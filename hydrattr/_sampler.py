@@ -20,20 +20,14 @@ from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-
-def _is_skorch_net(obj):
-    try:
-        from skorch import NeuralNet
-    except ImportError:  # pragma: no cover - skorch is a hard dependency
-        return False
-    return isinstance(obj, NeuralNet)
+from ._skorch import fit_recording_dynamics, is_net, torch_seed
 
 
 def _net_of(attributor):
     return getattr(attributor, "net", None)
 
 
-class _ContributionSampler(BaseEstimator):
+class ContributionSampler(BaseEstimator):
     """Shared machinery: validation split, label encoding, fitting the attributor.
 
     Subclasses implement
@@ -59,7 +53,7 @@ class _ContributionSampler(BaseEstimator):
                 f"{type(self).__name__}: attributor is required: pass an attributor such as "
                 f"HydraAttributor(net) (or a skorch net, which is wrapped in "
                 f"HydraAttributor(net)).")
-        if _is_skorch_net(attributor):
+        if is_net(attributor):
             from .hydra import HydraAttributor
 
             return HydraAttributor(clone(attributor), random_state=self.random_state,
@@ -202,8 +196,8 @@ class _ContributionSampler(BaseEstimator):
     def _dynamics_net(self):
         """The skorch net whose training run is watched (the bare net, or the net of the
         attributor given)."""
-        net = self.attributor if _is_skorch_net(self.attributor) else _net_of(self.attributor)
-        if net is None or not _is_skorch_net(net):
+        net = self.attributor if is_net(self.attributor) else _net_of(self.attributor)
+        if net is None or not is_net(net):
             raise TypeError(
                 f"{type(self).__name__}: attributor must be a skorch net or an attributor "
                 f"with a net (e.g. HydraAttributor(net)), got "
@@ -215,14 +209,6 @@ class _ContributionSampler(BaseEstimator):
                 f"Set train_split=None on the net.", UserWarning, stacklevel=4)
         return net
 
-    def _dynamics_seed(self):
-        rs = self.random_state
-        if rs is None:
-            return None
-        if isinstance(rs, numbers.Integral):
-            return int(rs)
-        return int(check_random_state(rs).randint(np.iinfo(np.int32).max))
-
     def _trusted_validation(self, X):
         """``(X_val, y_val_enc)`` from ``validation_data`` (trusted labels), or None."""
         if self.validation_data is None:
@@ -233,8 +219,6 @@ class _ContributionSampler(BaseEstimator):
     def _record_dynamics(self, X, y_enc, extra=None):
         """Train a clone of the net on ``(X, y_enc)`` (plus the trusted ``extra`` rows,
         never scored) and return the dynamics of the first ``len(X)`` rows."""
-        from ._skorch import fit_recording_dynamics
-
         net = self._dynamics_net()
         if extra is not None:
             X = np.concatenate([X, extra[0]])
@@ -242,7 +226,7 @@ class _ContributionSampler(BaseEstimator):
         n = len(y_enc) if extra is None else len(y_enc) - len(extra[1])
         if self.verbose:
             net = clone(net).set_params(verbose=self.verbose)
-        net_, dyn = fit_recording_dynamics(net, X, y_enc, seed=self._dynamics_seed())
+        net_, dyn = fit_recording_dynamics(net, X, y_enc, seed=torch_seed(self.random_state))
         if extra is not None:
             dyn = type(dyn)(dyn.margin_sum[:, :n], dyn.count[:, :n], dyn.prob_sum[:n])
         return net_, dyn

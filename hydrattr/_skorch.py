@@ -16,18 +16,27 @@
   losses computed by the net's own ``infer`` and ``get_loss`` (so skorch's NLLLoss
   log-probability handling and output squeezing apply), with parameters swapped in
   through ``torch.func.functional_call``.
+* :func:`record_fit` is the one entry point that clones a net, trains the clone with
+  skorch's ``fit`` while a recorder watches, and hands back a :class:`Recording`;
+  :func:`probe_net` and :func:`trained_clone` are the other two ways hydrattr makes nets.
+
+Only this module imports skorch.
 """
 from __future__ import annotations
 
 import contextlib
+import numbers
 import signal
 import threading
 
 import numpy as np
 import torch
+from sklearn.base import clone
+from sklearn.utils import check_random_state
 from skorch import NeuralNet
-from skorch.callbacks import Callback
+from skorch.callbacks import Callback, LRScheduler
 from skorch.dataset import get_len
+from skorch.classifier import NeuralNetClassifier
 from torch.func import functional_call
 
 from ._core.functional import ParamSpec
@@ -35,7 +44,8 @@ from ._core.trajectory import Trajectory
 
 __all__ = ["NeuralNet", "RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
            "module_flags", "module_mode", "per_sample_reduction", "watch_interrupts",
-           "check_targets"]
+           "check_targets", "is_net", "check_net", "probe_net", "record_fit", "Recording",
+           "trained_clone", "is_adam", "torch_seed", "fit_recording_dynamics"]
 
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -108,7 +118,8 @@ def check_optimizer(optimizer):
                 f"maximum of the second moment is not differentiable); use amsgrad=False.")
 
 
-def _is_adam(optimizer):
+def is_adam(optimizer):
+    """Whether ``optimizer`` is Adam or AdamW (per-coordinate steps) rather than SGD."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
@@ -119,7 +130,7 @@ def optimizer_hyper_row(optimizer):
     Adam/AdamW: lr, beta1, beta2, eps, weight_decay, decoupled (AdamW), step (the bias
     correction count of the coming step, i.e. after torch's increment).
     """
-    adam = _is_adam(optimizer)
+    adam = is_adam(optimizer)
     keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step") if adam else \
         ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first")
     row = {k: [] for k in keys}
@@ -147,7 +158,7 @@ def optimizer_hyper_row(optimizer):
 def optimizer_state_vectors(optimizer, params):
     """Adam/AdamW: flat ``(exp_avg, exp_avg_sq)`` over ``params`` (zeros before the first
     step); None for optimizers whose step needs no recorded state (SGD)."""
-    if not _is_adam(optimizer):
+    if not is_adam(optimizer):
         return None
     out = []
     for key in ("exp_avg", "exp_avg_sq"):
@@ -290,8 +301,6 @@ def check_targets(net, x, y, name):
     shapes it would broadcast (torch's elementwise losses; custom criteria are trusted);
     returns a list of warnings (a criterion that does not match the module's output).
     """
-    from skorch.classifier import NeuralNetClassifier
-
     crit = net.criterion_
     cname = type(crit).__name__
     if y.dtype.kind not in "iubf":
@@ -625,6 +634,158 @@ class DynamicsRecorder(Callback):
             prob_sum=self._probs if self._probs is not None else np.zeros((n, k)))
 
 
+# -- making nets: probe, record, copy ------------------------------------------------------
+def torch_seed(random_state):
+    """The int torch is seeded with for ``random_state`` (None: torch is not seeded); a
+    ``RandomState`` instance draws it."""
+    if random_state is None:
+        return None
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def is_net(obj):
+    """Whether ``obj`` is a skorch ``NeuralNet`` (e.g. ``NeuralNetClassifier``)."""
+    return isinstance(obj, NeuralNet)
+
+
+def check_net(net):
+    """Raise ``TypeError`` unless ``net`` is a skorch ``NeuralNet``."""
+    if not is_net(net):
+        raise TypeError(f"net must be a skorch NeuralNet (e.g. NeuralNetClassifier), "
+                        f"got {type(net).__name__}.")
+
+
+def probe_net(net):
+    """An initialized clone of ``net``, made without drawing from torch's RNG (to read
+    the parameter dtype, the layers, or check targets before training)."""
+    with torch.random.fork_rng():
+        return clone(net).initialize()
+
+
+def trained_clone(net, trained, drop_schedulers=False):
+    """An initialized clone of ``net`` (no recorder) holding the module and optimizer
+    state of the fitted ``trained``; ``drop_schedulers`` leaves out its
+    ``LRScheduler`` callbacks (a continuation keeps the final learning rates)."""
+    out = clone(net)
+    if drop_schedulers:
+        cbs = net.callbacks
+        cbs = [] if cbs in (None, "disable") else list(cbs)
+        out.set_params(callbacks=[c for c in cbs if not isinstance(
+            c[1] if isinstance(c, tuple) else c, LRScheduler)])
+    with torch.random.fork_rng():
+        out.initialize()
+    out.module_.load_state_dict(trained.module_.state_dict())
+    out.optimizer_.load_state_dict(trained.optimizer_.state_dict())
+    return out
+
+
+class Recording:
+    """What :func:`record_fit` hands back.
+
+    Attributes
+    ----------
+    net : skorch.NeuralNet
+        The trained clone (it no longer holds the recorder).
+    interrupted : bool
+        Training was stopped by Ctrl-C (skorch ends ``fit`` quietly then).
+    trajectory, spec : Trajectory, ParamSpec or None
+        The recorded steps and the flat parameter layout (``what`` "trajectory"/"rows").
+    problems : list of str
+        What makes the record differ from the real update (see
+        :meth:`TrajectoryRecorder.problems`); empty when faithful.
+    first_nonfinite_loss : int or None
+        First step whose training loss was not finite.
+    last_grad : torch.Tensor or None
+        The gradient the last applied step used (flat).
+    recorder : Callback or None
+        The recorder itself, emptied of the trajectory and the data (HYDRA's fused
+        recorder keeps its store there).
+    dynamics : TrainingDynamics or None
+        The rows' training dynamics (``what="dynamics"``).
+    """
+
+    def __init__(self, net, interrupted):
+        self.net, self.interrupted = net, bool(interrupted)
+        self.trajectory = self.spec = self.first_nonfinite_loss = self.last_grad = None
+        self.recorder = self.dynamics = None
+        self.problems = []
+
+
+_WHAT = ("trajectory", "rows", "dynamics", None)
+
+
+def record_fit(net, X, y, what="trajectory", *, seed=None, record_rng=False,
+               storage="memory", directory=None, make_recorder=None):
+    """Clone ``net``, train the clone on ``(X, y)`` with skorch's own ``fit`` while a
+    recorder watches, and return a :class:`Recording`.
+
+    ``X`` and ``y`` are passed to ``fit`` as they are (cast them to the module's dtype
+    first). The caller's ``net`` and its callback objects are never touched; the trained
+    clone keeps none of the recorder (which holds the trajectory and the data).
+
+    Parameters
+    ----------
+    what : {"trajectory", "rows", "dynamics", None}
+        ``"trajectory"``: every step's parameters, rows, weights and hyperparameters
+        (:class:`TrajectoryRecorder`, in ``storage``/``directory``); ``"rows"``: the same
+        but only the last step's parameters (``storage="last"``: O(P) memory);
+        ``"dynamics"``: each row's margins and probabilities in the training forward
+        passes (``y`` must hold class indices); None: a plain fit.
+    seed : int or None
+        Seed torch with it right before training.
+    record_rng : bool
+        Record the RNG state of every step (to replay dropout masks).
+    make_recorder : callable or None
+        ``make_recorder(dataset, record_rng) -> TrajectoryRecorder`` instead of the
+        default recorder (HYDRA's fused fit passes its subclass); when it returns None
+        the default is used.
+    """
+    if what not in _WHAT:
+        raise ValueError(f"what must be one of {_WHAT}, got {what!r}")
+    net = clone(net)
+    data = RecordingDataset(net.get_dataset(X, y))
+    recorder = None
+    if what == "dynamics":
+        recorder = DynamicsRecorder(y, consume=True)
+    elif what is not None and make_recorder is not None:
+        recorder = make_recorder(data, record_rng)
+    if recorder is None and what in ("trajectory", "rows"):
+        recorder = TrajectoryRecorder(data, record_rng=record_rng, directory=directory,
+                                      storage="last" if what == "rows" else storage)
+    own = net.callbacks
+    if recorder is not None:
+        # the clone's own copies of the callbacks, so that training never initialises
+        # (and attaches schedulers to) the caller's callback objects
+        callbacks = [] if own in (None, "disable") else list(own)
+        net.set_params(callbacks=callbacks + [("hydrattr_recorder", recorder)])
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    with watch_interrupts() as sigints:
+        net.fit(data, y)
+    out = Recording(net, sigints)
+    if recorder is None:
+        return out
+    if what == "dynamics":
+        out.dynamics = recorder.dynamics()
+    else:
+        out.problems = recorder.problems(net)
+        out.trajectory, out.spec = recorder.trajectory_, recorder.spec_
+        out.interrupted = out.interrupted or recorder.interrupted_
+        out.first_nonfinite_loss = recorder.first_nonfinite_loss()
+        out.last_grad = recorder.last_grad_
+        # The fitted net must not keep the recorder: it holds the trajectory and the
+        # training data, which would otherwise stay alive (and be pickled) with the net
+        # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
+        recorder.trajectory_ = recorder.dataset = recorder._params = None
+        recorder.last_grad_ = None
+        out.recorder = recorder
+    net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
+    net.callbacks = own
+    return out
+
+
 def fit_recording_dynamics(net, X, y, seed=None):
     """Train a clone of ``net`` on ``(X, y)`` as ``net.fit`` would and return it with the
     rows' :class:`~hydrattr.label_issues.TrainingDynamics`.
@@ -634,33 +795,15 @@ def fit_recording_dynamics(net, X, y, seed=None):
     the recorder. Raises ``KeyboardInterrupt`` when interrupted (skorch would stop quietly)
     and ``ValueError`` when the training margins are not finite (a diverged run).
     """
-    from sklearn.base import clone
-
     from ._inputs import cast_inputs
 
-    with torch.random.fork_rng():
-        probe = clone(net).initialize()
-        dtype = next(probe.module_.parameters()).dtype
-        del probe
+    dtype = next(probe_net(net).module_.parameters()).dtype
     Xc = cast_inputs(X, torch.empty(0, dtype=dtype).numpy().dtype)
-    y = np.asarray(y, dtype=np.int64)
-    net = clone(net)
-    data = RecordingDataset(net.get_dataset(Xc, y))
-    recorder = DynamicsRecorder(y, consume=True)
-    own = net.callbacks
-    callbacks = [] if own in (None, "disable") else list(own)
-    net.set_params(callbacks=callbacks + [("hydrattr_dynamics", recorder)])
-    if seed is not None:
-        torch.manual_seed(int(seed))
-    with watch_interrupts() as sigints:
-        net.fit(data, y)
-    if sigints:
+    rec = record_fit(net, Xc, np.asarray(y, dtype=np.int64), what="dynamics", seed=seed)
+    if rec.interrupted:
         raise KeyboardInterrupt("training was interrupted (Ctrl-C); nothing was scored.")
-    net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
-    net.callbacks = own
-    dyn = recorder.dynamics()
-    seen = dyn.seen
-    if not np.isfinite(dyn.mean_margin()[seen]).all():
+    dyn = rec.dynamics
+    if not np.isfinite(dyn.mean_margin()[dyn.seen]).all():
         raise ValueError("net: training diverged (non-finite outputs during training); "
                          "lower net.lr or check net.criterion against the module's output.")
-    return net, dyn
+    return rec.net, dyn

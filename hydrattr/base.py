@@ -1,31 +1,21 @@
 """BaseAttributor: parameters, validation, cloning and recording the net, the C contract."""
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, clone
-from sklearn.utils import check_random_state
+from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from ._inputs import cast_inputs, check_dataset, check_mapping, collate_all, collate_fn_of, \
     dataset_data_fn, input_kind, input_shape, n_rows, slice_rows, to_device
-from ._skorch import NeuralNet, RecordingDataset, TrajectoryRecorder, check_targets, make_data_fn, \
-    make_loss_fn, module_flags, watch_interrupts
+from ._skorch import NeuralNet, check_net, check_targets, make_data_fn, make_loss_fn, \
+    module_flags, probe_net, record_fit, torch_seed
 
 __all__ = ["BaseAttributor"]
-
-
-def _check_net(net):
-    from skorch import NeuralNet
-
-    if not isinstance(net, NeuralNet):
-        raise TypeError(f"net must be a skorch NeuralNet (e.g. NeuralNetClassifier), "
-                        f"got {type(net).__name__}.")
 
 
 class BaseAttributor(BaseEstimator):
@@ -33,7 +23,8 @@ class BaseAttributor(BaseEstimator):
 
     ``fit(X, y)`` clones ``net`` (the caller's object is never touched), seeds torch
     from ``random_state`` and trains the clone with skorch's own ``fit`` while a
-    :class:`~hydrattr._skorch.TrajectoryRecorder` callback watches.
+    recorder watches (:func:`~hydrattr._skorch.record_fit`; ``_record`` says what is
+    recorded: ``"trajectory"``, ``"rows"`` or None).
     ``attribute(X_test, y_test)`` returns ``C`` of shape ``(n_train, n_test)`` with
     ``C[i, j] ~ loss_j(trained without i) - loss_j(trained with all)``: positive means
     sample ``i`` helped test point ``j``.
@@ -52,7 +43,7 @@ class BaseAttributor(BaseEstimator):
     first in ``fit``); ``_check_params()`` keeps the rules that tie parameters together.
     """
 
-    _record_trajectory = True
+    _record = "trajectory"  # what record_fit records (see hydrattr._skorch.record_fit)
 
     _parameter_constraints = {
         "net": [NeuralNet],
@@ -74,16 +65,9 @@ class BaseAttributor(BaseEstimator):
             return None
         return lambda total, desc: tqdm(total=total, desc=desc, leave=False)
 
-    def _seed_torch(self):
-        rs = self.random_state
-        if rs is None:
-            return None
-        if isinstance(rs, numbers.Integral):
-            seed = int(rs)
-        else:
-            seed = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
-        torch.manual_seed(seed)
-        return seed
+    def _torch_seed(self):
+        """The seed torch gets before training (None: left as it is)."""
+        return torch_seed(self.random_state)
 
     def _validate_xy(self, X, y, reset):
         # X: numpy array, torch tensor, dict / skorch SliceDict, or torch Dataset
@@ -175,19 +159,17 @@ class BaseAttributor(BaseEstimator):
         ``n_params`` trainable parameters): anything that can fail for a bad parameter should fail here."""
 
     def _make_recorder(self, dataset, record_rng):
-        """The callback that records the run (HYDRA's fused fit uses a subclass)."""
-        return TrajectoryRecorder(dataset, record_rng=record_rng,
-                                  storage=getattr(self, "trajectory", "memory"),
-                                  directory=getattr(self, "store_dir", None))
+        """The callback that records the run, or None for
+        :func:`~hydrattr._skorch.record_fit`'s default (HYDRA's fused fit uses a subclass)."""
+        return None
 
     def _fit_net(self, X, y):
-        """Clone, initialise, seed and train the net while recording the trajectory."""
-        _check_net(self.net)
-        with torch.random.fork_rng():  # find the parameter dtype without using the RNG
-            probe = clone(self.net).initialize()
-            self.param_dtype_ = next(probe.module_.parameters()).dtype
-            has_bn, has_dropout = module_flags(probe.module_)
-            n_params = sum(p.numel() for p in probe.module_.parameters() if p.requires_grad)
+        """Clone, initialise, seed and train the net while recording what ``_record`` says."""
+        check_net(self.net)
+        probe = probe_net(self.net)  # the parameter dtype, without using the RNG
+        self.param_dtype_ = next(probe.module_.parameters()).dtype
+        has_bn, has_dropout = module_flags(probe.module_)
+        n_params = sum(p.numel() for p in probe.module_.parameters() if p.requires_grad)
         np_dtype = torch.empty(0, dtype=self.param_dtype_).numpy().dtype
         Xc = cast_inputs(X, np_dtype)
         if y is None:
@@ -198,20 +180,11 @@ class BaseAttributor(BaseEstimator):
             self._check_targets(Xc, y, probe, "y")
         del probe
         self._before_train(n_rows(X), n_params)
-        net = clone(self.net)
-        rec_ds = RecordingDataset(net.get_dataset(Xc, yc))
-        recorder = None
-        if self._record_trajectory:
-            recorder = self._make_recorder(rec_ds, record_rng=has_dropout)
-            # the clone's own copies of the callbacks, so that training never initialises
-            # (and attaches schedulers to) the caller's callback objects
-            own_callbacks = net.callbacks
-            callbacks = [] if own_callbacks in (None, "disable") else list(own_callbacks)
-            net.set_params(callbacks=callbacks + [("hydrattr_recorder", recorder)])
-        self._seed_torch()
-        with watch_interrupts() as sigints:
-            net.fit(rec_ds, yc)
-        self.net_ = net
+        rec = record_fit(self.net, Xc, yc, what=self._record, seed=self._torch_seed(),
+                         record_rng=has_dropout, storage=getattr(self, "trajectory", "memory"),
+                         directory=getattr(self, "store_dir", None),
+                         make_recorder=self._make_recorder)
+        net = self.net_ = rec.net
         self.module_flags_ = {"batchnorm": has_bn, "dropout": has_dropout}
         self.input_shape_ = input_shape(X)
         self.n_train_ = n_rows(X)
@@ -219,28 +192,16 @@ class BaseAttributor(BaseEstimator):
             self._X, self._y = X, None
         else:
             self._X, self._y = self._to_tensors(Xc, yc)
-        self.interrupted_ = bool(sigints) or bool(recorder is not None
-                                                  and recorder.interrupted_)
-        if recorder is not None:
-            traj = recorder.trajectory_
-            self.spec_ = recorder.spec_
-            self.trajectory_ = traj
-            self.trained_mask_ = traj.used_rows()
-            problems = recorder.problems(net)
-            bad_loss = recorder.first_nonfinite_loss()
-            last_grad = recorder.last_grad_
-            # The fitted net must not keep the recorder: it holds the trajectory and the
-            # training data, which would otherwise stay alive (and be pickled) with net_
-            # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
-            net.callbacks_ = [(n, cb) for n, cb in net.callbacks_ if cb is not recorder]
-            net.callbacks = own_callbacks
-            recorder.trajectory_ = recorder.dataset = recorder._params = None
-            recorder.last_grad_ = None
-            self._check_training(bad_loss)
-            if problems:
+        self.interrupted_ = rec.interrupted
+        if rec.trajectory is not None:
+            self.spec_ = rec.spec
+            self.trajectory_ = rec.trajectory
+            self.trained_mask_ = rec.trajectory.used_rows()
+            self._check_training(rec.first_nonfinite_loss)
+            if rec.problems:
                 raise ValueError("hydrattr cannot attribute this training run: "
-                                 + " ".join(problems))
-            self._check_last_step(last_grad)
+                                 + " ".join(rec.problems))
+            self._check_last_step(rec.last_grad)
             n_unused = int((~self.trained_mask_).sum())
             if n_unused:
                 warnings.warn(
@@ -251,14 +212,15 @@ class BaseAttributor(BaseEstimator):
         else:
             self._check_training(None)
         if self.interrupted_:
-            steps = "" if recorder is None else f" after {len(self.trajectory_)} optimizer steps"
+            steps = "" if rec.trajectory is None else \
+                f" after {len(self.trajectory_)} optimizer steps"
             warnings.warn(
                 f"Training was interrupted (KeyboardInterrupt){steps}, in epoch "
                 f"{len(net.history)} of max_epochs={net.max_epochs}. skorch stops training on "
                 f"Ctrl-C and keeps the weights; hydrattr attributes the net as trained so "
                 f"far, the steps actually applied (interrupted_=True). Fit again for the "
                 f"full run.", UserWarning, stacklevel=3)
-        return net
+        return rec
 
     def _check_training(self, bad_loss):
         """Refuse a run whose training loss or trained parameters are not finite."""
@@ -340,9 +302,13 @@ class BaseAttributor(BaseEstimator):
         self._validate_params()
         self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
+        self._fit(X, y)
+        return self
+
+    def _fit(self, X, y):
+        """Train and prepare (``_fit_net``, then the subclass's ``_after_fit``)."""
         self._fit_net(X, y)
         self._after_fit()
-        return self
 
     def _check_params(self):
         """Rules ``_parameter_constraints`` cannot state (subclasses extend it); called in
@@ -376,13 +342,19 @@ class BaseAttributor(BaseEstimator):
         C : ndarray of shape (n_train, n_test) or (n_train, 1)
             ``C[i, j] ~ loss_j(without i) - loss_j(with all)``; positive = helpful.
         """
-        check_is_fitted(self, "net_")
+        check_is_fitted(self, self._fitted_attribute)
         if objective not in ("per_sample", "mean"):
             raise ValueError(f"objective must be 'per_sample' or 'mean', got {objective!r}.")
+        return np.asarray(self._attribute_inputs(X_test, y_test, objective), dtype=np.float64)
+
+    _fitted_attribute = "net_"
+
+    def _attribute_inputs(self, X_test, y_test, objective):
+        """Validate the test points, convert them like the training data, ``_attribute``."""
         X_test, y_test = self._validate_xy(X_test, y_test, reset=False)
         self._check_targets(X_test, y_test, self.net_, "y_test")
         Xt, yt = self._to_tensors(X_test, y_test)
-        return np.asarray(self._attribute(Xt, yt, objective), dtype=np.float64)
+        return self._attribute(Xt, yt, objective)
 
     # -- shared torch plumbing -------------------------------------------------------
     @property
@@ -397,23 +369,35 @@ class BaseAttributor(BaseEstimator):
             return dataset_data_fn(self._X, collate_fn_of(self.net_), self._device)
         return make_data_fn(self._X, self._y, self._device)
 
+    def _test_batches(self, fn, Xt, yt, objective="per_sample", batch_size=256):
+        """``fn(x, y)`` on each block of ``batch_size`` test points (moved to the device):
+        one tensor, or a tuple of tensors, with one row per test point. Returns them
+        concatenated; with ``objective="mean"`` their mean over the test points, summed
+        block by block so that the per-point rows are never held together."""
+        out, total, m = [], None, n_rows(Xt)
+        for s in range(0, m, batch_size):
+            x = to_device(slice_rows(Xt, s, s + batch_size), self._device)
+            parts = fn(x, yt[s:s + batch_size].to(self._device))
+            parts = parts if isinstance(parts, tuple) else (parts,)
+            if objective == "mean":
+                sums = tuple(p.sum(dim=0, keepdim=True) for p in parts)
+                total = sums if total is None else tuple(a + b for a, b in zip(total, sums))
+            else:
+                out.append(parts)
+        res = tuple(t / m for t in total) if objective == "mean" else \
+            tuple(torch.cat(col) for col in zip(*out))
+        return res if len(res) > 1 else res[0]
+
     def _test_grads(self, Xt, yt, objective, batch_size=256):
         """Per-sample test-loss gradients at the trained weights (eval mode), ``(m, P)``;
-        with ``objective="mean"`` their mean, ``(1, P)``, summed batch by batch so that
-        the ``(m, P)`` matrix is never held (2.5 GB for LeNet-5 at 10,000 points)."""
+        with ``objective="mean"`` their mean, ``(1, P)``, without holding the ``(m, P)``
+        matrix (2.5 GB for LeNet-5 at 10,000 points)."""
         from ._core.functional import per_sample_grads
         from ._skorch import flat_params, module_mode
 
         theta = flat_params(self.net_, self.spec_).to(self._device)
         loss_fn = self._loss_fn()
-        out, total, m = [], 0, n_rows(Xt)
         with module_mode(self.net_.module_, training=False):
-            for s in range(0, m, batch_size):
-                x = to_device(slice_rows(Xt, s, s + batch_size), self._device)
-                y = yt[s:s + batch_size].to(self._device)
-                g = per_sample_grads(loss_fn, theta, x, y, independent=True).detach()
-                if objective == "mean":
-                    total = total + g.sum(dim=0, keepdim=True)
-                else:
-                    out.append(g)
-        return total / m if objective == "mean" else torch.cat(out)
+            return self._test_batches(
+                lambda x, y: per_sample_grads(loss_fn, theta, x, y, independent=True).detach(),
+                Xt, yt, objective, batch_size)

@@ -26,14 +26,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._sampler import _ContributionSampler
+from ._sampler import ContributionSampler
 from .label_issues import (estimate_issue_counts, find_label_issues, remove_lowest,
                            split_in_two)
 
 __all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 
 
-class LabelNoiseCleaner(_ContributionSampler):
+class LabelNoiseCleaner(ContributionSampler):
     """Drop the training samples most likely to carry a wrong label.
 
     Two scores are available (``score_by``):

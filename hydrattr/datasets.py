@@ -6,10 +6,12 @@
 * :func:`load_mnist_split` builds the 50k/10k/10k train/validation/test split used by
   the HYDRA paper (Chen et al., AAAI 2021, supplement "Datasets").
 * :func:`load_digits_split` is the no-files default (scikit-learn's 8x8 digits).
+* :func:`load_cifar10` reads torchvision's CIFAR-10 python batches (the reader is
+  ``hydrattr/_cifar.py``) into the paper's 40k/10k/10k split.
 * :func:`make_label_noise` and :func:`make_logistic_toy` create synthetic data.
 
-The data directory is resolved as: the explicit ``data_dir`` argument, else the
-``HYDRATTR_DATA`` environment variable. Inside it, the four IDX files may lie
+The data directory is resolved as: the explicit ``data_dir`` (``root``) argument, else
+the ``HYDRATTR_DATA`` environment variable. Inside it, the four IDX files may lie
 directly or in a subfolder named after the dataset (``mnist/``, ``fashion-mnist/``).
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
 
+from ._cifar import CIFAR10_FILES, CIFAR10_FOLDER, cifar10_candidates, read_cifar10
+
 __all__ = [
     "DATA_ENV_VAR",
     "IDX_FILES",
@@ -35,6 +39,7 @@ __all__ = [
     "load_digits_split",
     "make_label_noise",
     "make_logistic_toy",
+    "load_cifar10",
 ]
 
 DATA_ENV_VAR = "HYDRATTR_DATA"
@@ -135,29 +140,39 @@ def _canonical_name(name):
     return _ALIASES[key]
 
 
-def _resolve_dir(name, data_dir, files):
-    """Return the directory holding ``files`` for dataset ``name`` or raise."""
-    source = "data_dir"
-    if data_dir is None:
-        data_dir = os.environ.get(DATA_ENV_VAR) or None
+def _find_folder(given, arg, candidates, files, what, hint):
+    """The first of ``candidates(directory)`` holding every file of ``files``, where the
+    directory is ``given`` or else ``$HYDRATTR_DATA``; ``FileNotFoundError`` otherwise.
+    ``arg`` names the argument, ``what`` the data, ``hint`` where the files may lie."""
+    source = arg
+    if given is None:
+        given = os.environ.get(DATA_ENV_VAR) or None
         source = f"${DATA_ENV_VAR}"
     expected = ", ".join(files)
-    if data_dir is None:
+    if given is None:
         raise FileNotFoundError(
-            f"No data directory for {name!r}: pass data_dir=... or set the {DATA_ENV_VAR} "
-            f"environment variable to a folder holding {expected} (directly or in a "
-            f"{_SUBFOLDERS[name][0]}/ subfolder). Nothing is downloaded.")
-    base = Path(data_dir).expanduser()
-    candidates = [base] + [base / sub for sub in _SUBFOLDERS[name]]
-    for cand in candidates:
+            f"No data directory for {what}: pass {arg}=... or set the {DATA_ENV_VAR} "
+            f"environment variable to a folder holding {expected} ({hint}). Nothing is "
+            f"downloaded.")
+    tried = candidates(given)
+    for cand in tried:
         if all((cand / f).is_file() for f in files):
             return cand
-    tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"Could not find the {name!r} files {expected} in {tried} (directory taken from "
-        f"{source}). Pass data_dir=... or set the {DATA_ENV_VAR} environment variable to a "
-        f"folder holding these files directly or in a {_SUBFOLDERS[name][0]}/ subfolder. "
-        f"Nothing is downloaded.")
+        f"Could not find the {what} files {expected} in "
+        f"{', '.join(str(c) for c in tried)} (directory taken from {source}). Pass "
+        f"{arg}=... or set the {DATA_ENV_VAR} environment variable to a folder holding "
+        f"these files ({hint}). Nothing is downloaded.")
+
+
+def _resolve_dir(name, data_dir, files):
+    """Return the directory holding ``files`` for dataset ``name`` or raise."""
+    def candidates(d):
+        base = Path(d).expanduser()
+        return [base] + [base / sub for sub in _SUBFOLDERS[name]]
+
+    return _find_folder(data_dir, "data_dir", candidates, files, repr(name),
+                        f"directly or in a {_SUBFOLDERS[name][0]}/ subfolder")
 
 
 def _load_part(name, data_dir, kind):
@@ -444,7 +459,52 @@ def make_logistic_toy(n_samples=200, centers=((-2.0, -2.0), (2.0, 2.0)), cluster
     )
 
 
-# CIFAR-10 from torchvision's python batches (implemented in hydrattr/_cifar.py)
-from ._cifar import load_cifar10  # noqa: E402
+# --------------------------------------------------------------------------- CIFAR-10
+def load_cifar10(root=None, n_train=40000, n_valid=10000, random_state=0, dtype=np.float32):
+    """CIFAR-10 split as in the HYDRA paper: 40,000 train / 10,000 validation / 10,000 test.
 
-__all__.append("load_cifar10")
+    A seeded permutation of the official 50,000 training images gives ``n_train``
+    training and the next ``n_valid`` validation images; the official test batch is the
+    test set. The files are pickles, read with a restricted unpickler (containers and
+    numpy arrays only); still, load only files from a source you trust.
+
+    Parameters
+    ----------
+    root : str or path-like, optional
+        The directory given to ``torchvision.datasets.CIFAR10(root)`` (holding
+        ``cifar-10-batches-py/``) or that folder itself. Defaults to ``$HYDRATTR_DATA``.
+    n_train, n_valid : int
+        ``n_train >= 1``, ``n_valid >= 0``, ``n_train + n_valid <=`` the training images.
+    random_state : int, RandomState instance or None, default=0
+    dtype : numpy dtype, default=float32
+        Images are scaled to [0, 1] in this dtype (``None`` keeps ``uint8``).
+
+    Returns
+    -------
+    split : sklearn.utils.Bunch
+        ``X_train, y_train, X_valid, y_valid, X_test, y_test`` (X of shape
+        ``(n, 3, 32, 32)``, y int64), ``train_index``, ``valid_index``, ``classes`` (the
+        label names) and ``name="cifar10"``.
+    """
+    folder = _find_folder(root, "root", cifar10_candidates,
+                          CIFAR10_FILES["train"] + CIFAR10_FILES["test"], "CIFAR-10",
+                          f"torchvision's layout root/{CIFAR10_FOLDER}/")
+    X, y, X_test, y_test, classes = read_cifar10(folder)
+    for name, v, lo in (("n_train", n_train, 1), ("n_valid", n_valid, 0)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= len(X):
+            raise ValueError(f"{name} must be an int in [{lo}, {len(X)}], got {v!r}")
+    if n_train + n_valid > len(X):
+        raise ValueError(f"n_train + n_valid must be <= {len(X)} (the training images), got "
+                         f"{n_train} + {n_valid} = {n_train + n_valid}")
+    perm = check_random_state(random_state).permutation(len(X))
+    tr, va = perm[:n_train], perm[n_train:n_train + n_valid]
+
+    def scale(a):
+        if dtype is None:
+            return a
+        dt = np.dtype(dtype)
+        return a.astype(dt) / dt.type(255)
+
+    return Bunch(X_train=scale(X[tr]), y_train=y[tr], X_valid=scale(X[va]), y_valid=y[va],
+                 X_test=scale(X_test), y_test=y_test, train_index=tr, valid_index=va,
+                 classes=classes, name="cifar10")

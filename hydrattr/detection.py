@@ -18,7 +18,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._sampler import _ContributionSampler
+from ._sampler import ContributionSampler
 from .label_issues import split_in_two
 
 __all__ = ["SignClusterDetector"]
@@ -27,7 +27,7 @@ _SIGN_STORAGE = ("int8", "packed")
 _CLUSTERING = ("dynamics", "signs", "mean")
 
 
-class SignClusterDetector(_ContributionSampler):
+class SignClusterDetector(ContributionSampler):
     """Flag mislabeled samples by splitting each class in two.
 
     Within each class (by the given, possibly wrong, label) the rows are split into two

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from ._core.trajectory import Trajectory, _Series
+from ._core.trajectory import Trajectory
 from ._inputs import input_kind, n_rows, slice_rows
 
 __all__ = ["parallel_attribute", "share_attributor", "load_shared", "fingerprint"]
@@ -70,58 +70,6 @@ _VERSION = 1
 _local = threading.local()
 # torch's forward-mode AD levels are process-global: one sweep per process at a time
 _SWEEP_LOCK = threading.Lock()
-
-
-# -- trajectory <-> .npy files -------------------------------------------------------------
-def _np_dtype(dtype):
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _write_rows(path, n, p, dtype, get_row):
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_np_dtype(dtype), shape=(n, p))
-    for t in range(n):
-        arr[t] = get_row(t).numpy()
-    arr.flush()
-    del arr
-
-
-def save_trajectory(traj, directory):
-    """Write ``traj`` to ``directory``: ``thetas.npy`` (+ ``optstate{k}.npy``) and ``meta.pkl``."""
-    os.makedirs(directory, exist_ok=True)
-    n, p = len(traj), traj.spec.n_params
-    _write_rows(os.path.join(directory, "thetas.npy"), n, p, traj.dtype, traj.theta)
-    series = getattr(traj, "_opt_series", None) or []
-    for k, s in enumerate(series):
-        _write_rows(os.path.join(directory, f"optstate{k}.npy"), n, p, traj.dtype,
-                    lambda t, s=s: s[t])
-    meta = {k: v for k, v in traj.__dict__.items()
-            if k not in ("_thetas", "_opt_series", "_file")}
-    meta["_n_opt_series"] = len(series)
-    with open(os.path.join(directory, "meta.pkl"), "wb") as f:
-        pickle.dump(meta, f)
-
-
-def load_trajectory(directory):
-    """A :class:`Trajectory` whose snapshots are read-only memory maps of ``directory``.
-
-    Unpickles ``meta.pkl``: only for directories you trust (see :func:`load_shared`)."""
-    with open(os.path.join(directory, "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)
-    n_series = meta.pop("_n_opt_series")
-    traj = Trajectory.__new__(Trajectory)
-    traj.__dict__.update(meta)
-    traj._file = None
-    traj.storage = "memmap"
-    traj._thetas = np.load(os.path.join(directory, "thetas.npy"), mmap_mode="r")
-    traj._opt_series = None
-    if n_series:
-        traj._opt_series = []
-        for k in range(n_series):
-            s = _Series.__new__(_Series)
-            s.n_params, s.dtype, s._file = traj.spec.n_params, traj.dtype, None
-            s._rows = np.load(os.path.join(directory, f"optstate{k}.npy"), mmap_mode="r")
-            traj._opt_series.append(s)
-    return traj
 
 
 # -- training data <-> files ---------------------------------------------------------------
@@ -228,7 +176,7 @@ def share_attributor(att, directory):
         digest = fingerprint(att)
         traj = getattr(att, "trajectory_", None)
         if traj is not None:
-            save_trajectory(traj, os.path.join(directory, "trajectory"))
+            traj.save(os.path.join(directory, "trajectory"))
         _save_data(att._X, att._y, os.path.join(directory, "data"))
         shell = copy.copy(att)
         shell.trajectory_ = None
@@ -292,7 +240,7 @@ def load_shared(directory, expected=None):
                          f"this task was sent for (fingerprint mismatch).")
     att = payload["attributor"]
     if payload["has_trajectory"]:
-        att.trajectory_ = load_trajectory(os.path.join(directory, "trajectory"))
+        att.trajectory_ = Trajectory.load(os.path.join(directory, "trajectory"))
     att._X, att._y = _load_data(os.path.join(directory, "data"))
     return att
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, InvalidParameterError
+from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
+
+from .base import BaseAttributor
 
 __all__ = ["EnsembleAttributor"]
 
 
-class EnsembleAttributor(BaseEstimator):
+class EnsembleAttributor(BaseAttributor):
     """Mean contribution matrix of ``n_estimators`` runs that differ only in their seed.
 
     A network's training run is one draw from a distribution: the initial weights and
@@ -24,7 +25,9 @@ class EnsembleAttributor(BaseEstimator):
     mean of their ``C`` matrices, an estimate of the expected contribution over
     training runs; the seed-to-seed part of each score averages out (its variance falls
     as ``1 / n_estimators``). It keeps the attributor contract: ``C[i, j]`` estimates
-    ``E[loss_j(trained without i) - loss_j(trained with all)]`` over the seed.
+    ``E[loss_j(trained without i) - loss_j(trained with all)]`` over the seed. It is a
+    :class:`~hydrattr.BaseAttributor` whose training is its members' fits: the same
+    ``fit``/``attribute`` checks, and the members validate the data themselves.
 
     This is what ensembles of models do for TRAK (Park et al., 2023); for cleaning label
     noise it is the counterpart of confident learning's K-fold training (see
@@ -80,11 +83,7 @@ class EnsembleAttributor(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        tags.input_tags.allow_nan = False
-        return tags
+    _fitted_attribute = "estimators_"
 
     @property
     def net(self):
@@ -92,44 +91,34 @@ class EnsembleAttributor(BaseEstimator):
         return getattr(self.attributor, "net", None)
 
     def _check_params(self):
-        self._validate_params()
-        if isinstance(self.n_estimators, (bool, np.bool_)):  # Interval(Integral) takes True
-            raise InvalidParameterError(
-                f"The 'n_estimators' parameter of EnsembleAttributor must be an int, not a "
-                f"bool. Got {self.n_estimators!r} instead.")
+        self._refuse_bools("n_estimators")
         if "random_state" not in self.attributor.get_params(deep=False):
             raise TypeError(f"attributor must have a random_state parameter to seed its "
                             f"members, got {type(self.attributor).__name__}.")
 
+    def _validate_xy(self, X, y, reset):
+        return X, y  # each member validates (and converts) the data itself
+
     def _bar(self, desc, total):
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.verbose)
+        progress = self._progress()
+        return None if progress is None else progress(total=total, desc=desc)
 
-    def fit(self, X, y):
-        """Fit ``n_estimators`` seeded clones of ``attributor`` on ``(X, y)``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-            Training inputs (anything the member attributor accepts).
-        y : array-like of shape (n_samples,)
-            Targets.
-
-        Returns
-        -------
-        self
-        """
-        self._check_params()
+    def _fit(self, X, y):
+        """Fit ``n_estimators`` clones of ``attributor``, each with its own seed."""
         if self.random_state is None:
             seeds = None
         else:
             rs = check_random_state(self.random_state)
             seeds = rs.randint(np.iinfo(np.int32).max, size=int(self.n_estimators))
         members = []
-        with self._bar("ensemble fit", int(self.n_estimators)) as bar:
-            for k in range(int(self.n_estimators)):
-                seed = None if seeds is None else int(seeds[k])
-                members.append(clone(self.attributor).set_params(random_state=seed).fit(X, y))
+        bar = self._bar("ensemble fit", int(self.n_estimators))
+        for k in range(int(self.n_estimators)):
+            seed = None if seeds is None else int(seeds[k])
+            members.append(clone(self.attributor).set_params(random_state=seed).fit(X, y))
+            if bar is not None:
                 bar.update()
+        if bar is not None:
+            bar.close()
         self.estimators_ = members
         self.seeds_ = seeds
         self.n_train_ = int(members[0].n_train_)
@@ -138,23 +127,9 @@ class EnsembleAttributor(BaseEstimator):
         self.trained_mask_ = np.logical_and.reduce(masks)
         if hasattr(members[0], "n_features_in_"):
             self.n_features_in_ = members[0].n_features_in_
-        return self
 
-    def attribute(self, X_test, y_test, objective="per_sample"):
-        """Mean over the members of their contribution matrices.
-
-        Parameters
-        ----------
-        X_test : array-like of shape (n_test, ...)
-        y_test : array-like of shape (n_test,)
-        objective : {"per_sample", "mean"}, default="per_sample"
-            One column per test point, or a single column for the mean test loss.
-
-        Returns
-        -------
-        C : ndarray of shape (n_train, n_test) or (n_train, 1)
-            ``mean_k C_k``; positive = helpful on average over training runs.
-        """
+    def _attribute_inputs(self, X_test, y_test, objective):
+        """``mean_k C_k`` over the members; positive = helpful on average over runs."""
         total = None
         for C in self._member_attributions(X_test, y_test, objective):
             total = C if total is None else total + C
@@ -162,12 +137,14 @@ class EnsembleAttributor(BaseEstimator):
 
     def _member_attributions(self, X_test, y_test, objective):
         """Each fitted member's ``C`` (float64), one at a time, with the progress bar."""
-        check_is_fitted(self, "estimators_")
-        with self._bar("ensemble attribute", len(self.estimators_)) as bar:
-            for m in self.estimators_:
-                yield np.asarray(m.attribute(X_test, y_test, objective=objective),
-                                 dtype=np.float64)
+        bar = self._bar("ensemble attribute", len(self.estimators_))
+        for m in self.estimators_:
+            yield np.asarray(m.attribute(X_test, y_test, objective=objective),
+                             dtype=np.float64)
+            if bar is not None:
                 bar.update()
+        if bar is not None:
+            bar.close()
 
     def attribute_std(self, X_test, y_test, objective="per_sample"):
         """Standard error of the ensemble mean, elementwise (``std_k C_k / sqrt(K)``).

@@ -282,8 +282,7 @@ class HydraAttributor(BaseAttributor):
             return self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size), None
         from torch.func import grad, vmap
 
-        from ._core.functional import _unsqueeze
-        from ._inputs import n_rows, slice_rows, to_device
+        from ._core.functional import unsqueeze
         from ._skorch import flat_params
 
         theta = flat_params(self.net_, self.spec_).to(self._device)
@@ -291,25 +290,14 @@ class HydraAttributor(BaseAttributor):
         f = bn.eval_loss(self._loss_fn())
 
         def one(th, r, xi, yi):
-            return f(th, r, _unsqueeze(xi), _unsqueeze(yi)).sum()
+            return f(th, r, unsqueeze(xi), unsqueeze(yi)).sum()
 
-        gs, grs, total, total_r = [], [], 0, 0
-        bs, m = self.test_batch_size, n_rows(Xt)
+        def grads(x, y):
+            g, gr = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(theta, R, x, y)
+            return g.detach(), gr.detach()
+
         with module_mode(self.net_.module_, training=False):
-            for s in range(0, m, bs):
-                x = to_device(slice_rows(Xt, s, s + bs), self._device)
-                y = yt[s:s + bs].to(self._device)
-                g, gr = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
-                    theta, R, x, y)
-                if objective == "mean":  # summed as it goes: (m, P) is never held
-                    total = total + g.detach().sum(dim=0, keepdim=True)
-                    total_r = total_r + gr.detach().sum(dim=0, keepdim=True)
-                else:
-                    gs.append(g.detach())
-                    grs.append(gr.detach())
-        if objective == "mean":
-            return total / m, total_r / m
-        return torch.cat(gs), torch.cat(grs)
+            return self._test_batches(grads, Xt, yt, objective, self.test_batch_size)
 
     def _start(self):
         """First step of the window ``last_epochs`` (0: the whole run)."""

@@ -9,7 +9,7 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 
-from ._core.functional import _load_jvp_decompositions, per_sample_grads
+from ._core.functional import load_jvp_decompositions, per_sample_grads
 from ._core.solvers import (LissaDivergenceError, dense_hessian, lanczos_eigenpairs,
                             solve_cg, solve_direct, solve_lissa, solve_lowrank)
 from ._skorch import flat_params, module_mode, per_sample_reduction
@@ -28,7 +28,7 @@ def _batch_hvp(loss_fn, theta, x, y, weights, V):
     less per-call overhead than ``torch.func`` forward-over-reverse; modules whose ops
     have no batching rule fall back to one double-backward per vector.
     """
-    _load_jvp_decompositions()  # batched double-backward loads them: without the warning
+    load_jvp_decompositions()  # batched double-backward loads them: without the warning
     t = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         g = torch.autograd.grad((weights * loss_fn(t, x, y)).sum(), t, create_graph=True)[0]
@@ -187,6 +187,8 @@ class InfluenceFunctionAttributor(BaseAttributor):
         self.block_size = block_size
         self.random_state = random_state
         self.verbose = verbose
+
+    _record = "rows"  # batch rows and weights only: the Hessian is taken at the end
 
     _parameter_constraints = {
         **BaseAttributor._parameter_constraints,

@@ -17,9 +17,10 @@ from sklearn.utils.validation import check_is_fitted
 from ._core.optim import SGDHyper
 from ._core.replay import replay_training
 from ._core.running_stats import BatchNormStats
-from ._inputs import collate_fn_of, dataset_data_fn, input_kind, n_rows, slice_rows, \
-    select_rows, take_rows, to_device
-from ._skorch import flat_params, make_data_fn, make_loss_fn, module_mode, param_spec
+from ._inputs import collate_fn_of, dataset_data_fn, input_kind, n_rows, select_rows, \
+    take_rows
+from ._skorch import flat_params, make_data_fn, make_loss_fn, module_mode, param_spec, \
+    trained_clone
 from .base import BaseAttributor
 
 __all__ = ["LeaveOneOutAttributor"]
@@ -130,9 +131,9 @@ class LeaveOneOutAttributor(BaseAttributor):
         self.verbose = verbose
 
     @property
-    def _record_trajectory(self):
+    def _record(self):
         # replays need the recorded run; skorch retrainings do not
-        return self.order == "same"
+        return "trajectory" if self.order == "same" else None
 
     _parameter_constraints = {
         **BaseAttributor._parameter_constraints,
@@ -147,11 +148,10 @@ class LeaveOneOutAttributor(BaseAttributor):
     def _check_params(self):
         self._refuse_bools("indices", "warm_start_epochs", "n_jobs")
 
-    def _seed_torch(self):
-        seed = super()._seed_torch()
+    def _torch_seed(self):
+        seed = super()._torch_seed()
         if seed is None:  # draw one seed and reuse it for every retraining
             seed = int(np.random.randint(np.iinfo(np.int32).max))
-            torch.manual_seed(seed)
         self.seed_ = seed
         return seed
 
@@ -159,7 +159,7 @@ class LeaveOneOutAttributor(BaseAttributor):
 
     def _after_fit(self):
         n = self.n_train_
-        if not self._record_trajectory:  # (the recorder sets spec_ otherwise)
+        if self._record is None:  # (the recorder sets spec_ otherwise)
             self.spec_ = param_spec(self.net_)
         self.indices_ = select_rows(self.indices, n, self.random_state, "indices")
         if self.order == "same":
@@ -181,23 +181,6 @@ class LeaveOneOutAttributor(BaseAttributor):
         self.params_, self.running_ = params, running
         self.trajectory_ = None  # keep only what attribute needs
 
-    def _lean_net(self, drop_schedulers=False):
-        """An initialized clone of ``net`` (no recorder) holding the trained state."""
-        from skorch.callbacks import LRScheduler
-
-        lean = clone(self.net)
-        if drop_schedulers:
-            cbs = self.net.callbacks
-            cbs = [] if cbs in (None, "disable") else list(cbs)
-            keep = [c for c in cbs
-                    if not isinstance(c[1] if isinstance(c, tuple) else c, LRScheduler)]
-            lean.set_params(callbacks=keep)
-        with torch.random.fork_rng():
-            lean.initialize()
-        lean.module_.load_state_dict(self.net_.module_.state_dict())
-        lean.optimizer_.load_state_dict(self.net_.optimizer_.state_dict())
-        return lean
-
     def _warm_steps(self):
         counts = list(self.net_.history[:, "train_batch_count"])
         k = int(self.warm_start_epochs)
@@ -212,8 +195,9 @@ class LeaveOneOutAttributor(BaseAttributor):
             raise NotImplementedError(
                 "LeaveOneOutAttributor(order='same') replays torch.optim.SGD steps; use "
                 "order='reshuffle' for other optimizers.")
-        job = {"net": self._lean_net(), "spec": self.spec_, "X": self._X, "y": self._y,
-               "traj": traj, "theta0": None, "v0": None, "running0": None, "counts0": None}
+        job = {"net": trained_clone(self.net, self.net_), "spec": self.spec_, "X": self._X,
+               "y": self._y, "traj": traj, "theta0": None, "v0": None, "running0": None,
+               "counts0": None}
         if self.warm_start:
             job.update(_continuation(self.net_, self.spec_, traj, self._warm_steps()))
         return job
@@ -221,7 +205,8 @@ class LeaveOneOutAttributor(BaseAttributor):
     def _refit_job(self):
         job = {"spec": self.spec_, "X": self._X, "y": self._y, "seed": self.seed_,
                "warm": bool(self.warm_start), "epochs": int(self.warm_start_epochs)}
-        job["net"] = self._lean_net(drop_schedulers=True) if self.warm_start else clone(self.net)
+        job["net"] = trained_clone(self.net, self.net_, drop_schedulers=True) \
+            if self.warm_start else clone(self.net)
         return job
 
     def _run_parallel(self, fn, job, rows):
@@ -262,16 +247,13 @@ class LeaveOneOutAttributor(BaseAttributor):
         bn = BatchNormStats(net.module_) if R is not None else None
         dev = self._device
         theta = theta.to(dev)
-        out = []
+        if bn is not None:
+            f, R = bn.eval_loss(loss_fn), R.to(dev)
+            loss = lambda x, y: f(theta, R, x, y)  # noqa: E731
+        else:
+            loss = lambda x, y: loss_fn(theta, x, y)  # noqa: E731
         with module_mode(net.module_, training=False), torch.no_grad():
-            for s in range(0, n_rows(Xt), batch_size):
-                x = to_device(slice_rows(Xt, s, s + batch_size), dev)
-                y = yt[s:s + batch_size].to(dev)
-                if bn is not None:
-                    out.append(bn.eval_loss(loss_fn)(theta, R.to(dev), x, y))
-                else:
-                    out.append(loss_fn(theta, x, y))
-        return torch.cat(out).double().cpu().numpy()
+            return self._test_batches(loss, Xt, yt, batch_size=batch_size).double().cpu().numpy()
 
 
 # -- jobs (module level, so process-based joblib backends can pickle them) ---------------
@@ -294,31 +276,10 @@ def _continuation(net, spec, traj, n_steps):
                      "nesterov": [bool(g["nesterov"]) for g in groups],
                      "first": [False for _ in groups]})
     bn = BatchNormStats(net.module_)
-    cont = _Continuation(traj, theta0, len(traj) - n_steps, SGDHyper.from_rows(rows))
+    cont = traj.continued(len(traj) - n_steps, theta0, SGDHyper.from_rows(rows))
     return {"traj": cont, "theta0": theta0, "v0": v0.detach().clone(),
             "running0": bn.flat() if len(bn) else None,
             "counts0": bn.counts() if len(bn) else None}
-
-
-class _Continuation:
-    """The last steps of a trajectory, replayed from the trained state at final hyperparameters."""
-
-    def __init__(self, traj, theta0, start, hyper):
-        self.spec = traj.spec
-        self.indices = traj.indices[start:]
-        self.weights = traj.weights[start:]
-        self.rng_states = traj.rng_states[start:]
-        self.hyper = hyper
-        self.buffers0 = None
-        self._theta0 = theta0
-
-    def __len__(self):
-        return len(self.indices)
-
-    def theta(self, t, device=None):
-        if t != 0:
-            raise IndexError("a continuation only knows its starting parameters")
-        return self._theta0.to(device) if device is not None else self._theta0
 
 
 def _replay_rows(job, rows):

@@ -19,13 +19,15 @@ __all__ = [
     "per_sample_dots_and_hvp",
     "batch_products",
     "rng_context",
+    "unsqueeze",
+    "load_jvp_decompositions",
 ]
 
 
 _JVP_READY = False
 
 
-def _load_jvp_decompositions():
+def load_jvp_decompositions():
     """Import torch's forward-mode decompositions once, without the warning it prints.
 
     torch builds them with ``torch.jit.script`` on first use of forward-mode AD, which
@@ -116,12 +118,12 @@ def rng_context(rng_state, device=None):
         yield
 
 
-def _unsqueeze(x):
+def unsqueeze(x):
     """Add a leading batch axis to a tensor or to every tensor of a dict/tuple (dict inputs)."""
     if isinstance(x, dict):
-        return {k: _unsqueeze(v) for k, v in x.items()}
+        return {k: unsqueeze(v) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(v) for v in x)
+        return type(x)(unsqueeze(v) for v in x)
     return x.unsqueeze(0)
 
 
@@ -158,7 +160,7 @@ def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None,
     """
     if independent:
         def one(t, xi, yi):
-            return loss_fn(t, _unsqueeze(xi), _unsqueeze(yi)).sum()
+            return loss_fn(t, unsqueeze(xi), unsqueeze(yi)).sum()
 
         return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
     if vectorize is None:
@@ -246,7 +248,7 @@ def batch_products(loss_fn, theta, x, y, weights, vectors, *, hessian=True, stat
         ``J_S v_m`` when ``stats_fn`` is given.
     """
     has_stats = stats_fn is not None
-    _load_jvp_decompositions()
+    load_jvp_decompositions()
     with_rho = stats_cotangents is not None
     if with_rho and not (has_stats and hessian):
         raise ValueError("stats_cotangents needs stats_fn and hessian=True")
