@@ -777,7 +777,7 @@ def record_fit(net, X, y, what="trajectory", *, seed=None, record_rng=False,
         out.last_grad = recorder.last_grad_
         # The fitted net must not keep the recorder: it holds the trajectory and the
         # training data, which would otherwise stay alive (and be pickled) with the net
-        # after fast mode has dropped them (1.5 GiB per LeNet-5 run at 20k rows).
+        # after fast mode has dropped them.
         recorder.trajectory_ = recorder.dataset = recorder._params = None
         recorder.last_grad_ = None
         out.recorder = recorder

@@ -391,7 +391,7 @@ class BaseAttributor(BaseEstimator):
     def _test_grads(self, Xt, yt, objective, batch_size=256):
         """Per-sample test-loss gradients at the trained weights (eval mode), ``(m, P)``;
         with ``objective="mean"`` their mean, ``(1, P)``, without holding the ``(m, P)``
-        matrix (2.5 GB for LeNet-5 at 10,000 points)."""
+        matrix."""
         from ._core.functional import per_sample_grads
         from ._skorch import flat_params, module_mode
 

@@ -30,8 +30,7 @@ class EnsembleAttributor(BaseAttributor):
     ``fit``/``attribute`` checks, and the members validate the data themselves.
 
     This is what ensembles of models do for TRAK (Park et al., 2023); for cleaning label
-    noise it is the counterpart of confident learning's K-fold training (see
-    ``benchmarks/paper/table3_noise_cleaning.py``, rows ``hydra_fast_ens``).
+    noise it is the counterpart of confident learning's K-fold training.
 
     Parameters
     ----------

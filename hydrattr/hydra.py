@@ -304,13 +304,13 @@ class HydraAttributor(BaseAttributor):
         self._validate_params()
         self._check_params()
         if self.store_ is not None:
-            fitted = getattr(self, "_store_last_epochs", None)  # None: an older pickle
+            fitted = self._store_last_epochs
             if self.last_epochs != fitted:
                 raise ValueError(
                     f"last_epochs={self.last_epochs!r}, but the fast-mode store was filled "
                     f"at fit with last_epochs={fitted!r}. Refit, or fit "
                     "with storage='replay' to change last_epochs after fit.")
-            return getattr(self, "window_start_", 0)
+            return self.window_start_
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
         return self.window_start_
 

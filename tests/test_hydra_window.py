@@ -125,19 +125,6 @@ def test_bad_last_epochs_is_named(bad):
         HydraAttributor(bn_dropout_net(max_epochs=1), last_epochs=bad, verbose=0).fit(X, y)
 
 
-def test_trajectory_without_epoch_boundaries_says_so(fitted):
-    att = fitted[0]
-    traj = att.trajectory_
-    saved = traj.epoch_starts
-    try:
-        del traj.epoch_starts  # as recorded by a version before last_epochs
-        with pytest.raises(ValueError, match="no epoch boundaries.*refit"):
-            traj.start_of_last_epochs(1)
-        assert traj.start_of_last_epochs(None) == 0
-    finally:
-        traj.epoch_starts = saved
-
-
 @pytest.mark.parametrize("schedule, expected", [
     # StepLR(step_size=2) over 5 epochs: rates change at epochs 2 and 4 -> the last epoch
     ((StepLR, dict(step_size=2, gamma=0.5)), 4),

@@ -47,10 +47,8 @@ the last step to the first, carrying three ``P``-vectors; nothing ``T x P`` is s
 beyond the trajectory itself, which is freed once the store is built. The extra cost per
 step is one batch gradient (free when the whole batch is tracked: the sum of its
 per-sample gradients) and O(P) elementwise work. Treating the preconditioner as a
-constant as well (``freeze_preconditioner=True``, ``beta = 0``) is markedly worse and
-not used: on a 200-sample float64 MLP the columns of ``C`` correlate 0.98 (Pearson) with
-exact mode when only the Hessian is dropped against 0.66 with the frozen preconditioner
-(relative error 0.41 vs 3.5; ``benchmarks/accuracy/bench_adam_fast.py``).
+constant as well (``freeze_preconditioner=True``, ``beta = 0``) is markedly less
+accurate and not used by the attributors (the comparison is on the speed results page).
 """
 from __future__ import annotations
 

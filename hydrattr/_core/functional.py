@@ -154,9 +154,8 @@ def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None,
         False runs one forward pass and ``batch`` ordinary backward passes through the
         retained graph, which returns gradients detached from ``theta`` (callers that
         differentiate through them must vectorize). None: True on CUDA, False on the
-        CPU, where the loop was 3.8x faster for DenseNet-40 (batch 64, one thread: 75 s
-        against 283 s per step; the vmapped backward materialises ``batch`` copies of
-        every activation gradient).
+        CPU (where the vmapped backward, which materialises ``batch`` copies of every
+        activation gradient, is the slower one; docs/architecture.rst, Decision 6).
     """
     if independent:
         def one(t, xi, yi):
@@ -308,8 +307,3 @@ def batch_products(loss_fn, theta, x, y, weights, vectors, *, hessian=True, stat
     hv = torch.stack([r[1] for r in res]) if hessian else None
     ds = torch.stack([r[2] for r in res]) if has_stats else None
     return dots, hv, ds
-
-
-def _weighted_with_aux(losses, t, weights):
-    lv = losses(t)
-    return (weights * lv).sum(), lv

@@ -12,9 +12,8 @@ cache or the disk. RSS then stays O(budget) whatever the array's size.
 :func:`anonymous_file` creates the backing files: files without a name (on POSIX the
 name is gone before the first byte is written), so nothing is left on disk however the
 process ends, SIGKILL included, also in a directory the user chose (``store_dir``). The
-space is freed when the file is closed and its last mapping is dropped. Before, every
-fit with ``store_dir`` left its trajectory (gigabytes at the paper's size) on disk, and
-later a killed run still did.
+space is freed when the file is closed and its last mapping is dropped (why: see
+docs/architecture.rst, Decision 5).
 """
 from __future__ import annotations
 

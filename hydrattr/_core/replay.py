@@ -70,7 +70,7 @@ def replay_training(traj, loss_fn, data_fn, multipliers=None, theta0=None, devic
     steps = len(traj) if n_steps is None else int(n_steps)
     track = bn is not None and len(bn) > 0
     if track:
-        buffers0 = getattr(traj, "buffers0", None)
+        buffers0 = traj.buffers0
         if running0 is None:
             if buffers0 is None:
                 raise ValueError("replaying BatchNorm running statistics needs the buffers "

@@ -81,14 +81,6 @@ class BatchNormStats:
         chunks = torch.split(R, [s for s in self.sizes for _ in range(2)], dim=-1)
         return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(self.layers))]
 
-    def to_buffers(self, R):
-        """``{buffer_name: tensor}`` for a flat ``R`` (e.g. to load into a module)."""
-        out = {}
-        for (mean, var), name in zip(self.split(R), self.buffer_names[0::2]):
-            out[name] = mean
-            out[name.replace("running_mean", "running_var")] = var
-        return out
-
     def load(self, R):
         """Copy a flat ``R`` into the layers' buffers (in place)."""
         with torch.no_grad():

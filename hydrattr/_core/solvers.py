@@ -87,15 +87,6 @@ class SolverInfo:
     negative_curvature: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
-    @property
-    def min_eigenvalue(self):
-        """Smallest eigenvalue of the undamped Hessian (direct only, else None)."""
-        return None if self.eigenvalues is None else float(self.eigenvalues[0])
-
-    @property
-    def max_eigenvalue(self):
-        return None if self.eigenvalues is None else float(self.eigenvalues[-1])
-
 
 def _check_block(B):
     if not isinstance(B, torch.Tensor) or B.dim() != 2:
