@@ -14,7 +14,7 @@ from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._core.optim import SGDHyper
+from ._core.sgd import SGDHyper
 from ._core.replay import replay_training
 from ._core.running_stats import BatchNormStats
 from ._inputs import collate_fn_of, dataset_data_fn, input_kind, n_rows, select_rows, \

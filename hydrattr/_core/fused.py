@@ -3,7 +3,7 @@
 Fast mode (Hessian dropped) needs ``S_i = sum_{t: i in B_t} w_t coef_t * g_{t,i}``, and
 ``coef_t`` depends on every learning rate *after* step ``t``, so it is unknown when
 ``g_{t,i}`` is computed. Forward, the same sum is the tangent of the SGD recurrence
-without its Hessian term (:func:`~hydrattr._core.optim.tangent_step`), which is linear
+without its Hessian term (:func:`~hydrattr._core.sgd.tangent_step`), which is linear
 with one 2x2 transition per parameter group, the same for every row::
 
     (dtheta, dv)_t+1 = M_t (dtheta, dv)_t + b_t * [i in B_t] w_t g_{t,i}
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from .optim import SGDHyper, tangent_step
+from .sgd import SGDHyper, tangent_step
 from .outofcore import touch
 from .store import SampleStore
 from .trajectory import Trajectory
@@ -47,7 +47,7 @@ def sgd_transition(h):
     """One SGD step's no-Hessian tangent map, per group: ``M`` (G, 2, 2) and ``b`` (G, 2).
 
     The state is ``(dtheta, dv)``; ``M`` and ``b`` are read off
-    :func:`~hydrattr._core.optim.tangent_step` applied to unit inputs (so momentum,
+    :func:`~hydrattr._core.sgd.tangent_step` applied to unit inputs (so momentum,
     dampening, Nesterov, weight decay and the first-step buffer follow that one
     implementation). ``h`` is a step's hyperparameters (:meth:`SGDHyper.at`).
     """

@@ -1,7 +1,7 @@
 """Deterministic re-training along a recorded trajectory with per-sample loss weights.
 
 Replays the recorded batches, hyperparameters and RNG states (dropout masks) with the
-same :func:`~hydrattr._core.optim.sgd_step` used by the HYDRA recurrences, but lets each
+same :func:`~hydrattr._core.sgd.sgd_step` used by the HYDRA recurrences, but lets each
 training row carry a multiplier on its loss: ``1 + N * eps_i`` for finite-difference
 checks of HYDRA, ``0`` for leave-one-out with the same batch order.
 """

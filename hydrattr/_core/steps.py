@@ -2,7 +2,7 @@
 
 :func:`steps_for` returns, for a recorded :class:`~hydrattr._core.trajectory.Trajectory`,
 an object with the primal step, its tangent and its adjoint, dispatching on the recorded
-optimizer (``SGDHyper`` -> :mod:`~hydrattr._core.optim`, ``AdamHyper`` ->
+optimizer (``SGDHyper`` -> :mod:`~hydrattr._core.sgd`, ``AdamHyper`` ->
 :mod:`~hydrattr._core.adam`). The math lives only in those two modules.
 
 Interface (``t`` is the step index; ``state`` is the optimizer state, opaque here):
@@ -24,7 +24,7 @@ from torch.func import grad
 
 from .adam import AdamHyper, adam_adjoint_step, adam_context, adam_step, adam_tangent_step
 from .functional import rng_context
-from .optim import SGDHyper, adjoint_step, fast_coefficients, sgd_step, tangent_step
+from .sgd import SGDHyper, adjoint_step, fast_coefficients, sgd_step, tangent_step
 
 __all__ = ["steps_for", "batch_grad", "SGDSteps", "AdamSteps", "SGDFast", "AdamFast"]
 

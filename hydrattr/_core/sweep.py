@@ -6,7 +6,7 @@ batch loss with weight ``w_t * (1 + N eps_i)``).
 
 * :func:`build_fast_store` and :func:`fast_replay`: fast mode (Hessian dropped). Its
   adjoint coefficients are per-group scalars known once training ends
-  (:func:`~hydrattr._core.optim.fast_coefficients`), so each step only needs the batch's
+  (:func:`~hydrattr._core.sgd.fast_coefficients`), so each step only needs the batch's
   per-sample gradients: O(batch x params) work per step, never O(N x params).
 * :func:`exact_adjoint`: exact mode, reverse mode through the whole run. One backward
   pass over the steps gives all N samples for a block of objectives, at the cost of one

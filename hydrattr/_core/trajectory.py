@@ -27,7 +27,7 @@ import torch
 from .functional import ParamSpec
 from .outofcore import anonymous_file, map_file, touch
 from .adam import AdamHyper
-from .optim import SGDHyper
+from .sgd import SGDHyper
 
 __all__ = ["Steps", "Trajectory", "Continuation", "hyper_from_rows"]
 

@@ -30,7 +30,7 @@ from hydrattr import HydraAttributor
 from hydrattr._core.functional import ParamSpec, per_sample_grads
 from hydrattr._core.fused import (LazyStore, LeanTrajectory, PerSampleHooks, RangeProducts,
                                   sgd_transition)
-from hydrattr._core.optim import SGDHyper, fast_coefficients, tangent_step
+from hydrattr._core.sgd import SGDHyper, fast_coefficients, tangent_step
 from hydrattr._core.store import SampleStore
 from hydrattr.models import MLP
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from hydrattr._core.optim import SGDHyper, adjoint_step, fast_coefficients, sgd_step, \
+from hydrattr._core.sgd import SGDHyper, adjoint_step, fast_coefficients, sgd_step, \
     tangent_step
 
 CONFIGS = list(itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 1e-2]))
