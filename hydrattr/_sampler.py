@@ -209,6 +209,22 @@ class ContributionSampler(BaseEstimator):
                 f"Set train_split=None on the net.", UserWarning, stacklevel=4)
         return net
 
+    def _warn_if_not_learned(self, dyn, y_enc, net):
+        """Warn when the net ends the run fitting no more rows than the largest class
+        holds: its margins would rank rows at random."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            last = dyn.margin_sum[-1] / dyn.count[-1]
+        seen = np.isfinite(last)
+        fitted = float(np.mean(last[seen] > 0)) if seen.any() else 0.0
+        majority = float(np.bincount(y_enc).max() / len(y_enc))
+        if fitted <= majority:
+            warnings.warn(
+                f"{type(self).__name__}: in the last epoch the net predicted the given label "
+                f"of only {fitted:.0%} of the rows, no more than the largest class holds "
+                f"({majority:.0%}): it has not learned the task, and its training dynamics "
+                f"would rank rows at random. Train longer or raise net.lr (net.max_epochs="
+                f"{net.max_epochs}, net.lr={net.lr}).", UserWarning, stacklevel=4)
+
     def _trusted_validation(self, X):
         """``(X_val, y_val_enc)`` from ``validation_data`` (trusted labels), or None."""
         if self.validation_data is None:
@@ -227,6 +243,7 @@ class ContributionSampler(BaseEstimator):
         if self.verbose:
             net = clone(net).set_params(verbose=self.verbose)
         net_, dyn = fit_recording_dynamics(net, X, y_enc, seed=torch_seed(self.random_state))
+        self._warn_if_not_learned(dyn, y_enc, net)
         if extra is not None:
             dyn = type(dyn)(dyn.margin_sum[:, :n], dyn.count[:, :n], dyn.prob_sum[:n])
         return net_, dyn

@@ -37,10 +37,12 @@ class SignClusterDetector(ContributionSampler):
     * ``"dynamics"`` (default): each row's *margin trajectory*, its mean margin ``log
       p(given label) - max_{k != given} log p(k)`` in every epoch of one training run on
       all the rows (read from the training forward passes, no extra pass), clustered by
-      k-means; the group with the lower mean margin is flagged. Wrongly labelled rows
-      stay below zero until the net memorises them, so the flagged group is about the
-      size of the class's wrong labels. Needs no trusted data; ``validation_data``
-      (trusted labels) is trained on too, never flagged.
+      k-means; the rows of the group with the lower mean margin whose own mean margin is
+      negative are flagged. Wrongly labelled rows stay below zero until the net
+      memorises them, so the flagged set is about the size of the class's wrong labels,
+      while the hard clean rows that a split of a clean class (or of a binary task) puts
+      in the low group keep a positive mean margin. Needs no trusted data;
+      ``validation_data`` (trusted labels) is trained on too, never flagged.
     * ``"signs"``: the detector of the HYDRA paper (Chen et al., AAAI 2021, Table 4).
       The data is split into a training and a validation part exactly as in
       :class:`~hydrattr.cleaning.LabelNoiseCleaner` with ``score_by="contribution"`` (or
@@ -103,7 +105,8 @@ class SignClusterDetector(ContributionSampler):
         ``"dynamics"``: the per-row margins (per epoch) and probabilities.
     classes_ : ndarray
     label_issues_ : ndarray of bool, shape (n_samples,)
-        True for rows in a flagged group (never a validation row).
+        True for flagged rows (never a validation row): rows of the flagged group, and
+        with ``"dynamics"`` only those whose mean margin is negative.
     cluster_labels_ : ndarray of int, shape (n_samples,)
         1 = flagged group, 0 = the other group, -1 = not clustered (validation rows and
         rows without a score).
@@ -291,8 +294,11 @@ class SignClusterDetector(ContributionSampler):
         self._split_seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in np.unique(y_enc)}
         clusters = self._clusters("dynamics")
         self.cluster_labels_ = clusters
-        self.label_issues_ = clusters == 1
-        return clusters == 1
+        # a row is flagged when it is in the low group and, on average over the run, the
+        # net did not predict its given label: a clean class (or a binary task) still
+        # splits in two, but its hard clean rows keep a positive mean margin
+        self.label_issues_ = (clusters == 1) & (self.scores_ < 0)
+        return self.label_issues_
 
     def _select(self, X_train, y_train, X_val, y_val, train_rows, n_samples):
         rs = check_random_state(self.random_state)
