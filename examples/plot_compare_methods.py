@@ -80,7 +80,7 @@ if InfluenceFunctionAttributor is not None:
         .fit(X, y).attribute(X_test, y_test))
 if LeaveOneOutAttributor is not None:
     run("leave-one-out", lambda: LeaveOneOutAttributor(
-        net, indices=rows, order="same", random_state=0, verbose=0)
+        net, track=rows, order="same", random_state=0, verbose=0)
         .fit(X, y).attribute(X_test, y_test))
     reference = results["leave-one-out"]
 else:  # pragma: no cover

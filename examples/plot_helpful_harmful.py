@@ -97,7 +97,7 @@ except ImportError:  # pragma: no cover - leave-one-out not available
 
 if LeaveOneOutAttributor is not None:
     rows = np.concatenate([order[:3], order[::-1][:3]])
-    loo = LeaveOneOutAttributor(net, indices=rows, order="same", random_state=0, verbose=0)
+    loo = LeaveOneOutAttributor(net, track=rows, order="same", random_state=0, verbose=0)
     measured = loo.fit(X_train, y_noisy).attribute(X_test[[j]], y_test[[j]])[rows, 0]
     fig, ax = plt.subplots(figsize=(7, 3))
     pos = np.arange(len(rows))

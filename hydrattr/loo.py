@@ -6,12 +6,13 @@ import copy
 import math
 import numbers
 import threading
+import warnings
 
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Hidden, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._core.sgd import SGDHyper
@@ -47,9 +48,11 @@ class LeaveOneOutAttributor(BaseAttributor):
         ``warm_start=True`` with ``order="same"`` need ``torch.optim.SGD`` (they replay
         the recorded SGD steps); ``order="reshuffle"`` retrains with skorch itself and
         works with any optimizer.
-    indices : None, int or array-like of int, default=None
-        Training rows to leave out: all (None), a random subset of that many (seeded
-        by ``random_state``) or explicit row indices. Rows not selected are NaN in ``C``.
+    track : None, int or array-like of int, default=None
+        Training rows to attribute, i.e. to leave out one at a time: all (None), a random
+        subset of that many (seeded by ``random_state``) or explicit row indices (the
+        parameter of the same name as :class:`~hydrattr.HydraAttributor`'s). Rows not
+        tracked are NaN in ``C``.
     order : {"same", "reshuffle"}, default="same"
         ``"same"``: replay the recorded training run (same batches, same positions of
         every other sample, same dropout masks, same learning rates) with sample ``i``'s
@@ -89,20 +92,24 @@ class LeaveOneOutAttributor(BaseAttributor):
         retrainings) run one at a time inside one process; use process-based workers
         (loky, the default, or dask workers with processes) for real parallelism.
     random_state : int, RandomState or None
-        Seed for torch (full run and every retraining) and for choosing ``indices`` when
+        Seed for torch (full run and every retraining) and for choosing ``track`` when
         it is an int. With None a seed is drawn once and reused for all retrainings.
     verbose : int, default=1
         Progress bar (tqdm) when > 0.
+    indices : deprecated
+        The old name of ``track``; still accepted with a ``FutureWarning`` in this
+        release and removed in the next.
 
     Attributes
     ----------
     net_ : skorch.NeuralNet
         The full model.
-    indices_ : ndarray of int
-        Rows left out, in the row order of ``params_``.
-    params_ : torch.Tensor of shape (len(indices_), n_params)
+    rows_ : ndarray of int
+        Rows left out (the tracked rows), in the row order of ``params_``
+        (``indices_``, the old name, warns and returns it).
+    params_ : torch.Tensor of shape (len(rows_), n_params)
         Flat parameters of each leave-one-out model.
-    running_ : torch.Tensor of shape (len(indices_), n_stats) or None
+    running_ : torch.Tensor of shape (len(rows_), n_stats) or None
         BatchNorm running statistics of each leave-one-out model (None without
         BatchNorm layers).
     baseline_params_, baseline_running_ : torch.Tensor
@@ -119,16 +126,17 @@ class LeaveOneOutAttributor(BaseAttributor):
     by skorch's ``train_split``) get exactly 0 with ``order="same"``.
     """
 
-    def __init__(self, net, indices=None, order="same", warm_start=False, warm_start_epochs=1,
-                 n_jobs=None, random_state=None, verbose=1):
+    def __init__(self, net, track=None, order="same", warm_start=False, warm_start_epochs=1,
+                 n_jobs=None, random_state=None, verbose=1, indices="deprecated"):
         self.net = net
-        self.indices = indices
+        self.track = track
         self.order = order
         self.warm_start = warm_start
         self.warm_start_epochs = warm_start_epochs
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.indices = indices
 
     @property
     def _record(self):
@@ -137,7 +145,9 @@ class LeaveOneOutAttributor(BaseAttributor):
 
     _parameter_constraints = {
         **BaseAttributor._parameter_constraints,
-        "indices": [None, Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
+        "track": [None, Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
+        "indices": [Hidden(StrOptions({"deprecated"})), None,
+                    Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
         "order": [StrOptions({"same", "reshuffle"})],
         "warm_start": ["boolean"],
         "warm_start_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -146,7 +156,22 @@ class LeaveOneOutAttributor(BaseAttributor):
 
     # -- parameters ------------------------------------------------------------------
     def _check_params(self):
-        self._refuse_bools("indices", "warm_start_epochs", "n_jobs")
+        self._refuse_bools("track", "indices", "warm_start_epochs", "n_jobs")
+        self._track = self.track
+        if not (isinstance(self.indices, str) and self.indices == "deprecated"):
+            if self.track is not None:
+                raise ValueError("Pass the rows as track only (indices is its old name).")
+            warnings.warn("LeaveOneOutAttributor(indices=...) is now track=..., the name "
+                          "HydraAttributor uses; indices will be removed in the next "
+                          "release.", FutureWarning, stacklevel=3)
+            self._track = self.indices
+
+    @property
+    def indices_(self):
+        """Deprecated: the old name of ``rows_``."""
+        warnings.warn("LeaveOneOutAttributor.indices_ is now rows_; indices_ will be "
+                      "removed in the next release.", FutureWarning, stacklevel=2)
+        return self.rows_
 
     def _torch_seed(self):
         seed = super()._torch_seed()
@@ -161,7 +186,7 @@ class LeaveOneOutAttributor(BaseAttributor):
         n = self.n_train_
         if self._record is None:  # (the recorder sets spec_ otherwise)
             self.spec_ = param_spec(self.net_)
-        self.indices_ = select_rows(self.indices, n, self.random_state, "indices")
+        self.rows_ = select_rows(self._track, n, self.random_state, "track")
         if self.order == "same":
             job, fn = self._replay_job(), _replay_rows
         else:
@@ -169,10 +194,10 @@ class LeaveOneOutAttributor(BaseAttributor):
         # the baseline by the same code path (row -1 = nothing left out)
         (_, theta0, R0), = fn(job, np.array([-1]))
         self.baseline_params_, self.baseline_running_ = theta0, R0
-        results = self._run_parallel(fn, job, self.indices_)
-        pos = {int(i): k for k, i in enumerate(self.indices_)}
-        params = torch.empty(len(self.indices_), self.spec_.n_params, dtype=theta0.dtype)
-        running = None if R0 is None else torch.empty(len(self.indices_), R0.shape[0],
+        results = self._run_parallel(fn, job, self.rows_)
+        pos = {int(i): k for k, i in enumerate(self.rows_)}
+        params = torch.empty(len(self.rows_), self.spec_.n_params, dtype=theta0.dtype)
+        running = None if R0 is None else torch.empty(len(self.rows_), R0.shape[0],
                                                       dtype=R0.dtype)
         for i, theta, R in results:
             params[pos[i]] = theta
@@ -234,7 +259,7 @@ class LeaveOneOutAttributor(BaseAttributor):
         L0 = self._eval_losses(self.baseline_params_, self.baseline_running_, Xt, yt)
         width = 1 if objective == "mean" else n_rows(Xt)
         C = np.full((self.n_train_, width), np.nan)
-        for k, i in enumerate(self.indices_):
+        for k, i in enumerate(self.rows_):
             R = None if self.running_ is None else self.running_[k]
             d = self._eval_losses(self.params_[k], R, Xt, yt) - L0
             C[i] = d.mean() if objective == "mean" else d

@@ -86,7 +86,7 @@ def all_estimators():
     est = [hydra("fast"), hydra("exact"),
            EnsembleAttributor(hydra("fast"), n_estimators=2, random_state=0)]
     if LeaveOneOutAttributor is not None:
-        est.append(LeaveOneOutAttributor(tiny_net(), indices=2, random_state=0, verbose=0))
+        est.append(LeaveOneOutAttributor(tiny_net(), track=2, random_state=0, verbose=0))
     if InfluenceFunctionAttributor is not None:
         est.append(InfluenceFunctionAttributor(tiny_net(), damping=0.1, random_state=0,
                                                verbose=0))

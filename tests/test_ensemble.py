@@ -76,7 +76,7 @@ def test_matches_leave_one_out_averaged_over_the_same_seeds():
     kw = dict(n_estimators=3, random_state=11)
     C_ex = EnsembleAttributor(HydraAttributor(_net(0.02), mode="exact", verbose=0), **kw) \
         .fit(X, y).attribute(Xt, yt)[rows]
-    C_loo = EnsembleAttributor(LeaveOneOutAttributor(_net(0.02), indices=rows, verbose=0),
+    C_loo = EnsembleAttributor(LeaveOneOutAttributor(_net(0.02), track=rows, verbose=0),
                                **kw).fit(X, y).attribute(Xt, yt)[rows]
     r = np.corrcoef(C_ex.ravel(), C_loo.ravel())[0, 1]
     rel = np.linalg.norm(C_ex - C_loo) / np.linalg.norm(C_loo)

@@ -114,7 +114,7 @@ def test_input_errors_are_clear():
 
 
 def test_select_rows_values_and_errors():
-    """``select_rows`` (HydraAttributor(track=...), LeaveOneOutAttributor(indices=...))."""
+    """``select_rows`` (HydraAttributor(track=...), LeaveOneOutAttributor(track=...))."""
     from hydrattr._inputs import select_rows
 
     np.testing.assert_array_equal(select_rows(None, 5, 0, "track"), np.arange(5))
@@ -138,5 +138,5 @@ def test_row_selection_errors_name_the_parameter():
 
     with pytest.raises(ValueError, match=r"^track must hold unique row indices in \[0, 40\)"):
         HydraAttributor(_net(), track=[3, 3], verbose=0).fit(X_TRAIN, Y_TRAIN)
-    with pytest.raises(ValueError, match="^indices must be between 1 and n_samples=40, got 41"):
-        LeaveOneOutAttributor(_net(), indices=41, verbose=0).fit(X_TRAIN, Y_TRAIN)
+    with pytest.raises(ValueError, match="^track must be between 1 and n_samples=40, got 41"):
+        LeaveOneOutAttributor(_net(), track=41, verbose=0).fit(X_TRAIN, Y_TRAIN)

@@ -55,7 +55,7 @@ def test_same_order_matches_exact_to_first_order_in_lr():
     for lr in (0.025, 0.025 / 4):
         C_ex = HydraAttributor(_mlp_net(lr), mode="exact", random_state=0, verbose=0) \
             .fit(X, y).attribute(Xt, yt)[rows]
-        C_loo = LeaveOneOutAttributor(_mlp_net(lr), indices=rows, random_state=0, verbose=0) \
+        C_loo = LeaveOneOutAttributor(_mlp_net(lr), track=rows, random_state=0, verbose=0) \
             .fit(X, y).attribute(Xt, yt)[rows]
         err[lr] = np.linalg.norm(C_loo - C_ex) / np.linalg.norm(C_ex)
     small, large = err[0.025 / 4], err[0.025]
@@ -71,7 +71,7 @@ def same_fitted():
     X, y = _data(40, 2)
     Xt, yt = _data(6, 3)
     rows = np.array([3, 11, 17, 29, 35])
-    loo = LeaveOneOutAttributor(_mlp_net(), indices=rows, random_state=0, verbose=0).fit(X, y)
+    loo = LeaveOneOutAttributor(_mlp_net(), track=rows, random_state=0, verbose=0).fit(X, y)
     return loo, X, y, Xt, yt, rows, loo.attribute(Xt, yt)
 
 
@@ -106,7 +106,7 @@ def test_same_order_equals_direct_replay_and_contract(same_fitted):
 def test_threading_backend_is_identical(same_fitted):
     loo, X, y, Xt, yt, rows, C = same_fitted
     with parallel_config(backend="threading"):
-        par = LeaveOneOutAttributor(_mlp_net(), indices=rows, n_jobs=2, random_state=0,
+        par = LeaveOneOutAttributor(_mlp_net(), track=rows, n_jobs=2, random_state=0,
                                     verbose=0).fit(X, y)
     # dropout replays hold the RNG lock: the same numbers, bit for bit
     np.testing.assert_array_equal(par.attribute(Xt, yt), C)
@@ -119,7 +119,7 @@ def test_dask_backend_runs_on_local_cluster(same_fitted):
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
                             dashboard_address=None) as client:
         with distributed.get_task_stream(client) as ts, parallel_config(backend="dask"):
-            par = LeaveOneOutAttributor(_mlp_net(), indices=rows, n_jobs=2, random_state=0,
+            par = LeaveOneOutAttributor(_mlp_net(), track=rows, n_jobs=2, random_state=0,
                                         verbose=0).fit(X, y)
         n_tasks = len(ts.data)
     assert n_tasks > 0  # the retrainings ran as dask tasks
@@ -155,7 +155,7 @@ def convex():
                                               ("reshuffle", True)])
 def test_retraining_variants_have_the_contract_sign(convex, order, warm_start):
     X, y, Xt, yt, rows, C_ex = convex
-    loo = LeaveOneOutAttributor(_convex_net(), indices=rows, order=order,
+    loo = LeaveOneOutAttributor(_convex_net(), track=rows, order=order,
                                 warm_start=warm_start, warm_start_epochs=30, random_state=0,
                                 verbose=0).fit(X, y)
     C = loo.attribute(Xt, yt)
@@ -168,7 +168,7 @@ def test_parameter_errors():
     X, y = _data(20, 0)
     for kw, match in [({"order": "random"}, "order"), ({"warm_start_epochs": 0},
                                                        "warm_start_epochs"),
-                      ({"indices": [1, 1]}, "indices"), ({"indices": 99}, "indices"),
+                      ({"track": [1, 1]}, "track"), ({"track": 99}, "track"),
                       ({"n_jobs": 1.5}, "n_jobs")]:
         with pytest.raises(ValueError, match=match):
             LeaveOneOutAttributor(_convex_net(max_epochs=1), verbose=0, **kw).fit(X, y)
@@ -176,3 +176,19 @@ def test_parameter_errors():
                                      warm_start_epochs=3, verbose=0)
     with pytest.raises(ValueError, match="warm_start_epochs"):
         too_many.fit(X, y)
+
+
+def test_indices_is_the_deprecated_name_of_track():
+    X, y = _data(20, 0)
+    new = LeaveOneOutAttributor(_convex_net(max_epochs=1), track=[2, 5], random_state=0,
+                                verbose=0).fit(X, y)
+    with pytest.warns(FutureWarning, match="track"):
+        old = LeaveOneOutAttributor(_convex_net(max_epochs=1), indices=[2, 5], random_state=0,
+                                    verbose=0).fit(X, y)
+    np.testing.assert_array_equal(old.rows_, [2, 5])
+    with pytest.warns(FutureWarning, match="rows_"):
+        np.testing.assert_array_equal(old.indices_, new.rows_)
+    np.testing.assert_array_equal(old.attribute(X[:3], y[:3]), new.attribute(X[:3], y[:3]))
+    with pytest.raises(ValueError, match="track only"):
+        LeaveOneOutAttributor(_convex_net(max_epochs=1), track=[1], indices=[2],
+                              verbose=0).fit(X, y)

@@ -296,7 +296,7 @@ def main(argv=None):
     result["n_loo_rows"] = int(len(rows))
     result["loo_steps"] = int(args.loo_epochs * steps_per_epoch)
     with phase("LOO warm start"):
-        loo = LeaveOneOutAttributor(make_net(args), indices=rows, order="same",
+        loo = LeaveOneOutAttributor(make_net(args), track=rows, order="same",
                                     warm_start=True, warm_start_epochs=args.loo_epochs,
                                     random_state=0, verbose=0).fit(X, y)
         C_loo = loo.attribute(Xt, yt)

@@ -157,7 +157,7 @@ def same_order_loo(kind, X, y, Xt, yt, rows, args):
     from hydrattr.loo import LeaveOneOutAttributor
 
     loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="same",
-                                indices=np.asarray(rows), random_state=args.seed, verbose=0)
+                                track=np.asarray(rows), random_state=args.seed, verbose=0)
     loo.fit(X, y)
     C = loo.attribute(Xt, yt)
     return C[rows], "hydrattr.loo.LeaveOneOutAttributor(order='same')"
@@ -172,7 +172,7 @@ def scratch_loo(kind, X, y, Xt, yt, rows, base, args):
         LeaveOneOutAttributor = None
     if LeaveOneOutAttributor is not None:
         loo = LeaveOneOutAttributor(make_net(kind, len(X), args), order="reshuffle",
-                                    indices=np.asarray(rows), random_state=args.seed,
+                                    track=np.asarray(rows), random_state=args.seed,
                                     verbose=0)
         loo.fit(X, y)
         return loo.attribute(Xt, yt)[rows], \

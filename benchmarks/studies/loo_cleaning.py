@@ -96,7 +96,7 @@ def main(argv=None):
     rows = np.sort(np.r_[rng.choice(np.flatnonzero(flipped), k, replace=False),
                          rng.choice(np.flatnonzero(clean), k, replace=False)])
     t0 = time.perf_counter()
-    loo = LeaveOneOutAttributor(net, indices=rows, order="same", random_state=args.seed,
+    loo = LeaveOneOutAttributor(net, track=rows, order="same", random_state=args.seed,
                                 verbose=0).fit(X, y)
     s_loo = loo.attribute(Xv, yv, objective="mean")[:, 0]
     t_loo = time.perf_counter() - t0
