@@ -99,7 +99,7 @@ def _unreadable_data_file(name, data_dir):
     for kind in ("train", "test"):
         files = (datasets.IDX_FILES[f"{kind}_images"], datasets.IDX_FILES[f"{kind}_labels"])
         try:
-            folder = datasets._resolve_dir(name, data_dir, files)
+            folder = datasets.idx_folder(name, data_dir, files)
         except OSError:
             continue
         for f in files:

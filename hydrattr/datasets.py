@@ -30,6 +30,7 @@ from ._cifar import CIFAR10_FILES, CIFAR10_FOLDER, cifar10_candidates, read_cifa
 __all__ = [
     "DATA_ENV_VAR",
     "IDX_FILES",
+    "idx_folder",
     "read_idx_images",
     "read_idx_labels",
     "load_idx_dataset",
@@ -165,8 +166,10 @@ def _find_folder(given, arg, candidates, files, what, hint):
         f"these files ({hint}). Nothing is downloaded.")
 
 
-def _resolve_dir(name, data_dir, files):
-    """Return the directory holding ``files`` for dataset ``name`` or raise."""
+def idx_folder(name, data_dir, files):
+    """The directory holding the IDX ``files`` of dataset ``name`` (``data_dir``, else
+    ``$HYDRATTR_DATA``, or a subfolder named after the dataset); ``FileNotFoundError``
+    naming what was tried otherwise."""
     def candidates(d):
         base = Path(d).expanduser()
         return [base] + [base / sub for sub in _SUBFOLDERS[name]]
@@ -179,7 +182,7 @@ def _load_part(name, data_dir, kind):
     if kind not in ("train", "test"):
         raise ValueError(f"kind must be 'train' or 'test', got {kind!r}")
     files = (IDX_FILES[f"{kind}_images"], IDX_FILES[f"{kind}_labels"])
-    folder = _resolve_dir(name, data_dir, files)
+    folder = idx_folder(name, data_dir, files)
     X = read_idx_images(folder / files[0])
     y = read_idx_labels(folder / files[1])
     if len(X) != len(y):
