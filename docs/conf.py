@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import posixpath
 import re
 import shutil
 import sys
@@ -404,35 +403,8 @@ def _drop_empty_primary_sidebar(app, pagename, templatename, context, doctree):
         context["sidebars"] = []
 
 
-# pages that moved: a :doc: reference to the old name still lands on the new page
-MOVED_DOCS = {"results": "results/index"}
-
-
-def _moved_doc(app, env, node, contnode):
-    if node.get("reftype") != "doc":
-        return None
-    target = node["reftarget"].lstrip("/")
-    if node["reftarget"].startswith("/"):
-        docname = target
-    else:  # relative to the referring page's folder, as Sphinx resolves it
-        docname = posixpath.normpath(posixpath.join(posixpath.dirname(node["refdoc"]),
-                                                     target))
-    new = MOVED_DOCS.get(docname)
-    if new is None or new not in env.all_docs:
-        return None
-    from docutils import nodes as _nodes
-    text = contnode.astext()
-    if not node.get("refexplicit") and new in env.titles:
-        text = env.titles[new].astext()
-    ref = _nodes.reference("", "", internal=True,
-                           refuri=app.builder.get_relative_uri(node["refdoc"], new))
-    ref += _nodes.inline(text, text, classes=["doc"])
-    return ref
-
-
 def setup(app):
     app.connect("html-page-context", _drop_empty_primary_sidebar)
-    app.connect("missing-reference", _moved_doc)
     app.connect("autodoc-skip-member", _skip_member)
     # before numpydoc (priority 500) so that it sees the escaped text
     app.connect("autodoc-process-docstring", _escape_trailing_underscores, priority=100)
