@@ -13,6 +13,8 @@ net, and these removed sets, judged on the same rows in the same run:
   removes;
 * ``AUM < 0``: the area under the margin (Pleiss et al. 2020; equal to the ``aum``
   package's value, tested in tests/test_label_issues.py) below zero;
+* ``margin, CL count`` / ``margin, split count``: the default's ranking with only one of
+  the two counts it takes the per-class minimum of (ablation);
 * ``cleanlab``: ``cleanlab.filter.find_label_issues`` with its defaults on 5-fold
   out-of-fold probabilities of the same net;
 * ``no filtering`` and ``oracle`` (the wrong labels themselves), for retraining.
@@ -41,9 +43,12 @@ from _common.noise import precision_recall  # noqa: E402
 
 from hydrattr import LabelNoiseCleaner, SignClusterDetector  # noqa: E402
 from hydrattr.datasets import make_label_noise  # noqa: E402
+from hydrattr.label_issues import (estimate_issue_counts, find_label_issues,  # noqa: E402
+                                   split_in_two)
 
 METHODS = ["hydrattr default", "hydrattr trusted val", "detector", "contribution (paper)",
-           "own loss", "AUM < 0", "cleanlab", "no filtering", "oracle"]
+           "own loss", "AUM < 0", "margin, CL count", "margin, split count", "cleanlab",
+           "no filtering", "oracle"]
 
 
 def load(dataset, n_train, seed, data_dir):
@@ -101,7 +106,7 @@ def timed(fn):
 
 
 def one_seed(args, dataset, rate, seed):
-    from cleanlab.filter import find_label_issues
+    from cleanlab.filter import find_label_issues as cleanlab_label_issues
     from sklearn.base import clone
 
     X, y, Xv, yv, Xt, yt = load(dataset, args.n_train, seed, args.data_dir)
@@ -137,8 +142,17 @@ def one_seed(args, dataset, rate, seed):
     m[np.argsort(-own, kind="stable")[:k]] = True
     removed["own loss"], cost["own loss"] = m, t_plain
     removed["AUM < 0"], cost["AUM < 0"] = cl.scores_ < 0, cost["hydrattr default"]
+    # ablation of the default's count: each of the two estimates it takes the minimum of
+    dyn, K_ = cl.dynamics_, len(cl.classes_)
+    seeds = {c: s for c, s in zip(range(K_), np.random.RandomState(seed).randint(
+        np.iinfo(np.int32).max, size=K_))}
+    split = split_in_two(dyn.epoch_margins(), cl.scores_, yn, seeds) == 1
+    for name, counts in [("margin, CL count", estimate_issue_counts(dyn.mean_probs(), yn, K_)),
+                         ("margin, split count", np.bincount(yn[split], minlength=K_))]:
+        removed[name] = find_label_issues(cl.scores_, yn, counts=counts)
+        cost[name] = cost["hydrattr default"]
     probs, t = timed(lambda: oof_probs(net, X, yn, seed, n_folds=5, n_classes=K))
-    removed["cleanlab"], cost["cleanlab"] = find_label_issues(yn, probs), t
+    removed["cleanlab"], cost["cleanlab"] = cleanlab_label_issues(yn, probs), t
     removed["no filtering"] = np.zeros(len(yn), dtype=bool)
     removed["oracle"] = flipped
     out = {"n_train": len(yn), "n_flipped": int(flipped.sum()), "plain_fit_s": t_plain,
