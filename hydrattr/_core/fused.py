@@ -218,11 +218,11 @@ class LazyStore:
 
     def _row(self, store, r):
         """Row ``r`` of ``store`` to update in place: a view (float32/float64, memmap) or
-        a float32 copy of a float16 row (written back by :meth:`_put_row`)."""
+        a copy of a float16 row in the compute dtype (written back by :meth:`_put_row`)."""
         data = store.data
         if isinstance(data, np.ndarray):
             return torch.from_numpy(data[r])
-        return data[r] if data.dtype != torch.float16 else data[r].float()
+        return data[r] if data.dtype != torch.float16 else data[r].to(self.compute_dtype)
 
     @staticmethod
     def _put_row(store, r, row):
