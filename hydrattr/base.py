@@ -302,13 +302,9 @@ class BaseAttributor(BaseEstimator):
         self._validate_params()
         self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
-        self._fit(X, y)
-        return self
-
-    def _fit(self, X, y):
-        """Train and prepare (``_fit_net``, then the subclass's ``_after_fit``)."""
         self._fit_net(X, y)
         self._after_fit()
+        return self
 
     def _check_params(self):
         """Rules ``_parameter_constraints`` cannot state (subclasses extend it); called in
@@ -345,16 +341,17 @@ class BaseAttributor(BaseEstimator):
         check_is_fitted(self, self._fitted_attribute)
         if objective not in ("per_sample", "mean"):
             raise ValueError(f"objective must be 'per_sample' or 'mean', got {objective!r}.")
-        return np.asarray(self._attribute_inputs(X_test, y_test, objective), dtype=np.float64)
-
-    _fitted_attribute = "net_"
-
-    def _attribute_inputs(self, X_test, y_test, objective):
-        """Validate the test points, convert them like the training data, ``_attribute``."""
         X_test, y_test = self._validate_xy(X_test, y_test, reset=False)
+        Xt, yt = self._test_inputs(X_test, y_test)
+        return np.asarray(self._attribute(Xt, yt, objective), dtype=np.float64)
+
+    _fitted_attribute = "net_"  # what check_is_fitted looks for
+
+    def _test_inputs(self, X_test, y_test):
+        """Check the test targets against the net and convert the test points like the
+        training data."""
         self._check_targets(X_test, y_test, self.net_, "y_test")
-        Xt, yt = self._to_tensors(X_test, y_test)
-        return self._attribute(Xt, yt, objective)
+        return self._to_tensors(X_test, y_test)
 
     # -- shared torch plumbing -------------------------------------------------------
     @property

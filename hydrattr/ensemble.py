@@ -95,15 +95,20 @@ class EnsembleAttributor(BaseAttributor):
             raise TypeError(f"attributor must have a random_state parameter to seed its "
                             f"members, got {type(self.attributor).__name__}.")
 
+    # each member validates, checks and converts the data itself
     def _validate_xy(self, X, y, reset):
-        return X, y  # each member validates (and converts) the data itself
+        return X, y
+
+    def _test_inputs(self, X_test, y_test):
+        return X_test, y_test
 
     def _bar(self, desc, total):
         progress = self._progress()
         return None if progress is None else progress(total=total, desc=desc)
 
-    def _fit(self, X, y):
-        """Fit ``n_estimators`` clones of ``attributor``, each with its own seed."""
+    def _fit_net(self, X, y):
+        """Training is fitting ``n_estimators`` clones of ``attributor``, each with its
+        own seed."""
         if self.random_state is None:
             seeds = None
         else:
@@ -127,7 +132,7 @@ class EnsembleAttributor(BaseAttributor):
         if hasattr(members[0], "n_features_in_"):
             self.n_features_in_ = members[0].n_features_in_
 
-    def _attribute_inputs(self, X_test, y_test, objective):
+    def _attribute(self, X_test, y_test, objective):
         """``mean_k C_k`` over the members; positive = helpful on average over runs."""
         total = None
         for C in self._member_attributions(X_test, y_test, objective):

@@ -112,3 +112,12 @@ def test_ensemble_is_an_attributor():
         ens.fit(X, y).attribute(X[:3], y[:3], objective="median")
     C = ens.attribute(X[:3], y[:3])
     assert C.shape == (24, 3) and C.dtype == np.float64
+
+
+def test_fit_warnings_point_at_the_caller():
+    from skorch.dataset import ValidSplit
+
+    X, y = three_blobs(30, 3)
+    with pytest.warns(UserWarning, match="never entered a gradient step") as rec:
+        HydraAttributor(_net(train_split=ValidSplit(5)), verbose=0).fit(X, y)
+    assert any(w.filename == __file__ for w in rec if "never entered" in str(w.message))
