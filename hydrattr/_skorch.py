@@ -45,7 +45,7 @@ from ._core.trajectory import Trajectory
 __all__ = ["NeuralNet", "RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
            "module_flags", "module_mode", "per_sample_reduction", "watch_interrupts",
            "check_targets", "is_net", "check_net", "probe_net", "record_fit", "Recording",
-           "trained_clone", "is_adam", "torch_seed", "fit_recording_dynamics"]
+           "trained_clone", "is_adam", "torch_seed", "fit_recording_dynamics", "classifier"]
 
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -655,6 +655,16 @@ def check_net(net):
     if not is_net(net):
         raise TypeError(f"net must be a skorch NeuralNet (e.g. NeuralNetClassifier), "
                         f"got {type(net).__name__}.")
+
+
+def classifier(module, schedule=None, **params):
+    """``NeuralNetClassifier(module, **params)``; ``schedule=(scheduler_class, kwargs)``
+    adds that learning-rate schedule as an ``LRScheduler`` callback (the cli's nets)."""
+    if schedule is not None:
+        policy, kwargs = schedule
+        params["callbacks"] = list(params.get("callbacks") or []) + [
+            ("lr", LRScheduler(policy, **kwargs))]
+    return NeuralNetClassifier(module, **params)
 
 
 def probe_net(net):

@@ -150,16 +150,15 @@ def _load(args):
 
 def _build(args):
     import torch
-    from skorch import NeuralNetClassifier
-    from skorch.callbacks import LRScheduler
     from torch.optim.lr_scheduler import StepLR
 
+    from ._skorch import classifier
     from .models import MLP, LeNet5
 
     data = _load(args)
     epochs = args.epochs if args.epochs is not None else _DEFAULT_EPOCHS[args.dataset]
     if args.dataset == "digits":
-        net = NeuralNetClassifier(
+        net = classifier(
             MLP, module__n_features=64, module__n_classes=10, module__hidden=(64,),
             criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.05,
             optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=32,
@@ -168,11 +167,11 @@ def _build(args):
         shape = (8, 8)
     else:
         # the paper's schedule: SGD momentum 0.9, batch 64, lr 0.01 x0.1 after epoch 5
-        net = NeuralNetClassifier(
+        net = classifier(
             LeNet5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD,
             lr=0.01, optimizer__momentum=0.9, optimizer__weight_decay=2e-5, batch_size=64,
             max_epochs=epochs, train_split=None, verbose=0, iterator_train__shuffle=True,
-            callbacks=[("lr", LRScheduler(StepLR, step_size=5, gamma=0.1))])
+            schedule=(StepLR, dict(step_size=5, gamma=0.1)))
         shape = (28, 28)
     return data, net, shape
 

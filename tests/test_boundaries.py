@@ -35,10 +35,9 @@ def _modules():
 
 
 def test_only_the_skorch_bridge_imports_skorch():
-    # cli.py builds the demo's nets with skorch, as a user would
     users = {p.relative_to(PACKAGE).as_posix() for p in _modules()
              for level, mod, _ in _imports(p) if level == 0 and mod.split(".")[0] == "skorch"}
-    assert users <= {"_skorch.py", "cli.py"}, users
+    assert users == {"_skorch.py"}, users
 
 
 def test_no_module_imports_a_private_name_of_another():
