@@ -181,8 +181,8 @@ def share_attributor(att, directory):
         shell = copy.copy(att)
         shell.trajectory_ = None
         shell._X = shell._y = None
-        # (the fitted net no longer holds the recording callback: BaseAttributor._fit_net
-        # removes it, so pickling the shell does not copy the trajectory or the data)
+        # (the fitted net holds no recording callback: _skorch.record_fit removes it, so
+        # pickling the shell does not copy the trajectory or the data)
         _write_atomic(os.path.join(directory, "fingerprint.txt"),
                       lambda f: f.write(digest.encode()))
         _write_atomic(os.path.join(directory, "attributor.pkl"), lambda f: pickle.dump(
