@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from ._core.functional import per_sample_grads
+from ._core.functional import per_sample_grads, take_batch_rows
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
 from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
@@ -38,14 +38,6 @@ def zero_store(store, chunk_rows=4096):
             data[s:s + chunk_rows] = 0
     else:
         data.zero_()
-
-
-def _take(x, mask):
-    if isinstance(x, dict):
-        return {k: _take(v, mask) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, mask) for v in x)
-    return x[mask.to(x.device)]
 
 
 class FusedRecorder(TrajectoryRecorder):
@@ -230,8 +222,8 @@ class FusedRecorder(TrajectoryRecorder):
         with torch.random.fork_rng(devices=devices), \
                 module_mode(net.module_, training=True):
             if self._independent and not sel.all():
-                return per_sample_grads(self._loss_fn, theta, _take(x, m), _take(y, m),
-                                        independent=True).detach()
+                return per_sample_grads(self._loss_fn, theta, take_batch_rows(x, m),
+                                        take_batch_rows(y, m), independent=True).detach()
             g = per_sample_grads(self._loss_fn, theta, x, y, independent=self._independent,
                                  rng_state=rng).detach()
         return g if sel.all() else g[m.to(g.device)]

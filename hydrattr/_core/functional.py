@@ -20,6 +20,7 @@ __all__ = [
     "batch_products",
     "rng_context",
     "unsqueeze",
+    "take_batch_rows",
     "load_jvp_decompositions",
 ]
 
@@ -125,6 +126,15 @@ def unsqueeze(x):
     if isinstance(x, (tuple, list)):
         return type(x)(unsqueeze(v) for v in x)
     return x.unsqueeze(0)
+
+
+def take_batch_rows(x, mask):
+    """Rows ``mask`` (bool tensor) of a batch: a tensor, or a dict/tuple of tensors."""
+    if isinstance(x, dict):
+        return {k: take_batch_rows(v, mask) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(take_batch_rows(v, mask) for v in x)
+    return x[mask.to(x.device)]
 
 
 def per_sample_grads(loss_fn, theta, x, y, *, independent=True, rng_state=None,

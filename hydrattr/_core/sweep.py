@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .functional import batch_products, per_sample_dots_and_hvp, per_sample_grads
+from .functional import batch_products, per_sample_dots_and_hvp, per_sample_grads, \
+    take_batch_rows
 from .steps import batch_grad, steps_for
 
 __all__ = ["build_fast_store", "fast_replay", "exact_adjoint", "exact_forward",
@@ -45,15 +46,6 @@ def _bar(progress, total, desc):
     if progress is None:
         return None
     return progress(total=total, desc=desc)
-
-
-def _take(x, mask):
-    """Rows ``mask`` (bool tensor) of a batch: a tensor, or a dict/tuple of tensors."""
-    if isinstance(x, dict):
-        return {k: _take(v, mask) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, mask) for v in x)
-    return x[mask.to(x.device)]
 
 
 def _batch_grad(traj, t, loss_fn, theta, x, y):
@@ -82,7 +74,8 @@ def _fast_step_grads(traj, t, loss_fn, data_fn, sel, independent, need_batch, de
     if sel.any():
         if independent and not sel.all():
             m = torch.as_tensor(sel)
-            g = per_sample_grads(loss_fn, theta, _take(x, m), _take(y, m), independent=True)
+            g = per_sample_grads(loss_fn, theta, take_batch_rows(x, m), take_batch_rows(y, m),
+                                 independent=True)
         else:
             g = per_sample_grads(loss_fn, theta, x, y, independent=independent,
                                  rng_state=traj.rng_states[t])
