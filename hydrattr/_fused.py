@@ -195,10 +195,10 @@ class FusedRecorder(TrajectoryRecorder):
 
     def _hooks_agree(self, buf):
         """The first step's per-sample products add up to the gradient backpropagated."""
-        raw = self._raw
-        if any(r is None for r in raw):
-            return False
-        used = torch.cat([r.reshape(-1) for r in raw]).to(buf.dtype)
+        # a parameter without gradient (unused in the forward) has zero products too
+        used = torch.cat([torch.zeros(p.numel(), dtype=buf.dtype, device=buf.device)
+                          if r is None else r.reshape(-1).to(buf.dtype)
+                          for p, r in zip(self._params, self._raw)])
         err = float((buf.sum(0) - used).norm())
         tol = float(torch.finfo(buf.dtype).eps) ** 0.5
         return err <= tol * float(used.norm()) + torch.finfo(buf.dtype).tiny

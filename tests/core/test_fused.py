@@ -350,6 +350,7 @@ class _SmallConv(nn.Module):
         kw = dict(dtype=torch.float64)
         self.conv = nn.Conv2d(1, 3, 3, padding=1, **kw)
         self.fc = nn.Linear(3 * 4 * 4, K, **kw)
+        self.unused = nn.Linear(2, 2, **kw)  # no gradient at all: zero contributions
         self.tied = tied
 
     def forward(self, x):
@@ -370,8 +371,11 @@ def test_fused_conv_net_and_a_parameter_used_outside_its_layer(tied):
                               optimizer=torch.optim.SGD, lr=0.05, optimizer__momentum=0.9,
                               optimizer__weight_decay=1e-3, batch_size=16, max_epochs=2,
                               train_split=None, verbose=0)
-    _, fused, C2, C = _both(net, X, y, Xt, yt)
+    two, fused, C2, C = _both(net, X, y, Xt, yt)
     assert fused.fit_path_ == "fused"
+    unused = slice(fused.spec_.n_params - 6, fused.spec_.n_params)
+    assert fused.spec_.names[-2:] == ["unused.weight", "unused.bias"]
+    assert float(fused.store_.data[:, unused].abs().max()) == 0.0
     if tied:
         assert "add up" in fused.hooks_fallback_
     else:
