@@ -98,7 +98,8 @@ class HydraAttributor(BaseAttributor):
         otherwise computed at that step like the two-pass fit computes them. No second
         pass, no parameter snapshots kept, training bit-identical to ``net.fit``; the
         store's working memory doubles during training for the momentum part (none
-        without momentum). ``"two_pass"``: train while recording every step's
+        without momentum; with a tight memory budget, ``"two_pass"`` with
+        ``trajectory="memmap"`` keeps only the store in RAM). ``"two_pass"``: train while recording every step's
         parameters, then a second pass over the trajectory recomputes per-sample
         gradients with ``vmap``. Both give the same ``C`` to float rounding. Adam/AdamW
         (per-coordinate coefficients computed last step first), exact mode and
