@@ -46,6 +46,15 @@ class ContributionSampler(BaseEstimator):
         return tags
 
     # -- parameters ------------------------------------------------------------------
+    def _check_params(self, n):
+        """Validate the parameters (``_parameter_constraints``) and require an attributor;
+        subclasses add the rules that tie several parameters together."""
+        self._validate_params()
+        if self.attributor is None:
+            raise TypeError(
+                f"{type(self).__name__}: attributor is required: pass a skorch net (or an "
+                f"attributor such as HydraAttributor(net)).")
+
     def _make_attributor(self):
         attributor = self.attributor
         if attributor is None:

@@ -174,11 +174,7 @@ class LabelNoiseCleaner(ContributionSampler):
         return self.score_by == "dynamics"
 
     def _check_params(self, n):
-        self._validate_params()
-        if self.attributor is None:
-            raise TypeError(
-                f"{type(self).__name__}: attributor is required: pass a skorch net (or an "
-                f"attributor such as HydraAttributor(net)).")
+        super()._check_params(n)
         if self.fraction is not None and self.threshold is not None:
             raise ValueError("Give either fraction or threshold, not both (got fraction="
                              f"{self.fraction!r}, threshold={self.threshold!r}).")

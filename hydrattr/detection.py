@@ -156,13 +156,6 @@ class SignClusterDetector(ContributionSampler):
         "verbose": ["verbose"],
     }
 
-    def _check_params(self, n):
-        self._validate_params()
-        if self.attributor is None:
-            raise TypeError(
-                f"{type(self).__name__}: attributor is required: pass a skorch net (or an "
-                f"attributor such as HydraAttributor(net)).")
-
     def _uses_dynamics(self):
         return self.clustering == "dynamics"
 
