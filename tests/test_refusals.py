@@ -143,7 +143,10 @@ def test_early_stopping_is_no_interrupt():
 
 
 _SIGINT_SCRIPT = textwrap.dedent("""
-    import sys, warnings
+    import signal, sys, warnings
+    # as in an interactive session: a parent started in the background (nohup, CI
+    # runners) passes SIGINT down ignored, and an ignored Ctrl-C never reaches fit
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[:0] = [{tests!r}]
     import numpy as np, torch
     torch.set_num_threads(1)
