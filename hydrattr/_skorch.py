@@ -577,15 +577,12 @@ class DynamicsRecorder(Callback):
 
     Reads the module output skorch passes to ``on_batch_end`` (the training forward pass
     itself, BatchNorm and dropout included), so it costs no extra forward pass. Rows are
-    known from the :class:`RecordingDataset` given to ``fit``: with ``consume=True`` the
-    batch's indices are taken off its log (no :class:`TrajectoryRecorder` present),
-    otherwise they are read and left for the recorder, which must come later in the
-    callback list.
+    known from the :class:`RecordingDataset` given to ``fit``: each batch's indices are
+    taken off its log (so no :class:`TrajectoryRecorder` may watch the same run).
     """
 
-    def __init__(self, labels, consume=True):
+    def __init__(self, labels):
         self.labels = labels
-        self.consume = consume
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         if not isinstance(X, RecordingDataset):
@@ -603,11 +600,7 @@ class DynamicsRecorder(Callback):
     def on_batch_begin(self, net, batch=None, training=False, **kwargs):
         if not training:
             return
-        b = get_len(batch[0])
-        if self.consume:
-            self._rows = np.asarray(self._data.take(b), dtype=np.int64)
-        else:
-            self._rows = np.asarray(self._data.fetched[-b:], dtype=np.int64)
+        self._rows = np.asarray(self._data.take(get_len(batch[0])), dtype=np.int64)
 
     def on_batch_end(self, net, batch=None, training=False, y_pred=None, **kwargs):
         if not training or self._rows is None:
@@ -758,7 +751,7 @@ def record_fit(net, X, y, what="trajectory", *, seed=None, record_rng=False,
     data = RecordingDataset(net.get_dataset(X, y))
     recorder = None
     if what == "dynamics":
-        recorder = DynamicsRecorder(y, consume=True)
+        recorder = DynamicsRecorder(y)
     elif what is not None and make_recorder is not None:
         recorder = make_recorder(data, record_rng)
     if recorder is None and what in ("trajectory", "rows"):
