@@ -204,15 +204,21 @@ def test_direct_is_silent_on_exact_null_directions():
     np.testing.assert_allclose(damped.hessian_eigenvalues_, ev)  # reported undamped
 
 
+def _unconverged_tanh_mlp():
+    """A float64 tanh MLP one small full-batch step from its random start: its weights
+    are no minimum, so the Hessian there has negative curvature."""
+    from hydrattr.models import MLP
+
+    return NeuralNetClassifier(MLP, module__n_features=2, module__n_classes=2,
+                               module__hidden=(4,), module__activation="tanh",
+                               module__dtype=torch.float64, criterion=nn.CrossEntropyLoss,
+                               optimizer=torch.optim.SGD, lr=0.01, batch_size=-1,
+                               max_epochs=1, train_split=None, verbose=0)
+
+
 def test_direct_warns_on_negative_curvature_and_dropped_test_directions():
     X, y = _softmax_data()
-    # a tanh MLP one small step from its random start: the weights are no minimum
-    from hydrattr.models import MLP
-    mlp = NeuralNetClassifier(MLP, module__n_features=2, module__n_classes=2,
-                              module__hidden=(4,), module__activation="tanh",
-                              module__dtype=torch.float64, criterion=nn.CrossEntropyLoss,
-                              optimizer=torch.optim.SGD, lr=0.01, batch_size=-1, max_epochs=1,
-                              train_split=None, verbose=0)
+    mlp = _unconverged_tanh_mlp()
     with pytest.warns(UserWarning, match="not positive semi-definite.*Set damping >"):
         att = InfluenceFunctionAttributor(mlp, verbose=0, random_state=0).fit(X, y)
     assert att.hessian_eigenvalues_[0] < -0.1
@@ -341,12 +347,7 @@ def test_gpu_matches_cpu(ridge_data, solver):
 def test_cg_negative_curvature_advice_follows_damping():
     # with damping already set, CG's advice is to increase it, not "set damping > 0"
     X, y = _softmax_data()
-    from hydrattr.models import MLP
-    mlp = NeuralNetClassifier(MLP, module__n_features=2, module__n_classes=2,
-                              module__hidden=(4,), module__activation="tanh",
-                              module__dtype=torch.float64, criterion=nn.CrossEntropyLoss,
-                              optimizer=torch.optim.SGD, lr=0.01, batch_size=-1, max_epochs=1,
-                              train_split=None, verbose=0)
+    mlp = _unconverged_tanh_mlp()
     att = InfluenceFunctionAttributor(mlp, solver="cg", damping=0.1, cg_tol=1e-12,
                                       verbose=0, random_state=0).fit(X, y)
     with warnings.catch_warnings(record=True) as w:
