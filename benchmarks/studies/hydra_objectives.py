@@ -88,11 +88,12 @@ def checkpoint_contributions(attr, X, y, checkpoints):
     must be the end of training. One reverse sweep with the Hessian dropped (the fast
     mode's adjoint: ``exact_adjoint(hessian=False)``, its adjoints carried in float64 as
     the fast mode's coefficients are) carries one objective row per
-    checkpoint, each added as the sweep passes its checkpoint (``inject``). Returns
-    ``C`` of shape ``(n_train, len(checkpoints))`` and ``B`` of the same shape: the final
-    objective's contributions split by the interval between checkpoints whose steps
-    carried them (``split``; ``B.sum(1) == C[:, -1]``; with epoch checkpoints,
-    ``B[:, -k:].sum(1)`` is ``HydraAttributor(last_epochs=k)``'s score).
+    checkpoint, each added as the sweep passes its checkpoint (the sweep's ``on_step``
+    hook). Returns ``C`` of shape ``(n_train, len(checkpoints))`` and ``B`` of the same
+    shape: the final objective's contributions split by the interval between checkpoints
+    whose steps carried them (the same hook sorts each step's terms; ``B.sum(1) ==
+    C[:, -1]``; with epoch checkpoints, ``B[:, -k:].sum(1)`` is
+    ``HydraAttributor(last_epochs=k)``'s score).
     """
     traj = attr.trajectory_
     loss_fn, data_fn = attr._loss_fn(), attr._data_fn()
@@ -110,14 +111,22 @@ def checkpoint_contributions(attr, X, y, checkpoints):
     with module_mode(attr.net_.module_, training=False):
         inject = {c: rows(k, c) for k, c in enumerate(checkpoints[:-1])}
         G_T = rows(m - 1, n_steps)
-    split = np.searchsorted(np.asarray(checkpoints), np.arange(n_steps), side="right")
+    col = np.searchsorted(np.asarray(checkpoints), np.arange(n_steps), side="right")
+    D_split = torch.zeros(len(attr.rows_), m, int(col.max()) + 1, dtype=torch.float64)
+
+    def on_step(t, theta_bar, slots, terms):
+        D_split[torch.as_tensor(slots), :, col[t]] += terms
+        if t in inject:  # theta_bar is the adjoint of theta(t): the checkpoint's loss
+            return theta_bar + inject[t].to(theta_bar.device, theta_bar.dtype)
+        return None
+
     with module_mode(attr.net_.module_, training=True):
         D = exact_adjoint(traj, loss_fn, data_fn, G_T, attr._rows_map, len(attr.rows_),
-                          hessian=False, inject=inject, split=split,
+                          hessian=False, on_step=on_step,
                           adjoint_dtype=torch.float64).numpy()
     C = np.full((traj.n_rows, m), np.nan)
     B = np.full((traj.n_rows, m), np.nan)
-    C[attr.rows_], B[attr.rows_] = -D.sum(-1), -D[:, -1, :]
+    C[attr.rows_], B[attr.rows_] = -D, -D_split[:, -1, :].numpy()
     return C, B
 
 

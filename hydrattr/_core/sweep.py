@@ -156,7 +156,7 @@ def running_coefficients(traj, bn):
 
 def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                   hessian=True, device=None, progress=None, vectorize=True, bn=None,
-                  stats_grads=None, start=0, inject=None, split=None, adjoint_dtype=None):
+                  stats_grads=None, start=0, adjoint_dtype=None, on_step=None):
     """Reverse-mode sweep: ``D`` for a block of objectives ``test_grads`` (m, P).
 
     Runs the transposed optimizer step backward from ``theta_bar_T = test_grads``;
@@ -170,13 +170,20 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     the same forward-over-reverse pass, so ``D`` includes the path
     ``eps -> theta_t -> batch statistics -> R_T -> eval-mode test loss``.
 
-    ``inject`` (optional) maps step counts ``k`` (``start < k < len(traj)``) to (m, P)
-    gradients of objectives evaluated at ``theta_k`` (the weights after ``k`` steps),
-    added to the adjoint as the sweep passes ``theta_k``: an objective row that is zero
-    in ``test_grads`` and set in ``inject[k]`` is a loss at an intermediate checkpoint.
-    ``split`` (optional, one non-negative int per step) sorts every step's per-sample
-    term into a column of its own: ``D`` is then (n_tracked, m, split.max() + 1) and its
-    sum over the last axis is the unsplit ``D``.
+    ``on_step`` (optional) is the sweep's one per-step hook, called for every step, last
+    first, as ``on_step(t, theta_bar, slots, terms)`` once step ``t`` is done:
+
+    * ``theta_bar`` (m, P) is the adjoint of ``theta(t)``, the parameters after ``t``
+      steps. The hook returns the adjoint to carry on with (None: unchanged). Adding
+      ``g`` (m, P) there adds to the objectives ``g . theta(t)``: with ``g`` the
+      gradient of a loss at ``theta(t)``, an objective row that is zero in
+      ``test_grads`` becomes that loss measured at the checkpoint ``theta(t)`` (at
+      ``t == start`` the sweep ends, and a loss at ``theta(start)`` has no per-sample
+      term: the sample weights act only from ``start`` on).
+    * ``slots`` (int array) are the rows of ``D`` in step ``t``'s batch, and ``terms``
+      (len(slots), m), float64 on the CPU, their step-``t`` terms, already added to
+      ``D``; ``D`` is the sum of ``terms`` over the steps, so a hook that accumulates
+      them by step group splits ``D`` (e.g. by epoch).
 
     ``adjoint_dtype`` (default: that of ``test_grads``) is the dtype the adjoints
     ``theta_bar`` and the optimizer-state adjoints are carried in from step to step;
@@ -190,17 +197,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     theta_bar = test_grads.to(device=device, dtype=adjoint_dtype).clone()
     pdt = traj.dtype  # the per-step products run in the parameters' dtype
     v_bar = steps.adjoint_state(theta_bar)
-    inject = {} if inject is None else dict(inject)
-    bad = [k for k in inject if not start < k < len(traj)]
-    if bad:
-        raise ValueError(f"inject: step counts must lie in ({start}, {len(traj)}), got {bad}")
-    cols = np.zeros(len(traj), dtype=np.int64) if split is None else \
-        np.asarray(split, dtype=np.int64)
-    if cols.shape != (len(traj),) or (len(cols) and cols.min() < 0):
-        raise ValueError(f"split: expected {len(traj)} non-negative ints (one per "
-                         f"step), got shape {cols.shape}")
-    out = torch.zeros(n_tracked, theta_bar.shape[0], int(cols.max(initial=0)) + 1,
-                      dtype=torch.float64)
+    m = theta_bar.shape[0]
+    out = torch.zeros(n_tracked, m, dtype=torch.float64)
     use_stats = bn is not None and len(bn) > 0 and stats_grads is not None and hessian
     if use_stats:
         coef = running_coefficients(traj, bn)
@@ -208,12 +206,11 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
         stats_fn = bn.loss_and_stats(loss_fn)
     bar = _bar(progress, len(traj) - start, "HYDRA exact: adjoint sweep")
     for t in range(len(traj) - 1, start - 1, -1):
-        if t + 1 in inject:
-            theta_bar = theta_bar + inject[t + 1].to(theta_bar.device, theta_bar.dtype)
         ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
         d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
         idx = traj.indices[t]
         sel, slots = _tracked(rows_map, idx)
+        terms = None
         if hessian or sel.any():
             x, y = data_fn(idx)
             w = torch.full((len(idx),), traj.weights[t], dtype=pdt, device=d_bar.device)
@@ -232,12 +229,23 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                 theta_bar = theta_bar + hv
             if sel.any():
                 contrib = traj.weights[t] * dots.T[torch.as_tensor(sel, device=dots.device)]
-                out[torch.as_tensor(slots[sel]), :, cols[t]] += contrib.double().cpu()
+                terms = contrib.double().cpu()
+                out[torch.as_tensor(slots[sel])] += terms
+        if on_step is not None:
+            if terms is None:
+                terms = torch.zeros(0, m, dtype=torch.float64)
+            new = on_step(t, theta_bar, slots[sel], terms)
+            if new is not None:
+                if new.shape != theta_bar.shape:
+                    raise ValueError(f"on_step must return the adjoint's shape "
+                                     f"{tuple(theta_bar.shape)} or None, got "
+                                     f"{tuple(new.shape)} at step {t}")
+                theta_bar = new
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return out if split is not None else out[:, :, 0]
+    return out
 
 
 def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,

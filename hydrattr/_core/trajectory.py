@@ -9,8 +9,10 @@ only the last step's are kept (``storage="last"``: what influence functions and 
 recorder's checks need).
 
 :class:`Steps` is what every sweep and replay reads from a record of steps;
-:class:`Trajectory`, :meth:`Trajectory.head` and :class:`Continuation` (the last steps
-replayed again from a trained state, leave-one-out's warm start) implement it.
+:class:`Trajectory` implements it, and so do the two records derived from one:
+:meth:`Trajectory.head` (the first ``n`` steps, a run stopped at a checkpoint) and
+:class:`Continuation` (the last steps replayed again from a trained state,
+leave-one-out's warm start).
 :meth:`Trajectory.save` and :meth:`Trajectory.load` write a trajectory to a directory of
 ``.npy`` files and map it back read-only.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -39,15 +41,17 @@ def hyper_from_rows(rows):
     return SGDHyper.from_rows(rows)
 
 
+@runtime_checkable
 class Steps(Protocol):
     """What a sweep or a replay reads from a record of optimizer steps.
 
     ``indices[t]`` are step ``t``'s batch rows, ``weights[t]`` their weight in the batch
     loss, ``rng_states[t]`` the RNG state the batch began with (None: no dropout),
     ``hyper`` the per-step hyperparameters (:class:`SGDHyper` or :class:`AdamHyper`),
-    ``buffers0`` the module buffers before the first step (None: unknown), ``theta(t)``
-    the parameters before step ``t`` and ``opt_state(t)`` the optimizer state then
-    (None: not recorded).
+    ``buffers0`` the module buffers before the first step (None: unknown), ``dtype`` the
+    parameters' dtype (the per-step products of a sweep run in it), ``theta(t)`` the
+    parameters before step ``t`` and ``opt_state(t)`` the optimizer state then (None:
+    not recorded). A sweep reads nothing else: a new record of steps implements these.
     """
 
     spec: ParamSpec
@@ -56,6 +60,7 @@ class Steps(Protocol):
     rng_states: list
     hyper: object
     buffers0: dict | None
+    dtype: torch.dtype
 
     def __len__(self) -> int: ...
 
@@ -265,11 +270,14 @@ class Trajectory:
     def head(self, n):
         """The first ``n`` steps as a trajectory of their own: training stopped after them.
 
-        Its ``theta_final`` is the parameters after step ``n`` (``theta(n)``); snapshots,
+        Its ``theta_final`` is the parameters after ``n`` steps (``theta(n)``); snapshots,
         optimizer states and RNG states are shared with this trajectory, not copied. Any
         sweep or replay of the result differentiates, or reproduces, the checkpoint
-        ``theta(n)`` (e.g. the exact contributions to a loss measured at an earlier
-        epoch). ``n == len(self)`` returns this trajectory itself.
+        ``theta(n)``: e.g. the fast or exact contributions to a loss measured at an
+        earlier epoch, one sweep per checkpoint (one ``exact_adjoint`` sweep of the whole
+        trajectory can instead carry several checkpoints' losses at once, added by its
+        ``on_step`` hook). ``n == len(self)`` returns this trajectory itself.
+        Needs every step's parameters (not ``storage="last"`` or a fused fit's record).
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= len(self):
             raise ValueError(f"n: expected an int in [1, {len(self)}], got {n!r}")
@@ -375,6 +383,7 @@ class Continuation:
         self.rng_states = traj.rng_states[start:]
         self.hyper = hyper
         self.buffers0 = None
+        self.dtype = traj.dtype
         self._theta0 = theta0
 
     def __len__(self):

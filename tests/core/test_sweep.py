@@ -8,8 +8,9 @@
   that replays the RNG state for each vector.
 * ``exact_adjoint(hessian=False)`` equals the fast-mode store: the two modes differ by
   the Hessian term only.
-* ``exact_adjoint`` with ``inject`` and ``split``, and on ``Trajectory.head(k)``, against
-  finite differences of training replayed for ``k`` steps.
+* ``exact_adjoint``'s per-step hook ``on_step`` (a loss at an intermediate checkpoint
+  added to the adjoint, the per-sample terms sorted by epoch), and the sweep of
+  ``Trajectory.head(k)``, against finite differences of training replayed for ``k`` steps.
 """
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from hydrattr._core.replay import replay_training
 from hydrattr._core.running_stats import BatchNormStats
 from hydrattr._core.store import SampleStore
 from hydrattr._core.sweep import build_fast_store, exact_adjoint
+from hydrattr._core.trajectory import Steps
 from hydrattr._skorch import module_mode
 from hydrattr.models import MLP
 
@@ -183,8 +185,19 @@ def test_adjoint_without_hessian_is_fast_mode(fitted):
                                atol=1e-12 * D.abs().max().item())
 
 
-def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
-    """``inject`` adds a loss at an intermediate checkpoint, ``split`` sorts the steps.
+def _checkpoint_hook(k, g, cols, D_split):
+    """An ``on_step`` hook that adds ``g`` (m, P) to the adjoint at step ``k`` (a loss at
+    the checkpoint ``theta(k)``) and sorts each step's terms into ``D_split[..., cols[t]]``."""
+    def on_step(t, theta_bar, slots, terms):
+        D_split[torch.as_tensor(slots), :, cols[t]] += terms
+        if t == k:
+            return theta_bar + g.to(theta_bar.device, theta_bar.dtype)
+        return None
+    return on_step
+
+
+def test_adjoint_hook_adds_checkpoint_objectives_and_splits_steps(fitted):
+    """``on_step`` adds a loss at an intermediate checkpoint and sorts the steps' terms.
 
     Ground truth: central finite differences of the replayed training stopped at the
     checkpoint (``replay_training(n_steps=k)``) with row ``i``'s loss multiplier moved by
@@ -209,14 +222,22 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
     G_T = att._test_grads(Xt, yt, "mean")
     zeros = torch.zeros_like(G_T)
     rows_map = np.arange(len(X))
-    split = np.repeat([0, 1], [k, T - k])
+    cols = np.repeat([0, 1], [k, T - k])  # the epoch of each step
+    Ds = torch.zeros(len(X), 2, 2, dtype=torch.float64)
+    seen = []
+    hook = _checkpoint_hook(k, torch.cat([zeros, g_k[None]]), cols, Ds)
     with module_mode(att.net_.module_, training=True):
         args = (traj, loss_fn, data_fn, torch.cat([G_T, zeros]), rows_map, len(X))
-        D = exact_adjoint(*args, inject={k: torch.cat([zeros, g_k[None]])})
-        Ds = exact_adjoint(*args, inject={k: torch.cat([zeros, g_k[None]])}, split=split)
+        D = exact_adjoint(*args, on_step=lambda t, *a: seen.append(t) or hook(t, *a))
         D_final = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X))
         D_late = exact_adjoint(traj, loss_fn, data_fn, G_T, rows_map, len(X), start=k)
         D_head = exact_adjoint(traj.head(k), loss_fn, data_fn, g_k[None], rows_map, len(X))
+        # a hook at the window's first step changes nothing: the sweep ends there
+        D_late_hooked = exact_adjoint(
+            traj, loss_fn, data_fn, G_T, rows_map, len(X), start=k,
+            on_step=lambda t, tb, *a: tb + 1.0 if t == k else None)
+    assert seen == list(range(T - 1, -1, -1))  # every step, last first
+    torch.testing.assert_close(D_late_hooked, D_late, rtol=0, atol=0)
 
     h = 1e-5
     for i in [0, 7, 19, 33, 58]:
@@ -237,10 +258,10 @@ def test_adjoint_injects_checkpoint_objectives_and_splits_steps(fitted):
     torch.testing.assert_close(head.theta_final, theta_k(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(D_head[:, 0].numpy(), D[:, 1].numpy(), rtol=1e-12,
                                atol=1e-14 * D[:, 1].abs().max().item())
-    # the final objective's row is the plain sweep's, untouched by the injection
+    # the final objective's row is the plain sweep's, untouched by the added loss
     np.testing.assert_allclose(D[:, 0].numpy(), D_final[:, 0].numpy(), rtol=1e-12,
                                atol=1e-14 * D_final.abs().max().item())
-    # split: the columns sum to the unsplit sweep; the later epoch's column is the
+    # the terms sorted by epoch: the columns sum to D; the later epoch's column is the
     # window sweep from ``start=k``; steps after the checkpoint do not move theta_k
     scale = D.abs().max().item()
     np.testing.assert_allclose(Ds.sum(-1).numpy(), D.numpy(), rtol=1e-12, atol=1e-14 * scale)
@@ -254,14 +275,22 @@ def test_adjoint_and_head_reject_bad_arguments(fitted):
     att, X, y = fitted
     G = att._test_grads(*att._to_tensors(*_data(2, seed=1)), "mean")
     args = (att.trajectory_, att._loss_fn(), att._data_fn(), G, np.arange(len(X)), len(X))
-    with pytest.raises(ValueError, match="inject: step counts must lie in"):
-        exact_adjoint(*args, inject={len(att.trajectory_): G})
-    with pytest.raises(ValueError, match="split: expected 8 non-negative ints"):
-        exact_adjoint(*args, split=np.zeros(3, dtype=int))
+    with module_mode(att.net_.module_, training=True), \
+            pytest.raises(ValueError, match=r"on_step must return the adjoint's shape \(1, "):
+        exact_adjoint(*args, on_step=lambda t, tb, *a: tb[0])
     for n in (0, 9, 2.0, True):
         with pytest.raises(ValueError, match=r"n: expected an int in \[1, 8\]"):
             att.trajectory_.head(n)
     assert att.trajectory_.head(8) is att.trajectory_
+
+
+def test_derived_records_are_steps(fitted):
+    """A head and a continuation carry everything a sweep reads (the ``Steps`` protocol)."""
+    traj = fitted[0].trajectory_
+    head, cont = traj.head(3), traj.continued(5, traj.theta(5), traj.hyper)
+    for rec in (traj, head, cont):
+        assert isinstance(rec, Steps) and rec.dtype == traj.dtype
+    assert (len(head), len(cont)) == (3, 3)
 
 
 def test_float64_adjoint_keeps_what_float32_rounds_away():
