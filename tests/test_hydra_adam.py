@@ -14,6 +14,9 @@ Ground truths:
    coefficients accumulated into the per-sample store vs. one sweep per test block).
    Its documented difference from exact mode: the Hessian terms only; on this problem
    the columns correlate > 0.99 (asserted > 0.95).
+4. A step algebra passed to the sweeps (``steps=``): Adam with its preconditioner held
+   constant (``steps_for(traj, freeze_preconditioner=True)``) gives the same ``D`` by
+   the adjoint and by the forward recurrence (1e-10), and another ``D`` than the default.
 """
 import numpy as np
 import pytest
@@ -24,7 +27,8 @@ from torch.optim.lr_scheduler import StepLR
 
 from hydrattr import HydraAttributor
 from hydrattr._core.replay import replay_training
-from hydrattr._core.sweep import exact_adjoint
+from hydrattr._core.steps import steps_for
+from hydrattr._core.sweep import exact_adjoint, exact_forward
 from hydrattr._skorch import flat_params, module_mode
 from hydrattr.models import MLP
 
@@ -129,6 +133,27 @@ def test_fast_mode_is_the_hessian_free_adjoint(fitted):
     # the documented gap to exact mode: Hessian terms only
     for j in range(C.shape[1]):
         assert np.corrcoef(C[:, j], C_fast[:, j])[0, 1] > 0.95
+
+
+def test_sweeps_take_a_step_algebra(fitted):
+    _, att, X, y, Xt, yt, C = fitted
+    traj, loss_fn, data_fn = att.trajectory_, att._loss_fn(), att._data_fn()
+    G = att._test_grads(torch.as_tensor(Xt), torch.as_tensor(yt), "per_sample")
+    rows = [2, 30]
+    args = (traj, loss_fn, data_fn, G, np.arange(N), N)
+    with module_mode(att.net_.module_, training=True):
+        default = exact_adjoint(*args, hessian=False)
+        same = exact_adjoint(*args, hessian=False, steps=steps_for(traj))
+        frozen = exact_adjoint(*args, hessian=False,
+                               steps=steps_for(traj, freeze_preconditioner=True))
+        tangents = exact_forward(traj, loss_fn, data_fn, rows, hessian=False,
+                                 steps=steps_for(traj, freeze_preconditioner=True))
+        with pytest.raises(ValueError, match="steps: expected the step algebra of this"):
+            exact_adjoint(*args, steps=steps_for(traj.head(3)))
+    torch.testing.assert_close(same, default, rtol=0, atol=0)
+    np.testing.assert_allclose(frozen[rows].numpy(), (tangents @ G.T).numpy(), rtol=1e-10,
+                               atol=1e-12 * frozen.abs().max().item())
+    assert (frozen - default).abs().max() > 1e-3 * default.abs().max()
 
 
 def test_unsupported_optimizer_settings_are_named():

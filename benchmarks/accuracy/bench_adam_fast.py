@@ -36,25 +36,16 @@ from _common import RESULTS, save_results, tagged  # noqa: E402
 
 
 def _hessian_free(att, G, freeze):
-    """Hessian-free adjoint sweep with or without the preconditioner derivative.
-
-    ``exact_adjoint`` builds its optimizer steps with ``steps_for(traj)`` and has no
-    parameter for ``freeze_preconditioner``, so the sweep's ``steps_for`` is swapped for
-    the duration of the call (restored in ``finally``). TODO: drop the swap once the core
-    sweep takes the step rule (or ``freeze_preconditioner``) as an argument.
-    """
-    import hydrattr._core.sweep as sweep
+    """Hessian-free adjoint sweep with or without the preconditioner derivative."""
     from hydrattr._core.steps import steps_for
+    from hydrattr._core.sweep import exact_adjoint
     from hydrattr._skorch import module_mode
 
-    orig = sweep.steps_for
-    sweep.steps_for = lambda traj, freeze_preconditioner=False: steps_for(traj, freeze)
-    try:
-        with module_mode(att.net_.module_, training=True):
-            D = sweep.exact_adjoint(att.trajectory_, att._loss_fn(), att._data_fn(), G,
-                                    np.arange(att.n_train_), att.n_train_, hessian=False)
-    finally:
-        sweep.steps_for = orig
+    traj = att.trajectory_
+    with module_mode(att.net_.module_, training=True):
+        D = exact_adjoint(traj, att._loss_fn(), att._data_fn(), G, np.arange(att.n_train_),
+                          att.n_train_, hessian=False,
+                          steps=steps_for(traj, freeze_preconditioner=freeze))
     return -D.numpy()
 
 

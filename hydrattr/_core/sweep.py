@@ -42,6 +42,16 @@ def _tracked(rows_map, idx):
     return sel, slots
 
 
+def _steps(traj, steps):
+    """``steps`` (default ``steps_for(traj)``), checked to be the step algebra of ``traj``."""
+    if steps is None:
+        return steps_for(traj)
+    if getattr(steps, "traj", None) is not traj:
+        raise ValueError("steps: expected the step algebra of this trajectory, "
+                         "steps_for(traj, ...)")
+    return steps
+
+
 def _bar(progress, total, desc):
     if progress is None:
         return None
@@ -156,7 +166,7 @@ def running_coefficients(traj, bn):
 
 def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                   hessian=True, device=None, progress=None, vectorize=True, bn=None,
-                  stats_grads=None, start=0, adjoint_dtype=None, on_step=None):
+                  stats_grads=None, start=0, adjoint_dtype=None, steps=None, on_step=None):
     """Reverse-mode sweep: ``D`` for a block of objectives ``test_grads`` (m, P).
 
     Runs the transposed optimizer step backward from ``theta_bar_T = test_grads``;
@@ -169,6 +179,11 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     each step also adds ``J_{S_t}^T (c_t * stats_grads)`` to the parameter adjoint, in
     the same forward-over-reverse pass, so ``D`` includes the path
     ``eps -> theta_t -> batch statistics -> R_T -> eval-mode test loss``.
+
+    ``steps`` (default ``steps_for(traj)``) is the step algebra the sweep transposes,
+    built for this ``traj`` by :func:`~hydrattr._core.steps.steps_for`; e.g.
+    ``steps_for(traj, freeze_preconditioner=True)`` differentiates Adam with its
+    preconditioner held constant.
 
     ``on_step`` (optional) is the sweep's one per-step hook, called for every step, last
     first, as ``on_step(t, theta_bar, slots, terms)`` once step ``t`` is done:
@@ -193,7 +208,7 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     float32's resolution; over 15,640 LeNet-5 steps a float32 adjoint shrank every
     score by about 2.6e-5 of itself against float64 coefficients.
     """
-    steps = steps_for(traj)
+    steps = _steps(traj, steps)
     theta_bar = test_grads.to(device=device, dtype=adjoint_dtype).clone()
     pdt = traj.dtype  # the per-step products run in the parameters' dtype
     v_bar = steps.adjoint_state(theta_bar)
@@ -249,16 +264,17 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
 
 
 def exact_forward(traj, loss_fn, data_fn, rows, *, hessian=True, device=None,
-                  progress=None, vectorize=True, bn=None, start=0):
+                  progress=None, vectorize=True, bn=None, start=0, steps=None):
     """The paper's forward recurrence for the data rows ``rows``.
 
     Returns the tangents ``(1/N) d theta_T / d eps_i`` stacked ``(len(rows), P)``;
     ``D = tangents @ test_grads.T``. With ``bn`` (BatchNorm running statistics) returns
     ``(tangents, stats_tangents)``, the second ``(len(rows), n_stats)`` holding
     ``(1/N) d R_T / d eps_i``; then ``D = tangents @ G.T + stats_tangents @ G_R.T``.
+    ``steps``: the step algebra, as in :func:`exact_adjoint`.
     """
     spec = traj.spec
-    steps = steps_for(traj)
+    steps = _steps(traj, steps)
     rows = np.asarray(rows, dtype=np.int64)
     theta0 = traj.theta(0, device)
     dtheta = torch.zeros(len(rows), spec.n_params, dtype=theta0.dtype, device=theta0.device)
