@@ -18,10 +18,11 @@ The decisions themselves are plain functions in :mod:`hydrattr.label_issues`.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
-from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
+from sklearn.utils._param_validation import Hidden, Interval, RealNotInt, StrOptions
 from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -91,14 +92,19 @@ class LabelNoiseCleaner(ContributionSampler):
     n_rounds : int, default=1
         With ``fraction``: remove it in ``n_rounds`` equal steps, training a fresh clone on
         the rows still kept before each step after the first and rescoring them.
-    objective : {"mean", "median"}, default="mean"
-        ``score_by="contribution"`` only: each row's contribution to the mean validation
-        loss (one column), or the median of its contributions to each validation point.
+    aggregate : {"mean", "median"}, default="mean"
+        ``score_by="contribution"`` only: how the validation points' losses make one
+        score: each row's contribution to the mean validation loss (one column), or the
+        median of its contributions to each validation point.
     random_state : int, RandomState instance or None, default=None
         Seeds torch before training and the validation split.
     verbose : int, default=0
         Progress output of the training (and of the attributor a bare net is wrapped in);
         an attributor you pass keeps its own ``verbose``.
+    objective : deprecated
+        The old name of ``aggregate`` (the attributors' ``objective`` is another thing:
+        per-sample columns or their mean); still accepted with a ``FutureWarning`` in
+        this release and removed in the next.
 
     Attributes
     ----------
@@ -150,14 +156,16 @@ class LabelNoiseCleaner(ContributionSampler):
         "threshold": [Interval(numbers.Real, None, None, closed="both"), None],
         "stratify": ["boolean"],
         "n_rounds": [Interval(numbers.Integral, 1, None, closed="left")],
-        "objective": [StrOptions({"mean", "median"})],
+        "aggregate": [StrOptions({"mean", "median"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "objective": [Hidden(StrOptions({"deprecated"})), StrOptions({"mean", "median"})],
     }
 
     def __init__(self, attributor=None, score_by="dynamics", validation_size=0.2,
                  validation_data=None, fraction=None, threshold=None, stratify=False,
-                 n_rounds=1, objective="mean", random_state=None, verbose=0):
+                 n_rounds=1, aggregate="mean", random_state=None, verbose=0,
+                 objective="deprecated"):
         self.attributor = attributor
         self.score_by = score_by
         self.validation_size = validation_size
@@ -166,9 +174,10 @@ class LabelNoiseCleaner(ContributionSampler):
         self.threshold = threshold
         self.stratify = stratify
         self.n_rounds = n_rounds
-        self.objective = objective
+        self.aggregate = aggregate
         self.random_state = random_state
         self.verbose = verbose
+        self.objective = objective
 
     def _uses_dynamics(self):
         return self.score_by == "dynamics"
@@ -185,10 +194,21 @@ class LabelNoiseCleaner(ContributionSampler):
         if r > 1 and self.fraction is None:
             raise ValueError(f"n_rounds={r} needs fraction (the total to remove); it cannot "
                              f"be used with a threshold or the estimated count.")
+        self._aggregate = self.aggregate
+        if self.objective != "deprecated":
+            if self.aggregate != "mean" and self.aggregate != self.objective:
+                raise ValueError(f"Pass the aggregation as aggregate only (objective is its "
+                                 f"old name; got aggregate={self.aggregate!r}, "
+                                 f"objective={self.objective!r}).")
+            warnings.warn("LabelNoiseCleaner(objective=...) is now aggregate=... "
+                          "(objective names the attributors' per-sample/mean choice); "
+                          "objective will be removed in the next release.", FutureWarning,
+                          stacklevel=3)
+            self._aggregate = self.objective
 
     # -- contributions (score_by="contribution") ------------------------------------------
     def _contribution(self, attributor, X_val, y_val):
-        if self.objective == "mean":
+        if self._aggregate == "mean":
             return np.asarray(attributor.attribute(X_val, y_val, objective="mean"),
                               dtype=np.float64)[:, 0]
         C = np.asarray(attributor.attribute(X_val, y_val, objective="per_sample"),

@@ -135,11 +135,25 @@ def test_threshold_and_default_threshold_zero():
     assert c.n_removed_ == 6
 
 
-def test_median_objective_uses_per_sample_columns():
+def test_median_aggregate_uses_per_sample_columns():
     X, y = _stub_data()
-    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), objective="median",
+    c = LabelNoiseCleaner(ColumnScores(), score_by="contribution", validation_data=(X, y), aggregate="median",
                           fraction=0.1).fit(X, y)
     np.testing.assert_array_equal(c.scores_, X[:, 0])  # median of (s-1, s, s+5)
+
+
+def test_objective_is_the_deprecated_name_of_aggregate():
+    X, y = _stub_data()
+    kw = dict(score_by="contribution", validation_data=(X, y), fraction=0.1)
+    with pytest.warns(FutureWarning, match=r"objective=\.\.\.\) is now aggregate"):
+        old = LabelNoiseCleaner(ColumnScores(), objective="median", **kw).fit(X, y)
+    np.testing.assert_array_equal(old.scores_, X[:, 0])  # the median, as aggregate="median"
+    assert old.get_params()["objective"] == "median"
+    assert LabelNoiseCleaner(ColumnScores()).get_params()["objective"] == "deprecated"
+    with pytest.raises(ValueError, match="aggregate only"):
+        LabelNoiseCleaner(ColumnScores(), objective="mean", aggregate="median", **kw).fit(X, y)
+    with pytest.raises(ValueError, match="objective"):
+        LabelNoiseCleaner(ColumnScores(), objective="sum", **kw).fit(X, y)
 
 
 def test_split_is_stratified_seeded_and_validation_rows_are_kept():
@@ -161,7 +175,7 @@ def test_split_is_stratified_seeded_and_validation_rows_are_kept():
     (dict(fraction=0.2, threshold=0.0), "either fraction or threshold"),
     (dict(fraction=1.0), "fraction"),
     (dict(threshold=np.nan), "threshold"),
-    (dict(objective="sum"), "objective"),
+    (dict(aggregate="sum"), "aggregate"),
     (dict(stratify="yes"), "stratify"),
     (dict(stratify=True, threshold=0.0), "stratify"),
     (dict(n_rounds=0, fraction=0.1), "n_rounds"),
