@@ -28,8 +28,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._sampler import ContributionSampler
-from .label_issues import (estimate_issue_counts, find_label_issues, remove_lowest,
-                           split_in_two)
+from .label_issues import (counts_below_trusted, estimate_issue_counts, find_label_issues,
+                           remove_lowest, split_in_two)
 
 __all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 
@@ -60,7 +60,9 @@ class LabelNoiseCleaner(ContributionSampler):
     given class, the smaller of confident learning's count of wrong labels (from the
     predictions averaged over the run) and the size of the low-margin group when the
     class's margin trajectories are split in two (as :class:`SignClusterDetector` does),
-    and each class's lowest margins are removed; with ``"contribution"`` it is
+    capped, with ``validation_data``, by the number of its rows whose margin is below the
+    1% quantile of the trusted rows' margins (a clean row rarely falls there), and each
+    class's lowest margins are removed; with ``"contribution"`` it is
     ``threshold=0`` (every row predicted to raise the validation loss).
 
     Parameters
@@ -264,7 +266,12 @@ class LabelNoiseCleaner(ContributionSampler):
         seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in range(K)}
         flagged = split_in_two(dyn.epoch_margins(), s, y_enc, seeds) == 1
         clustered = np.bincount(y_enc[flagged], minlength=K)
-        return np.minimum(confident, clustered)
+        counts = np.minimum(confident, clustered)
+        trusted = getattr(self, "_trusted_dynamics", None)
+        if trusted is not None:  # no more than score below ~all trusted rows
+            counts = np.minimum(counts, counts_below_trusted(s, y_enc, trusted.mean_margin(),
+                                                             K))
+        return counts
 
     # -- shared --------------------------------------------------------------------------
     def _decide(self, s, y, rescore, counts=None, default_threshold=None):

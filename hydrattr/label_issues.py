@@ -37,6 +37,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 __all__ = ["TrainingDynamics", "margins", "remove_lowest", "estimate_issue_counts",
+           "counts_below_trusted",
            "remove_per_class", "find_label_issues", "split_in_two"]
 
 
@@ -181,6 +182,39 @@ def estimate_issue_counts(probs, labels, n_classes=None):
     joint *= scale[:, None]
     off = joint.sum(axis=1) - np.diag(joint)
     return np.minimum(np.floor(off + 0.5).astype(np.int64), n_given)
+
+
+def counts_below_trusted(scores, labels, trusted_scores, n_classes, quantile=0.01):
+    """Per class, how many rows score below nearly every row with a trusted label.
+
+    The cut is the ``quantile`` of ``trusted_scores`` (scores of rows whose labels are
+    known to be right, from the same run); a clean row falls below it with probability
+    about ``quantile``, so the rows below it are mostly wrong labels.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n,)
+        Scores of the rows to judge (higher = more plausibly right); NaN never counts.
+    labels : ndarray of int, shape (n,)
+        Their given labels in ``[0, n_classes)``.
+    trusted_scores : ndarray of shape (m,)
+        Scores of the trusted rows (NaN ignored); at least one finite.
+    n_classes : int
+    quantile : float in (0, 1), default=0.01
+
+    Returns
+    -------
+    counts : ndarray of int, shape (n_classes,)
+    """
+    t = np.asarray(trusted_scores, dtype=np.float64)
+    t = t[np.isfinite(t)]
+    if not len(t):
+        raise ValueError("trusted_scores: expected at least one finite score.")
+    if not 0.0 < float(quantile) < 1.0:
+        raise ValueError(f"quantile: expected a float in (0, 1), got {quantile!r}.")
+    s = np.asarray(scores, dtype=np.float64)
+    below = np.isfinite(s) & (s < np.quantile(t, quantile))
+    return np.bincount(np.asarray(labels, dtype=np.int64)[below], minlength=int(n_classes))
 
 
 def find_label_issues(scores, labels=None, *, fraction=None, threshold=None, counts=None,

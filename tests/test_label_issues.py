@@ -11,8 +11,9 @@ from skorch.callbacks import Callback
 from hydrattr import LabelNoiseCleaner, SignClusterDetector
 from hydrattr._skorch import fit_recording_dynamics
 from hydrattr.datasets import load_digits_split, make_label_noise
-from hydrattr.label_issues import (estimate_issue_counts, find_label_issues, margins,
-                                   remove_per_class, split_in_two)
+from hydrattr.label_issues import (counts_below_trusted, estimate_issue_counts,
+                                   find_label_issues, margins, remove_per_class,
+                                   split_in_two)
 from hydrattr.models import MLP
 
 
@@ -193,6 +194,34 @@ def test_default_cleaner_finds_wrong_labels_without_trusted_data(noisy_digits):
         rows = np.flatnonzero(yn == k)
         assert c.scores_[rows][r[rows]].max(initial=-np.inf) <= \
             c.scores_[rows][~r[rows]].min()
+
+
+def test_counts_below_trusted_by_hand():
+    trusted = np.arange(101.0)  # the 1% quantile is 1.0 exactly
+    scores = np.array([0.5, 0.99, 1.0, 3.0, -7.0, np.nan])
+    labels = np.array([0, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(counts_below_trusted(scores, labels, trusted, 3), [1, 1, 1])
+    np.testing.assert_array_equal(
+        counts_below_trusted(scores, labels, np.r_[trusted, np.nan], 4, quantile=0.5),
+        [1, 2, 2, 0])
+    with pytest.raises(ValueError, match="trusted_scores"):
+        counts_below_trusted(scores, labels, [np.nan], 3)
+    with pytest.raises(ValueError, match="quantile"):
+        counts_below_trusted(scores, labels, trusted, 3, quantile=1.0)
+
+
+def test_trusted_validation_caps_the_count(noisy_digits):
+    X, yn, flipped = noisy_digits
+    d = load_digits_split(random_state=0)
+    Xv, yv = d.X_valid.astype(np.float32), d.y_valid
+    c = LabelNoiseCleaner(mlp(), validation_data=(Xv, yv), random_state=0).fit(X, yn)
+    r, K = c.removed_mask_, len(c.classes_)
+    cap = counts_below_trusted(c.scores_, yn, c._trusted_dynamics.mean_margin(), K)
+    assert (c.estimated_counts_ <= cap).all()
+    np.testing.assert_array_equal(np.bincount(yn[r], minlength=K), c.estimated_counts_)
+    # the issue's target: with trusted labels never worse than without (0.95 measured
+    # without, see test_default_cleaner_finds_wrong_labels_without_trusted_data)
+    assert flipped[r].mean() >= 0.85
 
 
 def test_trusted_validation_is_trained_on_but_never_scored(noisy_digits):
