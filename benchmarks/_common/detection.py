@@ -2,10 +2,11 @@
 markdown table, and the per-member files of the ensemble row computed in pieces."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from .results import markdown_head
 
 TABLE4_PAPER = {  # Jaccard (%) correct labels / random labels
     "mnist": {"hydra": (97.13, 97.16), "if": (71.89, 67.19)},
@@ -52,16 +53,15 @@ def evaluate_splits(name, det, flipped, y, timings, key):
 def table4_markdown(results, args):
     """The Table 4 markdown of ``results`` (one entry per dataset, rows from
     :func:`evaluate`), headed by the run's settings."""
-    lines = ["# Table 4: sign-cluster detection of wrong labels (LeNet-5)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid} (clean; references drawn from "
-             f"it), n_reference={args.n_reference}, epochs={args.epochs}, "
-             f"lr={args.lr}, MNIST lr drop at epoch {args.milestone}, "
-             f"rate={args.rate:.0%}, seed={args.seed}. Paper: 50000/10000, 1000 references, "
-             f"50 epochs, lr 0.01.", "",
-             "| dataset | method | Jaccard correct (%) | Jaccard random (%) | paper (%) | "
-             "flagged | precision | recall | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid} (clean; references drawn from "
+                f"it), n_reference={args.n_reference}, epochs={args.epochs}, "
+                f"lr={args.lr}, MNIST lr drop at epoch {args.milestone}, "
+                f"rate={args.rate:.0%}, seed={args.seed}. Paper: 50000/10000, 1000 references, "
+                f"50 epochs, lr 0.01.")
+    lines = markdown_head("Table 4: sign-cluster detection of wrong labels (LeNet-5)", settings) + [
+        "| dataset | method | Jaccard correct (%) | Jaccard random (%) | paper (%) | "
+        "flagged | precision | recall | seconds |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for row in res["rows"]:
             m = row["method"]

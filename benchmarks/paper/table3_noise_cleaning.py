@@ -57,8 +57,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
-                     cleanlab_removed, default_tag, fit_net, load_result, noisy_setting,
-                     precision_recall, publish, retrain_seeds, run_settings, start_run)
+                     cleanlab_removed, default_tag, fit_net, load_result, markdown_head,
+                     noisy_setting, precision_recall, publish, retrain_seeds, run_settings,
+                     start_run)
 
 from hydrattr import EnsembleAttributor, HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -262,13 +263,11 @@ def run_one(args, dataset, rate):
 
 
 def markdown(results, args):
-    lines = ["# Table 3: cleaning label noise (LeNet-5)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid} (clean, the scoring set), "
-             f"n_test={args.n_test}, epochs={args.epochs}, lr={args.lr}, MNIST lr drop at "
-             f"epoch {args.milestone}, seed={args.seed}. Paper: 50000/10000/10000, 20 "
-             f"epochs, lr 0.01, drop at epoch 5.", "",
-             ]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid} (clean, the scoring set), "
+                f"n_test={args.n_test}, epochs={args.epochs}, lr={args.lr}, MNIST lr drop at "
+                f"epoch {args.milestone}, seed={args.seed}. Paper: 50000/10000/10000, 20 "
+                f"epochs, lr 0.01, drop at epoch 5.")
+    lines = markdown_head("Table 3: cleaning label noise (LeNet-5)", settings)
     n_seeds = max((len(r.get("test_accuracies", [0])) for res in results for r in res["rows"]),
                   default=1)
     seeds_col = n_seeds > 1

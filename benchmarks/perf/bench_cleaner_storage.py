@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
-from _common import (add_run_args, add_setting_args, noisy_setting, peak_rss_gib,  # noqa: E402
-                     publish, run_record, tagged)
+from _common import (add_run_args, add_setting_args, markdown_head, noisy_setting,  # noqa: E402
+                     peak_rss_gib, publish, run_record, tagged)
 
 STORAGES = ("dense", "half", "replay")
 
@@ -81,20 +81,20 @@ def _run(cfg):
 
 def markdown(rows, args):
     base = rows[0]
-    lines = ["# bench_cleaner_storage: LabelNoiseCleaner's fast-mode storage", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"{args.dataset}, {args.n_train} training rows, {args.n_valid} clean validation "
-             f"rows, {args.rate:.0%} wrong labels, LeNet-5, {args.epochs} epochs (lr "
-             f"{args.lr}, MNIST drop at epoch {args.milestone}), "
-             "`HydraAttributor(storage=..., last_epochs=\"final_lr\")`, per-class removal "
-             f"of {args.rate:.0%}; each storage in its own process, one after the other, "
-             f"{args.threads} torch thread(s). Ratios against `{base['storage']}` in the same "
-             "run; 'added by the fit': peak RSS minus the peak before `fit_resample` "
-             "(data loaded, net built).", "",
-             "| storage | fit_resample (s) | time / dense | peak RSS (GiB) | added by the "
-             "fit (GiB) | added / dense | precision | max rel. score diff vs dense | "
-             "same removed set |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    settings = (f"{args.dataset}, {args.n_train} training rows, {args.n_valid} clean validation "
+                f"rows, {args.rate:.0%} wrong labels, LeNet-5, {args.epochs} epochs (lr "
+                f"{args.lr}, MNIST drop at epoch {args.milestone}), "
+                "`HydraAttributor(storage=..., last_epochs=\"final_lr\")`, per-class removal "
+                f"of {args.rate:.0%}; each storage in its own process, one after the other, "
+                f"{args.threads} torch thread(s). Ratios against `{base['storage']}` in the same "
+                "run; 'added by the fit': peak RSS minus the peak before `fit_resample` "
+                "(data loaded, net built).")
+    lines = markdown_head("bench_cleaner_storage: LabelNoiseCleaner's fast-mode storage",
+                          settings) + [
+        "| storage | fit_resample (s) | time / dense | peak RSS (GiB) | added by the "
+        "fit (GiB) | added / dense | precision | max rel. score diff vs dense | "
+        "same removed set |",
+        "|---|---|---|---|---|---|---|---|---|"]
     added = [r["peak_rss_gib"] - r["peak_rss_before_fit_gib"] for r in rows]
     for r, a in zip(rows, added):
         lines.append(f"| {r['storage']} | {r['fit_resample_s']:.1f} | "

@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (RESULTS, add_run_args, add_setting_args, ensemble_part_path,  # noqa: E402
-                     load_split, publish, run_record)
+                     load_split, markdown_head, publish, run_record)
 
 from hydrattr.cleaning import remove_lowest  # noqa: E402
 from hydrattr.datasets import make_label_noise  # noqa: E402
@@ -119,12 +119,12 @@ def table3_peers(args):
 
 
 def markdown(rows, errors, peers, args):
-    lines = [f"# Cleaning precision from the Table 4 member runs ({args.dataset})", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid}, epochs={args.epochs}, "
-             f"seed={args.seed}, {args.rate:.0%} wrong labels; score = mean contribution to "
-             "the members' 1,000 references; the rate's lowest scores removed.", "",
-             "| method | precision (overall) | precision (per class) |", "|---|---|---|"]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid}, epochs={args.epochs}, "
+                f"seed={args.seed}, {args.rate:.0%} wrong labels; score = mean contribution to "
+                "the members' 1,000 references; the rate's lowest scores removed.")
+    lines = markdown_head(f"Cleaning precision from the Table 4 member runs ({args.dataset})",
+                          settings) + [
+        "| method | precision (overall) | precision (per class) |", "|---|---|---|"]
     lines += [f"| {r['method']} | {r['precision_global']:.4f} | "
               f"{r['precision_per_class']:.4f} |" for r in rows]
     if peers:

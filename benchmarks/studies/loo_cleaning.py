@@ -38,8 +38,8 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
-from _common import (add_run_args, add_setting_args, noisy_setting, run_record,  # noqa: E402
-                     save_results, start_run)
+from _common import (add_run_args, add_setting_args, markdown_head, noisy_setting,  # noqa: E402
+                     run_record, save_results, start_run)
 
 from hydrattr import HydraAttributor, LeaveOneOutAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -114,17 +114,16 @@ def main(argv=None):
                          median_abs_loo_over_exact=ratio,
                          seconds={"hydra_fast_and_exact": t_hydra, "loo": t_loo,
                                   "total": time.perf_counter() - t_start})
-    lines = ["# Leave-one-out as a label cleaner (LeNet-5)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"{args.dataset}, n_train={args.n_train}, n_valid={args.n_valid} (clean; the "
-             f"score is each row's contribution to the mean validation loss), "
-             f"epochs={args.epochs}, lr={args.lr}, MNIST lr drop at epoch {args.milestone}, "
-             f"rate={args.rate:.0%} wrong labels, seed={args.seed}. Noisy model's test "
-             f"accuracy {100 * acc:.2f}%.", "",
-             "All training rows (AUC: clean rows ranked above flipped ones; precision of "
-             f"removing the lowest {args.rate:.0%}):", "",
-             "| score | AUC | precision (global) | precision (per class) |",
-             "|---|---|---|---|"]
+    settings = (f"{args.dataset}, n_train={args.n_train}, n_valid={args.n_valid} (clean; the "
+                f"score is each row's contribution to the mean validation loss), "
+                f"epochs={args.epochs}, lr={args.lr}, MNIST lr drop at epoch {args.milestone}, "
+                f"rate={args.rate:.0%} wrong labels, seed={args.seed}. Noisy model's test "
+                f"accuracy {100 * acc:.2f}%.")
+    lines = markdown_head("Leave-one-out as a label cleaner (LeNet-5)", settings) + [
+        "All training rows (AUC: clean rows ranked above flipped ones; precision of "
+        f"removing the lowest {args.rate:.0%}):", "",
+        "| score | AUC | precision (global) | precision (per class) |",
+        "|---|---|---|---|"]
     for name, r in full.items():
         lines.append(f"| HYDRA {name} | {r['auc']:.3f} | {r['precision_global']:.3f} | "
                      f"{r['precision_per_class']:.3f} |")

@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (add_run_args, add_setting_args, cleanlab_select, hybrid_scores,  # noqa: E402
-                     noisy_setting, parse_settings, publish, run_record, start_run)
+                     markdown_head, noisy_setting, parse_settings, publish, run_record, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import remove_lowest  # noqa: E402
@@ -171,14 +171,13 @@ def run_setting(args, dataset, rate):
 
 
 def markdown(results, args):
-    lines = ["# Out-of-fold HYDRA against cleanlab on the same runs", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid}, epochs={args.epochs}, "
-             f"lr={args.lr}, MNIST lr drop at epoch {args.milestone}, {args.folds} folds, "
-             f"seed={args.seed}; precision of the removed set (the rate's lowest scores "
-             f"within each given class).", "",
-             "| dataset | r | " + " | ".join(r["method"] for r in results[0]["rows"]) + " |",
-             "|---|---|" + "---|" * len(results[0]["rows"])]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid}, epochs={args.epochs}, "
+                f"lr={args.lr}, MNIST lr drop at epoch {args.milestone}, {args.folds} folds, "
+                f"seed={args.seed}; precision of the removed set (the rate's lowest scores "
+                f"within each given class).")
+    lines = markdown_head("Out-of-fold HYDRA against cleanlab on the same runs", settings) + [
+        "| dataset | r | " + " | ".join(r["method"] for r in results[0]["rows"]) + " |",
+        "|---|---|" + "---|" * len(results[0]["rows"])]
     for res in results:
         lines.append(f"| {res['dataset']} | {res['rate']:.0%} | "
                      + " | ".join(f"{r['precision']:.4f}" for r in res["rows"]) + " |")

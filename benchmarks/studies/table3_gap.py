@@ -44,8 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
-                     cleanlab_removed, default_tag, fit_net, noisy_setting, run_settings,
-                     start_run)
+                     cleanlab_removed, default_tag, fit_net, markdown_head, noisy_setting,
+                     run_settings, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner  # noqa: E402
@@ -102,15 +102,15 @@ def run_one(args, dataset, rate):
 
 
 def markdown(results, args):
-    lines = ["# Table 3 gap: which cleaning errors cost accuracy (LeNet-5)", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid}, n_test={args.n_test}, "
-             f"epochs={args.epochs}, lr={args.lr}, MNIST drop at epoch {args.milestone}, "
-             f"seed={args.seed}; test accuracy is the mean ± std over {args.n_seeds} "
-             f"retraining seeds.", "",
-             "| dataset | r | method | precision | kept rows | test acc (%) | oracle + kept "
-             "wrong | oracle - lost clean | random errors | oracle |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid}, n_test={args.n_test}, "
+                f"epochs={args.epochs}, lr={args.lr}, MNIST drop at epoch {args.milestone}, "
+                f"seed={args.seed}; test accuracy is the mean ± std over {args.n_seeds} "
+                f"retraining seeds.")
+    lines = markdown_head("Table 3 gap: which cleaning errors cost accuracy (LeNet-5)",
+                          settings) + [
+        "| dataset | r | method | precision | kept rows | test acc (%) | oracle + kept "
+        "wrong | oracle - lost clean | random errors | oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         by = {(r["method"], r["set"]): r for r in res["rows"]}
         o = by[("oracle", "clean rows")]

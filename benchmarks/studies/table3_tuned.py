@@ -67,8 +67,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
 from _common import (accuracy, add_run_args, add_setting_args, apply_preset,  # noqa: E402
                      cleanlab_select, default_tag, fit_net, hybrid_scores, load_result,
-                     noisy_setting, oof_probs, parse_settings, precision_recall, publish,
-                     retrain_seeds, run_settings, start_run)
+                     markdown_head, noisy_setting, oof_probs, parse_settings, precision_recall,
+                     publish, retrain_seeds, run_settings, start_run)
 
 from hydrattr import HydraAttributor  # noqa: E402
 from hydrattr.cleaning import LabelNoiseCleaner, remove_lowest  # noqa: E402
@@ -189,18 +189,18 @@ def run_setting(args, dataset, rate):
 
 
 def markdown(results, args):
-    lines = ["# Table 3 with the removed fraction tuned on validation accuracy", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"n_train={args.n_train}, n_valid={args.n_valid} (clean: the scoring and the "
-             f"selection set), n_test={args.n_test}, epochs={args.epochs}, lr={args.lr}, "
-             f"seed={args.seed}. Fractions tried: 1 - g (1 - r) for g in "
-             f"{args.grid} (g = 1: the paper's r); each ranking's row is "
-             f"the fraction with the best validation accuracy after retraining (seed "
-             f"{args.seed}), then retrained with seeds {retrain_seeds(args)}. No filtering "
-             f"and oracle: " + ("retrained in this run." if args.reference == "none" else
-                                f"from `table3_{args.reference}`."), "",
-             "| dataset | r | method | fraction | precision | recall | valid acc (%) | "
-             "test acc, mean ± sd (%) |", "|---|---|---|---|---|---|---|---|"]
+    settings = (f"n_train={args.n_train}, n_valid={args.n_valid} (clean: the scoring and the "
+                f"selection set), n_test={args.n_test}, epochs={args.epochs}, lr={args.lr}, "
+                f"seed={args.seed}. Fractions tried: 1 - g (1 - r) for g in "
+                f"{args.grid} (g = 1: the paper's r); each ranking's row is "
+                f"the fraction with the best validation accuracy after retraining (seed "
+                f"{args.seed}), then retrained with seeds {retrain_seeds(args)}. No filtering "
+                f"and oracle: " + ("retrained in this run." if args.reference == "none" else
+                                   f"from `table3_{args.reference}`."))
+    lines = markdown_head("Table 3 with the removed fraction tuned on validation accuracy",
+                          settings) + [
+        "| dataset | r | method | fraction | precision | recall | valid acc (%) | "
+        "test acc, mean ± sd (%) |", "|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["rows"]:
             va = f"{100 * r['valid_accuracy']:.2f}" if "valid_accuracy" in r else "-"
