@@ -4,7 +4,8 @@ Scripts live in ``benchmarks/<perf|accuracy|paper|studies>/`` and put ``benchmar
 ``sys.path`` to import this package; ``benchmarks/README.md`` indexes them.
 
 * :mod:`.results`: ``RESULTS`` (``benchmarks/results`` or ``$HYDRATTR_BENCH_RESULTS``),
-  ``save_results``, ``publish``, ``run_record``, ``load_result``, ``atomic_write``, ``tagged``, and the
+  ``bench_parser`` (the options the perf and accuracy scripts share), ``save_results``,
+  ``publish``, ``run_record``, ``load_result``, ``atomic_write``, ``tagged``, and the
   run loop of the cleaning benchmarks: ``start_run``, ``run_settings``, ``default_tag``,
   ``markdown_head``;
 * :mod:`.data`: ``resolve_data_dir`` (``--data-dir`` or ``$HYDRATTR_DATA``, a clear stop
@@ -30,7 +31,8 @@ from .nets import (PEER_MODELS, accuracy, cleaning_net, fit_net, mnist_lenet, pa
                    peer_net, step_schedule, test_losses)
 from .noise import hybrid_scores, noisy_setting, precision_recall, retrain_seeds
 from .presets import PRESETS, add_setting_args, apply_preset
-from .results import (BENCH, RESULTS, atomic_write, default_tag, load_result, markdown_head,
-                      publish, run_record, run_settings, save_results, start_run, tagged)
+from .results import (BENCH, RESULTS, atomic_write, bench_parser, default_tag, load_result,
+                      markdown_head, publish, run_record, run_settings, save_results,
+                      start_run, tagged)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,6 +1,7 @@
 """Result files: where they go, what every one records, and how they are written."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -84,6 +85,28 @@ def load_result(stem, out=None):
 def tagged(name, tag):
     """``name`` or ``name_<tag>``: the stem of a result file."""
     return f"{name}_{tag}" if tag else name
+
+
+def bench_parser(doc, quick=None, threads=None):
+    """The argument parser of a ``perf/`` or ``accuracy/`` benchmark, with the options
+    they share; the script adds its own to it.
+
+    The description is the script's docstring ``doc``, shown as written. The options:
+    ``--quick`` (a reduced run; ``quick`` says what it runs), ``--threads`` (torch
+    threads, default ``threads``; None: torch's own; False: no such option), ``--out``
+    (the results folder, default :data:`RESULTS`) and ``--tag`` (suffix of the result
+    file names, :func:`tagged`).
+    """
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick)
+    if threads is not False:
+        own = "torch's own" if threads is None else threads
+        p.add_argument("--threads", type=int, default=threads,
+                       help=f"torch threads (default: {own})")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (default: %(default)s)")
+    p.add_argument("--tag", default="", help="suffix for the result file names")
+    return p
 
 
 def markdown_head(title, settings):

@@ -22,7 +22,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import RESULTS, save_results, tagged  # noqa: E402
+from _common import bench_parser, save_results, tagged  # noqa: E402
 
 
 def _hessian_free(att, G, freeze):
@@ -60,14 +59,10 @@ def _compare(C, Cf):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, threads=False)
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--n-test", type=int, default=20)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.epochs, args.n_test = 100, 3, 10

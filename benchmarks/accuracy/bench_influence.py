@@ -42,7 +42,6 @@ Results go to ``benchmarks/results/bench_influence[_TAG].json`` and ``.md``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -55,7 +54,7 @@ from torch import nn
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import RESULTS, add_data_arg, load_split, save_results, tagged  # noqa: E402
+from _common import add_data_arg, bench_parser, load_split, save_results, tagged  # noqa: E402
 
 THESIS = {  # Table 5.1: Pearson correlation with actual influence
     "IF (CG)": (0.742, 0.805),
@@ -182,8 +181,9 @@ def markdown(r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__,
+                     quick="1,000 rows, batch 100, 20 epochs, 20 LOO rows per test image, "
+                           "1 LOO epoch")
     p.add_argument("--n-train", type=int, default=5500)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--lr", type=float, default=0.1)
@@ -198,13 +198,7 @@ def main(argv=None):
     p.add_argument("--loo-epochs", type=int, default=5,
                    help="warm-start continuation epochs per left-out row")
     p.add_argument("--skip-exact", action="store_true", help="leave out HYDRA exact")
-    p.add_argument("--threads", type=int, default=None)
     add_data_arg(p)
-    p.add_argument("--quick", action="store_true",
-                   help="1,000 rows, batch 100, 20 epochs, 20 LOO rows per test image, "
-                        "1 LOO epoch")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.epochs, args.loo_per_test, args.loo_epochs = 1000, 20, 20, 1

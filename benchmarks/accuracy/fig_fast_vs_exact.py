@@ -25,7 +25,6 @@ Writes ``benchmarks/results/fig_fast_vs_exact[_TAG].json``, ``.md`` and three PN
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,7 +34,8 @@ import torch
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import RESULTS, add_data_arg, load_split, paper_lenet, publish, tagged  # noqa: E402
+from _common import (add_data_arg, bench_parser, load_split, paper_lenet, publish,  # noqa: E402
+                     tagged)
 PAPER = {"fast": {"spearman": 0.986, "sign_error": 0.014},
          "influence_functions": {"spearman": 0.820, "sign_error": 0.130},
          "tangent_error_plateau": 0.74}
@@ -126,8 +126,9 @@ def tangent_errors(att, rows, ends, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__,
+                     quick="3,000 rows, 10 epochs (evaluated every 2), 500 test points",
+                     threads=1)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-track", type=int, default=500)
@@ -138,12 +139,7 @@ def main(argv=None):
     p.add_argument("--if-damping", type=float, default=0.01)
     p.add_argument("--if-maxiter", type=int, default=100)
     p.add_argument("--no-if", action="store_true", help="skip influence functions")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     add_data_arg(p)
-    p.add_argument("--quick", action="store_true",
-                   help="3,000 rows, 10 epochs (evaluated every 2), 500 test points")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.n_train, args.n_test, args.tangent_rows = 10, 3000, 500, 10

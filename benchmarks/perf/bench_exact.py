@@ -24,7 +24,6 @@ Results go to ``benchmarks/results/bench_exact[_TAG].json`` and ``.md``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -35,8 +34,8 @@ import torch
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (RESULTS, add_data_arg, load_split, mnist_lenet, peak_rss_gib,  # noqa: E402
-                     publish, tagged)
+from _common import (add_data_arg, bench_parser, load_split, mnist_lenet,  # noqa: E402
+                     peak_rss_gib, publish, tagged)
 PAPER = {"fast_vs_hessian_speedup_densenet": 971, "speedup_quoted_in_issue": 22}
 
 
@@ -56,8 +55,9 @@ def timed(fn, key):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__,
+                     quick="5,000 rows, 2 epochs, 1,000 test points for the mean, 20 columns",
+                     threads=1)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test-mean", type=int, default=1000)
@@ -65,12 +65,7 @@ def main(argv=None):
     p.add_argument("--forward-rows", type=int, default=1,
                    help="samples tracked by the forward recurrence (one HVP each per step)")
     p.add_argument("--trajectory", default="memory", choices=["memory", "memmap"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     add_data_arg(p)
-    p.add_argument("--quick", action="store_true",
-                   help="5,000 rows, 2 epochs, 1,000 test points for the mean, 20 columns")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.n_train, args.n_test_cols = 2, 5000, 20

@@ -26,7 +26,6 @@ Results go to ``benchmarks/results/bench_fast.json`` and ``.md``.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import platform
@@ -38,13 +37,12 @@ import torch
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (RESULTS, PeakMemory, add_data_arg, load_split, mnist_lenet,  # noqa: E402
+from _common import (PeakMemory, add_data_arg, bench_parser, load_split, mnist_lenet,  # noqa: E402
                      peak_rss_gib, release_memory, save_results, tagged)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, quick="5,000 rows, 1 epoch, 200 test points")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=1000)
@@ -53,11 +51,7 @@ def main(argv=None):
     p.add_argument("--fit-paths", nargs="+", default=["two_pass", "fused"],
                    choices=["two_pass", "fused"], help="fits to time (the last is attributed)")
     add_data_arg(p)
-    p.add_argument("--quick", action="store_true", help="5,000 rows, 1 epoch, 200 test points")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--note", default="", help="a line for the markdown (e.g. 'shared machine')")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.n_train, args.n_test = 1, 5000, 200

@@ -38,7 +38,7 @@ import time
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (RESULTS, PeakMemory, add_data_arg, load_split, paper_lenet,  # noqa: E402
+from _common import (PeakMemory, add_data_arg, bench_parser, load_split, paper_lenet,  # noqa: E402
                      peak_rss_gib, save_results, tagged)
 
 
@@ -93,26 +93,21 @@ def _run(cfg):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, quick="5,000 / 2,000 rows, 1 epoch", threads=2)
     p.add_argument("--n-train", type=int, default=50000, help="rows tracked on disk")
     p.add_argument("--n-baseline", type=int, default=10000,
                    help="rows for the in-memory vs disk comparison (must fit in RAM)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ram-limit-gib", type=float, default=4.0)
     add_data_arg(p)
     p.add_argument("--store-dir", default=None, help="where the memmap files go (tmp)")
-    p.add_argument("--quick", action="store_true", help="5,000 / 2,000 rows, 1 epoch")
     p.add_argument("--skip-full", action="store_true", help="only the same-n comparison")
     p.add_argument("--full-baseline", default="none", choices=["none", "dense", "half"],
                    help="also run an in-memory store on --n-train rows (needs the RAM: "
                         "half = 2 bytes per sample per parameter)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="run only these of baseline, disk-same-n, disk-full, memory-full")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="")
     p.add_argument("--repeat", type=int, default=1,
                    help="run baseline and disk-same-n this many times, interleaved; times "
                         "are the minimum (the machine is shared), RSS the maximum")

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 # benchmarks/ on the path: the shared helpers in _common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (RESULTS, add_data_arg, load_split, resolve_data_dir,  # noqa: E402
+from _common import (add_data_arg, bench_parser, load_split, resolve_data_dir,  # noqa: E402
                      save_results, tagged)
 
 
@@ -217,8 +217,7 @@ def _write(args, meta, results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, quick="400 tracked for every model, LeNet-5 also 2,000")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--n-tracked", nargs="+", type=int, default=[400, 2000, 10000])
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), cpu, cuda")
@@ -232,11 +231,6 @@ def main(argv=None):
     p.add_argument("--ram-store-gib", type=float, default=2.0)
     p.add_argument("--disk-store-gib", type=float, default=40.0)
     p.add_argument("--store-dir", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true",
-                   help="400 tracked for every model, LeNet-5 also 2,000")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
