@@ -122,9 +122,9 @@ sphinx_gallery_conf = {
 html_theme = "pydata_sphinx_theme"
 html_title = f"hydrattr {release}"
 html_static_path = ["_static"]
-# custom.css: a page's own ``.. contents::`` box is hidden where the theme's "On this
-# page" sidebar shows (wide screens), so a page never shows two; math SVGs are
-# inverted in dark mode
+# custom.css: math SVGs inverted in dark mode, compact results tables. Pages carry no
+# ``.. contents::`` box of their own: the theme's "On this page" sidebar is the page's
+# table of contents
 html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
