@@ -25,6 +25,7 @@ Only this module imports skorch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import signal
 import threading
@@ -39,13 +40,15 @@ from skorch.dataset import get_len
 from skorch.classifier import NeuralNetClassifier
 from torch.func import functional_call
 
+from ._core.checkpoint import CheckpointedTrajectory, ModuleReplayer, capture_state
 from ._core.functional import ParamSpec
 from ._core.trajectory import Trajectory
 
 __all__ = ["NeuralNet", "RecordingDataset", "TrajectoryRecorder", "make_loss_fn", "param_spec",
            "module_flags", "module_mode", "per_sample_reduction", "watch_interrupts",
            "check_targets", "is_net", "check_net", "probe_net", "record_fit", "Recording",
-           "trained_clone", "is_adam", "torch_seed", "fit_recording_dynamics", "classifier"]
+           "trained_clone", "is_adam", "torch_seed", "fit_recording_dynamics", "classifier",
+           "training_copy", "step_replayer"]
 
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -392,14 +395,20 @@ class TrajectoryRecorder(Callback):
         The dataset given to ``net.fit``.
     record_rng : bool
         Store the RNG state per step (needed to replay dropout).
-    storage, directory : see :class:`~hydrattr._core.trajectory.Trajectory`.
+    storage, directory : see :class:`~hydrattr._core.trajectory.Trajectory`;
+        ``storage="checkpoint"`` records a
+        :class:`~hydrattr._core.checkpoint.CheckpointedTrajectory` instead (the full
+        training state every ``checkpoint_every`` steps; ``"auto"``: about the square
+        root of ``max_epochs`` times the batches of an epoch).
     """
 
-    def __init__(self, dataset, record_rng=False, storage="memory", directory=None):
+    def __init__(self, dataset, record_rng=False, storage="memory", directory=None,
+                 checkpoint_every="auto"):
         self.dataset = dataset
         self.record_rng = record_rng
         self.storage = storage
         self.directory = directory
+        self.checkpoint_every = checkpoint_every
 
     def initialize(self):
         self.trajectory_ = None
@@ -410,8 +419,12 @@ class TrajectoryRecorder(Callback):
         self.spec_ = param_spec(net)
         self.reduction_ = per_sample_reduction(net)
         dtype = next(net.module_.parameters()).dtype
-        self.trajectory_ = Trajectory(self.spec_, len(self.dataset), storage=self.storage,
-                                      directory=self.directory, dtype=dtype)
+        if self.storage == "checkpoint":
+            self.trajectory_ = CheckpointedTrajectory(self.spec_, len(self.dataset),
+                                                      every=self.checkpoint_every, dtype=dtype)
+        else:
+            self.trajectory_ = Trajectory(self.spec_, len(self.dataset), storage=self.storage,
+                                          directory=self.directory, dtype=dtype)
         # module buffers before the first step (BatchNorm running statistics), so that
         # replays can rebuild the running statistics along the trajectory
         self.trajectory_.buffers0 = {n: b.detach().to("cpu").clone()
@@ -441,7 +454,24 @@ class TrajectoryRecorder(Callback):
         return torch.cat([p.detach().reshape(-1) for p in self._params])
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
-        self.trajectory_.begin_epoch()
+        traj = self.trajectory_
+        if self.storage == "checkpoint" and traj.planned_steps is None:
+            traj.plan(net.max_epochs * self._batches_per_epoch(net, dataset_train))
+        traj.begin_epoch()
+
+    def _batches_per_epoch(self, net, dataset_train):
+        """The training batches of one epoch, read off skorch's own iterator (whose
+        construction and length draw no random numbers)."""
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return max(1, len(net.get_iterator(dataset_train, training=True)))
+        except TypeError:
+            if self.checkpoint_every != "auto":
+                return 1  # the spacing is given: the plan only records the length
+            raise ValueError(
+                "trajectory='checkpoint' with checkpoint_every='auto' needs the number of "
+                "training batches per epoch, but the training iterator has no length; pass "
+                "checkpoint_every as an int.") from None
 
     def on_batch_begin(self, net, batch=None, training=False, **kwargs):
         if not training:
@@ -459,6 +489,11 @@ class TrajectoryRecorder(Callback):
             rng = (torch.get_rng_state(), cuda)
         weight = 1.0 / n if self.reduction_ == "mean" else 1.0
         self._pending = (theta.clone(), rows, weight, rng)
+        # a checkpoint's state besides the parameters, before the forward pass updates
+        # the module buffers (kept only once the step is applied)
+        self._pending_state = None
+        if self.storage == "checkpoint" and self.trajectory_.wants(len(self.trajectory_)):
+            self._pending_state = capture_state(net.module_, net.optimizer_)
         self._raw = [None] * len(self._params)
 
     def _before_step(self, optimizer, args, kwargs):
@@ -479,8 +514,9 @@ class TrajectoryRecorder(Callback):
                                      else g.detach().reshape(-1)
                                      for p, g in zip(self._params, used)]).clone()
         theta, rows, weight, rng, row, opt_state = self._pending
-        self.trajectory_.append(theta, rows, weight, row, rng, opt_state=opt_state)
-        self._pending = None
+        extra = {} if self.storage != "checkpoint" else {"state": self._pending_state}
+        self.trajectory_.append(theta, rows, weight, row, rng, opt_state=opt_state, **extra)
+        self._pending = self._pending_state = None
         self._after = self._theta().clone()
 
     def on_batch_end(self, net, batch=None, training=False, **kwargs):
@@ -682,6 +718,33 @@ def trained_clone(net, trained, drop_schedulers=False):
     out.module_.load_state_dict(trained.module_.state_dict())
     out.optimizer_.load_state_dict(trained.optimizer_.state_dict())
     return out
+
+
+def training_copy(net):
+    """A copy of the fitted ``net`` that takes training steps without touching ``net``.
+
+    Its modules, criteria and optimizers are deep-copied together (the optimizers hold the
+    copied parameters); everything else is shared, and it has no callbacks, so
+    ``train_step`` runs skorch's own step (zero the gradients, ``infer``, ``get_loss``,
+    backward, ``optimizer.step``) and notifies nobody.
+    """
+    work = object.__new__(type(net))
+    work.__dict__.update(net.__dict__)
+    names = [n + "_" for n in (*net._modules, *net._criteria, *net._optimizers)
+             if n + "_" in net.__dict__]
+    work.__dict__.update(zip(names, copy.deepcopy([net.__dict__[n] for n in names])))
+    work.__dict__["callbacks_"] = []
+    return work
+
+
+def step_replayer(net, data_fn):
+    """A :class:`~hydrattr._core.checkpoint.ModuleReplayer` on a :func:`training_copy` of
+    the fitted ``net``: recorded steps taken again with skorch's ``train_step`` on the
+    batches ``data_fn(rows)``, the ops of training in the same order (a checkpointed
+    trajectory recomputes its steps with it)."""
+    work = training_copy(net)
+    return ModuleReplayer(work.module_, work.optimizer_,
+                          lambda x, y: work.train_step((x, y)), data_fn)
 
 
 class Recording:

@@ -13,7 +13,7 @@ from ._core.outofcore import check_directory
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
 from ._inputs import select_rows
-from ._skorch import module_mode
+from ._skorch import TrajectoryRecorder, flat_params, module_mode, step_replayer
 from .base import BaseAttributor
 
 __all__ = ["HydraAttributor"]
@@ -62,8 +62,28 @@ class HydraAttributor(BaseAttributor):
         keeps what exact mode needs, so it alone lets ``set_params(mode="exact")`` after a
         fast-mode ``fit`` (any other storage raises at ``attribute``); an exact-mode fit
         can always be switched to fast mode.
-    trajectory : {"memory", "memmap"}, default="memory"
-        Where the parameter snapshots of the trajectory live.
+    trajectory : {"memory", "memmap", "checkpoint"}, default="memory"
+        Where the parameter snapshots of the trajectory live: every step's in RAM or in
+        a disk memmap (in ``store_dir``), or, with ``"checkpoint"``, only every
+        ``checkpoint_every``-th step's full training state (parameters, optimizer state
+        such as momentum buffers, module buffers) in RAM, the steps between recomputed
+        from the nearest checkpoint, one block at a time, whenever a sweep needs them (by
+        skorch's own training step on the recorded batches, hyperparameters and RNG
+        states, so on the CPU the recomputed parameters are the recorded ones bit for
+        bit, and ``C`` is the same). At most ``2 sqrt(T)`` parameter snapshots for ``T``
+        steps instead of ``T``, for one extra training step per step and sweep. Every
+        recomputed block is checked against the next checkpoint (at ``fit`` the last one
+        against the trained weights): a difference within rounding (nondeterministic
+        GPU kernels) warns, a larger one raises. For exact mode and
+        ``storage="replay"``; fast mode with a store keeps no trajectory after ``fit``.
+        See :doc:`/scaling`.
+    checkpoint_every : "auto" or int, default="auto"
+        With ``trajectory="checkpoint"``: the spacing of the checkpoints in optimizer
+        steps. ``"auto"`` takes ``k`` minimising ``ceil(T / k) + k`` for ``T`` =
+        ``max_epochs`` times the batches of an epoch (about ``sqrt(T)``), which keeps at
+        most ``2 sqrt(T)`` snapshots (also when training stops early: blocks are then
+        recomputed in more levels). An int ``k`` holds ``ceil(T / k)`` checkpoints plus
+        a block buffer of ``k - 1`` snapshots.
     last_epochs : int, "final_lr" or None, default=None
         Truncate the hypergradient to the end of training: sample ``i``'s weight
         ``eps_i`` acts only in the steps of the last ``last_epochs`` training epochs, so
@@ -146,13 +166,15 @@ class HydraAttributor(BaseAttributor):
         the batch gradient at the first step); None when the hooks were used.
     """
 
-    def __init__(self, net, mode="fast", storage="dense", trajectory="memory", last_epochs=None,
-                 track=None, per_sample="auto", fit_path="fused", test_batch_size=256,
-                 store_dir=None, random_state=None, verbose=1):
+    def __init__(self, net, mode="fast", storage="dense", trajectory="memory",
+                 checkpoint_every="auto", last_epochs=None, track=None, per_sample="auto",
+                 fit_path="fused", test_batch_size=256, store_dir=None, random_state=None,
+                 verbose=1):
         self.net = net
         self.mode = mode
         self.storage = storage
         self.trajectory = trajectory
+        self.checkpoint_every = checkpoint_every
         self.last_epochs = last_epochs
         self.track = track
         self.per_sample = per_sample
@@ -166,7 +188,8 @@ class HydraAttributor(BaseAttributor):
         **BaseAttributor._parameter_constraints,
         "mode": [StrOptions({"fast", "exact"})],
         "storage": [StrOptions(set(STORE_KINDS) | {"replay"})],
-        "trajectory": [StrOptions({"memory", "memmap"})],
+        "trajectory": [StrOptions({"memory", "memmap", "checkpoint"})],
+        "checkpoint_every": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "last_epochs": [None, Interval(Integral, 1, None, closed="left"),
                         StrOptions({"final_lr"})],
         "track": [None, Interval(Integral, 1, None, closed="left"), "array-like"],
@@ -178,7 +201,11 @@ class HydraAttributor(BaseAttributor):
 
     # -- parameters ------------------------------------------------------------------
     def _check_params(self):
-        self._refuse_bools("last_epochs", "test_batch_size", "track")
+        self._refuse_bools("last_epochs", "test_batch_size", "track", "checkpoint_every")
+        if self.checkpoint_every != "auto" and self.trajectory != "checkpoint":
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every!r} applies only with "
+                f"trajectory='checkpoint' (got trajectory={self.trajectory!r}).")
         if self.store_dir is not None and "memmap" in (self.storage, self.trajectory):
             check_directory(self.store_dir, "store_dir")
 
@@ -186,6 +213,12 @@ class HydraAttributor(BaseAttributor):
         # the fast-mode store is created (and its disk space reserved) before training,
         # so that a store_dir without room fails now, not after training
         self._new_store = None
+        if self.trajectory == "checkpoint" and self.mode == "fast" and self.storage != "replay":
+            raise ValueError(
+                f"trajectory='checkpoint' keeps the trajectory small for exact mode and "
+                f"storage='replay'; fast mode with storage={self.storage!r} keeps no "
+                f"trajectory after fit. Use mode='exact', storage='replay', or "
+                f"trajectory='memory'.")
         if self.mode == "fast" and self.storage != "replay":
             self.rows_ = select_rows(self.track, n, self.random_state, "track")
             self._new_store = SampleStore(len(self.rows_), n_params, kind=self.storage,
@@ -193,6 +226,9 @@ class HydraAttributor(BaseAttributor):
 
     def _make_recorder(self, dataset, record_rng):
         self._fused_recorder = None
+        if self.trajectory == "checkpoint":
+            return TrajectoryRecorder(dataset, record_rng=record_rng, storage="checkpoint",
+                                      checkpoint_every=self.checkpoint_every)
         if getattr(self, "_new_store", None) is None or self.fit_path != "fused":
             return super()._make_recorder(dataset, record_rng)
         from ._fused import FusedRecorder
@@ -237,6 +273,20 @@ class HydraAttributor(BaseAttributor):
                              device=self._device, progress=self._progress(),
                              start=self.window_start_)
         self._fit_profile = {"store_pass_s": time.perf_counter() - tic}
+
+    def _check_last_step(self, last_grad):
+        # a checkpointed trajectory recomputes theta(t) with a copy of the trained net;
+        # its last block is recomputed now and checked against the trained weights
+        if getattr(self.trajectory_, "storage", None) == "checkpoint":
+            self.trajectory_.bind(self._step_replayer, final=self._trained_theta)
+            self.trajectory_.check_last_block()
+        super()._check_last_step(last_grad)
+
+    def _step_replayer(self):
+        return step_replayer(self.net_, self._data_fn())
+
+    def _trained_theta(self):
+        return flat_params(self.net_, self.spec_)
 
     @property
     def _independent(self):

@@ -72,6 +72,14 @@ def test_bench_exact(tmp_path):
     assert res["forward_vs_adjoint_max_rel_diff"] < 1e-4
 
 
+def test_bench_checkpoint(tmp_path):
+    run("perf/bench_checkpoint", "--quick", "--tag", "t", tmp_path=tmp_path)
+    res = saved(tmp_path, "bench_checkpoint_t")
+    # the checkpointed trajectory recomputes the recorded run bit for bit on the CPU
+    assert res["C_identical"] and res["meets"]["snapshots"]
+    assert [r["trajectory"] for r in res["rows"]] == ["memory", "checkpoint"]
+
+
 def test_bench_adam_fast(tmp_path):
     run("accuracy/bench_adam_fast", "--epochs", 1, "--n-train", 64, "--n-test", 4,
         "--tag", "t", tmp_path=tmp_path)
