@@ -20,7 +20,9 @@ net, and these removed sets, judged on the same rows in the same run:
 * ``no filtering`` and ``oracle`` (the wrong labels themselves), for retraining.
 
 Reported: precision and recall of each set, test accuracy of the net retrained on the kept
-rows (same seed for every row), and cost in multiples of one plain training timed in the
+rows (same seed for every row; on (Fashion-)MNIST for 30 epochs, long enough that the net
+fits the wrong labels it keeps: at 10 epochs the oracle set retrained no better than no
+filtering, at 30 it is 8 points better), and cost in multiples of one plain training timed in the
 same process.
 
     python benchmarks/accuracy/label_noise.py --datasets digits breast_cancer
@@ -114,9 +116,9 @@ def one_seed(args, dataset, rate, seed):
     yn, flipped = make_label_noise(y, rate, n_classes=K, random_state=seed + 100)
     net = make_net(dataset, int(np.prod(X.shape[1:])), K, args.epochs)
 
-    def fit(Xa, ya):
+    def fit(Xa, ya, epochs=None):
         torch.manual_seed(seed)
-        return clone(net).fit(Xa, ya)
+        return clone(net).set_params(max_epochs=epochs or args.epochs).fit(Xa, ya)
 
     clone(net).set_params(max_epochs=1).fit(X[:256], yn[:256])  # warm-up, not timed
     plain, t_plain = timed(lambda: fit(X, yn))
@@ -160,7 +162,7 @@ def one_seed(args, dataset, rate, seed):
     for name, r in removed.items():
         p, rec = precision_recall(r, flipped)
         keep = ~r
-        acc = float((fit(X[keep], yn[keep]).predict(Xt) == yt).mean())
+        acc = float((fit(X[keep], yn[keep], args.retrain_epochs).predict(Xt) == yt).mean())
         out["rows"][name] = {"removed": int(r.sum()), "precision": p, "recall": rec,
                              "retrained_acc": acc,
                              "cost": cost[name] / t_plain if name in cost else None}
@@ -202,7 +204,11 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=5000,
                    help="rows drawn from (Fashion-)MNIST's training file")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default: 20 (digits, breast_cancer), 12 ((Fashion-)MNIST)")
+                   help="default: 20 (digits, breast_cancer), 10 ((Fashion-)MNIST)")
+    p.add_argument("--retrain-epochs", type=int, default=None,
+                   help="epochs of the retraining on the kept rows; default: as --epochs "
+                        "(digits, breast_cancer), 30 ((Fashion-)MNIST: trained until the "
+                        "net fits its wrong labels, as a net trained to convergence does)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-contribution", action="store_true",
                    help="leave out the paper's contribution cleaner (the slowest row)")
@@ -213,10 +219,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = {}
-    epochs_arg = args.epochs
+    epochs_arg, retrain_arg = args.epochs, args.retrain_epochs
     stem = "label_noise" + (f"_{args.tag}" if args.tag else "")
     for dataset in args.datasets:
-        args.epochs = epochs_arg or (20 if dataset in ("digits", "breast_cancer") else 10)
+        small = dataset in ("digits", "breast_cancer")
+        args.epochs = epochs_arg or (20 if small else 10)
+        args.retrain_epochs = retrain_arg or (args.epochs if small else 30)
         for rate in args.rates:
             key = f"{dataset} {rate:.0%} wrong"
             results[key] = []
