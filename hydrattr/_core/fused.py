@@ -17,6 +17,15 @@ products are not invertible in floating point). After the last step a final swee
 applies each row's remaining product; ``P`` is then ``S`` exactly as the two-pass fit
 (:func:`~hydrattr._core.sweep.build_fast_store`) fills it, up to float rounding.
 
+The row update is memory-bound (a LeNet-5 row's two parts are 2 x 247 KB, read and
+written back each time the row enters a batch), so it is written in as few passes over
+the row as torch's vector operations allow: each part is kept divided by a scale of its
+own (a float64 per row and group), so that a part's update is one ``add_`` per term with
+no separate multiplication, and the velocity part is computed from the updated
+parameter part instead of a temporary copy (:func:`_step_part`: four passes where the
+direct form takes six); the final sweep updates the parameter part only and folds its
+scale in.
+
 Per-sample gradients come from the training backward itself (:class:`PerSampleHooks`):
 each ``Linear`` / ``Conv2d`` layer's input times its output gradient, as Opacus computes
 them. The output gradient of the batch loss already carries each sample's weight ``w``,
@@ -140,6 +149,96 @@ def _write(store, rows, values):
         data.index_copy_(0, torch.from_numpy(rows), values.to(data.dtype))
 
 
+_SCALE_RANGE = (2.0 ** -60, 2.0 ** 60)  # a scale outside is folded into its row
+
+
+def _combine(x, own, terms):
+    """``x <- (own * x + sum_k c_k y_k) / s`` in place; returns the scale ``s``.
+
+    ``terms`` is a list of ``(c_k, y_k)``. One pass over ``x`` per term with a nonzero
+    coefficient (``Tensor.add_``, or ``torch.add(y, x, out=x)`` where another term is
+    the base): the sum is left divided by its largest coefficient ``s`` instead of
+    rescaled, which would be a pass more, so the stored values stay the size of the
+    terms' however many updates follow.
+    """
+    terms = [cy for cy in terms if cy[0] != 0]
+    if not terms:
+        if own == 0:
+            x.zero_()
+            return 1.0
+        return own
+    base = 0
+    for i in range(1, len(terms)):
+        if abs(terms[i][0]) > abs(terms[base][0]):
+            base = i
+    c, y = terms.pop(base)
+    if own != 0 and abs(own) >= abs(c):
+        terms.append((c, y))
+        c, y = own, None
+    elif own != 0:
+        torch.add(y, x, alpha=own / c, out=x)
+    elif terms:
+        c2, y2 = terms.pop(0)
+        torch.add(y, y2, alpha=c2 / c, out=x)
+    else:
+        x.copy_(y)
+    for c2, y2 in terms:
+        x.add_(y2, alpha=c2 / c)
+    return c
+
+
+def _step_part(p, v, g, t, psi, b, scale, unscaled=False):
+    """One committed row's group part brought forward: ``(P, V) <- psi (P, V) + b g``.
+
+    The row holds ``P / sp`` and ``V / sv`` (``scale = [sp, sv]``); returns the new
+    scales. Four passes over the row where the plain update takes six (two through a
+    temporary): ``P'`` in place first, then ``V'`` from ``P'`` by eliminating the old
+    ``P`` (``P = (P' - a01 V - b0 g) / a00``), used when that adds no more than a few
+    times the rounding of the direct formula (``|a10 a01| <= 4 |a00 a11|`` and
+    ``|a10 b0| <= 4 |a00 b1|``: always for SGD, whose products are nearly rank one);
+    otherwise through the temporary ``t``. ``unscaled``: fold the scales into the row
+    (a float16 row's working copy).
+    """
+    (a00, a01), (a10, a11) = psi
+    b0, b1 = b
+    sp, sv = scale
+    if v is None:
+        sp = _combine(p, a00 * sp, [(b0, g)])
+    elif a00 != 0 and abs(a10 * a01) <= 4 * abs(a00 * a11) and \
+            abs(a10 * b0) <= 4 * abs(a00 * b1):
+        sp = _combine(p, a00 * sp, [(a01 * sv, v), (b0, g)])
+        e = a10 / a00
+        sv = _combine(v, (a11 - e * a01) * sv, [(e * sp, p), (b1 - e * b0, g)])
+    else:
+        st = _combine(t, 0.0, [(a00 * sp, p), (a01 * sv, v), (b0, g)])
+        sv = _combine(v, a11 * sv, [(a10 * sp, p), (b1, g)])
+        p.copy_(t)
+        sp = st
+    lo, hi = _SCALE_RANGE
+    if unscaled or not lo <= abs(sp) <= hi:
+        if sp != 1.0:
+            p.mul_(sp)
+        sp = 1.0
+    if v is not None and (unscaled or not lo <= abs(sv) <= hi):
+        if sv != 1.0:
+            v.mul_(sv)
+        sv = 1.0
+    return [sp, sv]
+
+
+def _finish_part(p, v, psi, scale):
+    """The final sweep on a row's group part: ``p <- a00 P + a01 V``, unscaled (``psi``
+    None: a row without terms since the last reset, zero)."""
+    if psi is None:
+        p.zero_()
+        return
+    (a00, a01), _ = psi
+    sp, sv = scale
+    c = _combine(p, a00 * sp, [] if v is None else [(a01 * sv, v)])
+    if c != 1.0:
+        p.mul_(c)
+
+
 class LazyStore:
     """The fast-mode store filled during training; see the module docstring.
 
@@ -159,6 +258,10 @@ class LazyStore:
     :meth:`commit` with the tracked rows' slots and ``w_t g_{t,i}``; :meth:`reset`
     forgets every row's terms so far (a window ``last_epochs`` beginning);
     :meth:`finish` applies the remaining products and returns ``store``.
+
+    Until :meth:`finish`, row ``i`` of ``store`` (and of the velocity part) holds its
+    part divided by ``scale[i, group, 0]`` (``scale[i, group, 1]`` for the velocity part); a float16
+    store's rows are kept unscaled.
     """
 
     def __init__(self, store, group_sizes, velocity=True, directory=None):
@@ -181,6 +284,8 @@ class LazyStore:
         self.start = 0  # first step whose terms count (the last reset)
         self.seconds = {"commit": 0.0, "finish": 0.0}  # wall time spent, for profiles
         self.compute_dtype = torch.float64 if store.dtype == torch.float64 else torch.float32
+        # each row's parts are held divided by a scale per group (see _step_part)
+        self.scale = np.ones((store.shape[0], len(self.group_sizes), 2))
         self._tmp = None
 
     def _allocate_velocity(self, zero=False):
@@ -231,8 +336,9 @@ class LazyStore:
 
     def _advance(self, rows, to, inject=None):
         """Bring ``rows`` from their last commit to after step ``to``, adding
-        ``b_to * inject`` when given; rows without a commit (since the last reset) start
-        from zero.
+        ``b_to * inject`` when given (rows without a commit since the last reset start
+        from zero); without ``inject`` (the final sweep) only the parameter part is
+        brought forward, and it is left unscaled.
 
         Row by row: each row's parameter part, velocity part and injected gradient
         (3 x 4 P bytes) stay in the CPU cache across the few operations that update
@@ -244,63 +350,45 @@ class LazyStore:
         Psi = np.zeros((len(rows), len(self.group_sizes), 2, 2))
         if seen.any():
             Psi[seen] = self.products.product(last[seen] + 1, to - last[seen])
-        Psi = Psi.tolist()
-        seen = seen.tolist()
+        Psi, seen = Psi.tolist(), seen.tolist()
+        b = None
         if inject is not None:
             inject = inject.to("cpu", self.compute_dtype)
             b = self.b[to].tolist()
         P, V = self.store, self.velocity
-        single = len(self.slices) == 1
-        width = self.store.shape[1]
-        tmp = self._tmp
-        if tmp is None:
-            tmp = self._tmp = torch.empty(width, dtype=self.compute_dtype)
+        if self._tmp is None:
+            self._tmp = torch.empty(self.store.shape[1], dtype=self.compute_dtype)
+        copies = not isinstance(P.data, np.ndarray) and P.data.dtype == torch.float16
+        parts = [(j, sl, None if len(self.slices) == 1 else sl)
+                 for j, sl in enumerate(self.slices)]
+        scales = self.scale[rows].tolist()
         for k, r in enumerate(rows.tolist()):
             p = self._row(P, r)
             v = None if V is None else self._row(V, r)
-            g = None if inject is None else inject[k]
-            for j, sl in enumerate(self.slices):
-                ps = p if single else p[sl]
-                vs = None if v is None else (v if single else v[sl])
-                gs = None if g is None else (g if single else g[sl])
-                (a00, a01), (a10, a11) = Psi[k][j]
+            for j, sl, cut in parts:  # cut: None for a single group (no slicing)
+                ps = p if cut is None else p[cut]
+                vs = None if v is None else (v if cut is None else v[cut])
+                if inject is None:
+                    _finish_part(ps, vs, Psi[k][j] if seen[k] else None, scales[k][j])
+                    scales[k][j] = [1.0, 1.0]
+                    continue
+                gs = inject[k] if cut is None else inject[k][cut]
                 if not seen[k]:  # a fresh state: b * g (stale contents are dropped)
-                    if gs is None:
-                        ps.zero_()
-                        if vs is not None:
-                            vs.zero_()
-                    else:
-                        torch.mul(gs, b[j][0], out=ps)
-                        if vs is not None:
-                            torch.mul(gs, b[j][1], out=vs)
-                    continue
-                t = tmp if single else tmp[sl]
-                if vs is None:
-                    ps.mul_(a00)
-                    if gs is not None:
-                        ps.add_(gs, alpha=b[j][0])
-                    continue
-                if a00 != 0:  # p' = a00 (p + a01/a00 v + bP/a00 g): one pass fewer
-                    torch.add(ps, vs, alpha=a01 / a00, out=t)
-                    if gs is not None:
-                        t.add_(gs, alpha=b[j][0] / a00)
+                    torch.mul(gs, b[j][0], out=ps)
+                    if vs is not None:
+                        torch.mul(gs, b[j][1], out=vs)
+                    scales[k][j] = [1.0, 1.0]
                 else:
-                    torch.mul(vs, a01, out=t)
-                    if gs is not None:
-                        t.add_(gs, alpha=b[j][0])
-                vs.mul_(a11).add_(ps, alpha=a10)
-                if gs is not None and b[j][1] != 0:
-                    vs.add_(gs, alpha=b[j][1])
-                if a00 != 0:
-                    torch.mul(t, a00, out=ps)
-                else:
-                    ps.copy_(t)
+                    ts = self._tmp if cut is None else self._tmp[cut]
+                    scales[k][j] = _step_part(ps, vs, gs, ts, Psi[k][j], b[j], scales[k][j],
+                                              unscaled=copies)
             self._put_row(P, r, p)
-            if v is not None:
+            if v is not None and inject is not None:
                 self._put_row(V, r, v)
+        self.scale[rows] = scales
         for store in (P, V):
             if store is not None and isinstance(store.data, np.ndarray):
-                touch(store.data, len(rows) * width * store.data.itemsize)
+                touch(store.data, len(rows) * self.store.shape[1] * store.data.itemsize)
 
     def commit(self, slots, values):
         """Add the last registered step's terms ``values`` (n, P), ``w_t g_{t,i}`` of the

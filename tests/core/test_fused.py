@@ -28,7 +28,8 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
 from hydrattr import HydraAttributor
 from hydrattr._core.functional import ParamSpec, per_sample_grads
-from hydrattr._core.fused import (LazyStore, LeanTrajectory, PerSampleHooks, RangeProducts,
+from hydrattr._core.fused import (_SCALE_RANGE, LazyStore, LeanTrajectory, PerSampleHooks,
+                                  RangeProducts, _combine, _finish_part, _step_part,
                                   sgd_transition)
 from hydrattr._core.sgd import SGDHyper, fast_coefficients, tangent_step
 from hydrattr._core.store import SampleStore
@@ -130,6 +131,69 @@ def test_lazy_store_without_steps_or_momentum():
     torch.testing.assert_close(S[1], -0.1 * g[0] * (1 - 0.1 * 0.5))
     with pytest.raises(RuntimeError, match="before any step"):
         LazyStore(SampleStore(3, 2), [2]).commit([0], torch.zeros(1, 2))
+
+
+def test_combine_keeps_the_sum_divided_by_its_largest_coefficient():
+    rs = np.random.RandomState(5)
+    y1, y2 = (torch.as_tensor(rs.randn(7)) for _ in range(2))
+    for own, c1, c2 in [(2.0, 0.5, -0.1), (0.1, -3.0, 1.0), (0.0, 0.5, 2.0), (0.0, 1.5, 0.0),
+                        (0.3, 0.0, 0.0), (0.0, 0.0, 0.0), (-1e-9, 4.0, -7.0)]:
+        x0 = torch.as_tensor(rs.randn(7))
+        x = x0.clone()
+        s = _combine(x, own, [(c1, y1), (c2, y2)])
+        torch.testing.assert_close(s * x, own * x0 + c1 * y1 + c2 * y2, rtol=1e-14, atol=1e-15)
+        assert abs(s) >= max(abs(own), abs(c1), abs(c2)) or s == 1.0
+
+
+def _direct(psi, b, P, V, g):
+    (a00, a01), (a10, a11) = psi
+    return a00 * P + a01 * V + b[0] * g, a10 * P + a11 * V + b[1] * g
+
+
+@pytest.mark.parametrize("psi, b", [
+    ([[0.99, -0.09], [2e-4, -1.7e-5]], [-0.01, 1.0]),  # SGD over an epoch: nearly rank one
+    ([[1.0, -0.5], [0.0, 0.9]], [-0.1, 1.0]),            # no weight decay: a10 = 0
+    ([[0.0, 0.7], [0.3, 0.2]], [0.5, -1.0]),              # a00 = 0: through the temporary
+    ([[1e-3, 2.0], [5.0, 1e-4]], [1.0, 0.0]),             # elimination ill-conditioned
+    ([[0.8, 0.0], [0.4, 0.0]], [0.0, 0.0]),               # products through a first step
+])
+def test_step_part_equals_the_direct_update(psi, b):
+    rs = np.random.RandomState(6)
+    P, V, g = (torch.as_tensor(rs.randn(11)) for _ in range(3))
+    sp, sv = 3.0, -0.25  # the row holds P / sp and V / sv
+    p, v, t = P / sp, V / sv, torch.empty(11, dtype=torch.float64)
+    sp, sv = _step_part(p, v, g, t, psi, b, [sp, sv])
+    want_p, want_v = _direct(psi, b, P, V, g)
+    torch.testing.assert_close(sp * p, want_p, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(sv * v, want_v, rtol=1e-13, atol=1e-14)
+    p, v = P / 3.0, V / -0.25  # a float16 row's working copy: left unscaled
+    assert _step_part(p, v, g, t, psi, b, [3.0, -0.25], unscaled=True) == [1.0, 1.0]
+    torch.testing.assert_close(p, want_p, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(v, want_v, rtol=1e-13, atol=1e-14)
+    p = P / 3.0
+    _finish_part(p, V / -0.25, psi, [3.0, -0.25])
+    torch.testing.assert_close(p, psi[0][0] * P + psi[0][1] * V, rtol=1e-13, atol=1e-14)
+
+
+def test_lazy_store_scales_stay_in_range_over_many_commits():
+    """A row committed at every step under strong decay: its scale would leave float range
+    (float32 rows overflow) unless folded back; the store still equals the sum."""
+    rs = np.random.RandomState(7)
+    T, n, width = 300, 3, 4
+    rows = [{"lr": [0.5], "momentum": [0.9], "dampening": [0.0], "weight_decay": [1.0],
+             "nesterov": [False], "first": [t == 0]} for t in range(T)]
+    terms = [torch.as_tensor(rs.randn(2, width)) for _ in range(T)]
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    want = torch.zeros(n, width, dtype=torch.float64)
+    lazy = LazyStore(SampleStore(n, width, dtype=torch.float64), [width])
+    lo, hi = _SCALE_RANGE
+    for t in range(T):
+        lazy.step(rows[t])
+        lazy.commit([0, 2], terms[t])
+        want[[0, 2]] += coef[t] * terms[t]
+        assert np.all((np.abs(lazy.scale) >= lo) & (np.abs(lazy.scale) <= hi))
+    torch.testing.assert_close(lazy.finish().data, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    assert np.all(lazy.scale == 1.0)
 
 
 # -- per-sample gradients from the backward pass ------------------------------------------
