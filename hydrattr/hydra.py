@@ -6,9 +6,10 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 
 from ._core.running_stats import BatchNormStats
+from ._core.lowrank import expand, lowrank_test_grads
 from ._core.outofcore import check_directory
 from ._core.store import STORE_KINDS, SampleStore
 from ._core.sweep import build_fast_store, exact_adjoint, exact_forward, fast_replay
@@ -53,6 +54,25 @@ class HydraAttributor(BaseAttributor):
         the same forward-over-reverse pass), so it equals finite differences of
         retraining in which the running statistics are recomputed; fast mode holds them
         at their trained values.
+    rank : None, int or float, default=None
+        Exact mode only: run the exact adjoint sweep on a low-rank basis of the test
+        gradients instead of on each of them, so that its cost does not grow with the
+        number of test points. ``attribute`` finds an orthonormal basis ``Q`` (``r``
+        vectors) of the span of the test gradients (``n_test x P``; with BatchNorm,
+        jointly with their running-statistics part), scaled to unit norm so that
+        every test point counts alike, by a thin or randomized SVD; it sweeps on
+        ``Q`` (``ceil(r / test_batch_size)`` sweeps instead of
+        ``ceil(n_test / test_batch_size)``) and returns ``C`` for the test gradients
+        projected onto ``span(Q)``: exact there, so exact mode's ``C`` to float
+        rounding when the test gradients lie in it. An int: at most that many
+        directions, the largest singular ones (``rank >= n_test`` keeps them all). A
+        float in (0, 1): the fewest directions that keep, on average over the test
+        points, that fraction of each test gradient's squared norm. Directions of
+        rounding only are dropped, so duplicated or linearly dependent test points
+        cost no sweep. What is left out is reported as ``truncation_error_``; column
+        ``j`` of ``C`` is off by ``A e_j``, with ``e_j`` the part of test gradient
+        ``j`` outside the span and ``A`` the linear map of the sweep. None: one sweep
+        per block of ``test_batch_size`` test points. See :doc:`/user_guide`.
     storage : {"dense", "half", "memmap", "replay"}, default="dense"
         Fast mode only. Where the per-sample state ``S_i`` (one parameter-sized vector per
         tracked sample) lives: float32 in RAM, float16 in RAM, float32 in a disk memmap
@@ -164,14 +184,24 @@ class HydraAttributor(BaseAttributor):
         taken from the training backward (BatchNorm, a parameter outside ``Linear`` /
         ``Conv2d`` layers, ``per_sample="jacobian"``, or products that did not add up to
         the batch gradient at the first step); None when the hooks were used.
+    rank_ : int or None
+        Set by ``attribute`` with ``rank``: the number of basis vectors swept (None
+        without ``rank``).
+    truncation_error_ : float or None
+        Set by ``attribute`` with ``rank``: the mean over the test points of
+        ``truncation_error_per_test_``; 0 means exact mode's ``C`` to float rounding.
+    truncation_error_per_test_ : ndarray of shape (n_test,) or None
+        Per test point (column of ``C``), the fraction of its gradient's squared
+        norm outside the span of the basis.
     """
 
-    def __init__(self, net, mode="fast", storage="dense", trajectory="memory",
+    def __init__(self, net, mode="fast", rank=None, storage="dense", trajectory="memory",
                  checkpoint_every="auto", last_epochs=None, track=None, per_sample="auto",
                  fit_path="fused", test_batch_size=256, store_dir=None, random_state=None,
                  verbose=1):
         self.net = net
         self.mode = mode
+        self.rank = rank
         self.storage = storage
         self.trajectory = trajectory
         self.checkpoint_every = checkpoint_every
@@ -187,6 +217,8 @@ class HydraAttributor(BaseAttributor):
     _parameter_constraints = {
         **BaseAttributor._parameter_constraints,
         "mode": [StrOptions({"fast", "exact"})],
+        "rank": [None, Interval(Integral, 1, None, closed="left"),
+                 Interval(RealNotInt, 0, 1, closed="neither")],
         "storage": [StrOptions(set(STORE_KINDS) | {"replay"})],
         "trajectory": [StrOptions({"memory", "memmap", "checkpoint"})],
         "checkpoint_every": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
@@ -206,6 +238,11 @@ class HydraAttributor(BaseAttributor):
             raise ValueError(
                 f"checkpoint_every={self.checkpoint_every!r} applies only with "
                 f"trajectory='checkpoint' (got trajectory={self.trajectory!r}).")
+        self._refuse_bools("rank")
+        if self.rank is not None and self.mode != "exact":
+            raise ValueError(
+                f"rank={self.rank!r} applies only with mode='exact' (got mode="
+                f"{self.mode!r}); use rank=None with fast mode.")
         if self.store_dir is not None and "memmap" in (self.storage, self.trajectory):
             check_directory(self.store_dir, "store_dir")
 
@@ -350,6 +387,18 @@ class HydraAttributor(BaseAttributor):
         with module_mode(self.net_.module_, training=False):
             return self._test_batches(grads, Xt, yt, objective, self.test_batch_size)
 
+    def _lowrank(self, G, GR):
+        """With ``rank`` in exact mode, the test gradients' basis to sweep (None
+        otherwise); sets ``rank_`` and the ``truncation_error`` attributes."""
+        self.rank_ = self.truncation_error_ = self.truncation_error_per_test_ = None
+        if self.mode != "exact" or self.rank is None:
+            return None
+        seed = self.random_state if isinstance(self.random_state, Integral) else 0
+        lowrank = lowrank_test_grads(G, self.rank, stats_grads=GR, seed=seed)
+        self.rank_, self.truncation_error_ = lowrank.rank, lowrank.truncation_error
+        self.truncation_error_per_test_ = lowrank.column_errors.cpu().numpy()
+        return lowrank
+
     def _start(self):
         """First step of the window ``last_epochs`` (0: the whole run)."""
         self._validate_params()
@@ -381,6 +430,9 @@ class HydraAttributor(BaseAttributor):
             G, GR = self._exact_test_grads(Xt, yt, objective)
         else:
             G = self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size)
+        lowrank = self._lowrank(G, GR)
+        if lowrank is not None:  # sweep the basis; D from the coordinates below
+            G, GR = lowrank.basis, lowrank.stats_basis
         progress = self._progress()
         if self.store_ is not None:
             D = self.store_.matmul_t(G).double()
@@ -405,8 +457,11 @@ class HydraAttributor(BaseAttributor):
                             stats_grads=None if GR is None else GR[sl],
                             adjoint_dtype=torch.float64))
                     start += block.shape[0]
-            D = torch.cat(parts, dim=1)
-        C = np.full((self.n_train_, G.shape[0]), np.nan)
+            D = torch.cat(parts, dim=1) if parts else \
+                torch.zeros(len(self.rows_), 0, dtype=torch.float64)
+        if lowrank is not None:
+            D = expand(D, lowrank.coords)
+        C = np.full((self.n_train_, D.shape[1]), np.nan)
         C[self.rows_] = -D.cpu().numpy()
         return C
 
