@@ -192,6 +192,7 @@ def test_lazy_store_scales_stay_in_range_over_many_commits():
         lazy.commit([0, 2], terms[t])
         want[[0, 2]] += coef[t] * terms[t]
         assert np.all((np.abs(lazy.scale) >= lo) & (np.abs(lazy.scale) <= hi))
+    assert len(lazy._transitions) == 2  # the first step's and every later step's
     torch.testing.assert_close(lazy.finish().data, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
     assert np.all(lazy.scale == 1.0)
 
