@@ -19,12 +19,12 @@ applies each row's remaining product; ``P`` is then ``S`` exactly as the two-pas
 
 The row update is memory-bound (a LeNet-5 row's two parts are 2 x 247 KB, read and
 written back each time the row enters a batch), so it is written in as few passes over
-the row as torch's vector operations allow: each part is kept divided by a scale of its
-own (a float64 per row and group), so that a part's update is one ``add_`` per term with
-no separate multiplication, and the velocity part is computed from the updated
-parameter part instead of a temporary copy (:func:`_step_part`: four passes where the
-direct form takes six); the final sweep updates the parameter part only and folds its
-scale in.
+the row as torch's vector operations allow: a row's state is held as two coordinate
+vectors in a 2x2 basis of its own (float64, per row and group), the transition is
+applied to the basis, and the vectors only take the injected gradient and one shear
+that keeps the basis orthogonal (:func:`_step_part`: three passes where the direct form
+takes six, one for a row's first term); the final sweep computes the parameter part
+from the coordinates.
 
 Per-sample gradients come from the training backward itself (:class:`PerSampleHooks`):
 each ``Linear`` / ``Conv2d`` layer's input times its output gradient, as Opacus computes
@@ -149,9 +149,6 @@ def _write(store, rows, values):
         data.index_copy_(0, torch.from_numpy(rows), values.to(data.dtype))
 
 
-_SCALE_RANGE = (2.0 ** -60, 2.0 ** 60)  # a scale outside is folded into its row
-
-
 def _combine(x, own, terms):
     """``x <- (own * x + sum_k c_k y_k) / s`` in place; returns the scale ``s``.
 
@@ -187,56 +184,78 @@ def _combine(x, own, terms):
     return c
 
 
-def _step_part(p, v, g, t, psi, b, scale, unscaled=False):
-    """One committed row's group part brought forward: ``(P, V) <- psi (P, V) + b g``.
+def _dot(x, y):
+    return x[0] * y[0] + x[1] * y[1]
 
-    The row holds ``P / sp`` and ``V / sv`` (``scale = [sp, sv]``); returns the new
-    scales. Four passes over the row where the plain update takes six (two through a
-    temporary): ``P'`` in place first, then ``V'`` from ``P'`` by eliminating the old
-    ``P`` (``P = (P' - a01 V - b0 g) / a00``), used when that adds no more than a few
-    times the rounding of the direct formula (``|a10 a01| <= 4 |a00 a11|`` and
-    ``|a10 b0| <= 4 |a00 b1|``: always for SGD, whose products are nearly rank one);
-    otherwise through the temporary ``t``. ``unscaled``: fold the scales into the row
-    (a float16 row's working copy).
+
+def _step_part(x1, x2, g, R, b):
+    """One committed row's group part brought forward: ``s <- psi s + b g``.
+
+    The part's state ``s = (P, V)`` is held as coordinates in a basis of its own,
+    ``s = B (x1, x2)`` (``B`` 2x2 with orthogonal columns; ``x1`` and ``x2`` are the
+    row's parameter and velocity slots, updated in place), and ``R = psi B`` is given
+    (nested lists). Returns the new basis. With ``R = [c_u, c_w]`` (``u`` the coordinate
+    whose column is the longer, ``w`` the other), ``c_w = alpha c_u + d`` and
+    ``b = beta c_u + r`` with ``d`` and ``r`` orthogonal to ``c_u``, so ``r = gamma d``
+    and::
+
+        s' = R (x1, x2) + b g = c_u (u + alpha w + beta g) + d (w + gamma g)
+
+    Three passes over the row (two on ``u``, one on ``w``; the direct update takes six,
+    two through a temporary): the 2x2 algebra is done on the basis, in float64, and the
+    new basis ``[c_u, d]`` is orthogonal again (to rounding; ``beta`` and ``gamma`` are
+    solved for, so the identity holds whatever is left of it), so no combination of the
+    stored coordinates cancels more than the direct update would. When ``d`` is zero
+    (``psi B`` of rank one or less) ``w`` is set to ``g`` with the column ``r``; a zero
+    column means its coordinate is unused and not read (a fresh row's velocity slot is
+    not written at all).
     """
-    (a00, a01), (a10, a11) = psi
-    b0, b1 = b
-    sp, sv = scale
-    if v is None:
-        sp = _combine(p, a00 * sp, [(b0, g)])
-    elif a00 != 0 and abs(a10 * a01) <= 4 * abs(a00 * a11) and \
-            abs(a10 * b0) <= 4 * abs(a00 * b1):
-        sp = _combine(p, a00 * sp, [(a01 * sv, v), (b0, g)])
-        e = a10 / a00
-        sv = _combine(v, (a11 - e * a01) * sv, [(e * sp, p), (b1 - e * b0, g)])
+    c1, c2 = (R[0][0], R[1][0]), (R[0][1], R[1][1])
+    if _dot(c2, c2) > _dot(c1, c1):
+        u, cu, w, cw = x2, c2, x1, c1
     else:
-        st = _combine(t, 0.0, [(a00 * sp, p), (a01 * sv, v), (b0, g)])
-        sv = _combine(v, a11 * sv, [(a10 * sp, p), (b1, g)])
-        p.copy_(t)
-        sp = st
-    lo, hi = _SCALE_RANGE
-    if unscaled or not lo <= abs(sp) <= hi:
-        if sp != 1.0:
-            p.mul_(sp)
-        sp = 1.0
-    if v is not None and (unscaled or not lo <= abs(sv) <= hi):
-        if sv != 1.0:
-            v.mul_(sv)
-        sv = 1.0
-    return [sp, sv]
+        u, cu, w, cw = x1, c1, x2, c2
+    nu = _dot(cu, cu)
+    if nu == 0:  # the state so far is mapped to zero: s' = b g
+        return _fresh_part(x1, g, b)
+    alpha = _dot(cu, cw) / nu
+    d = (cw[0] - alpha * cu[0], cw[1] - alpha * cu[1])
+    det = cu[0] * d[1] - cu[1] * d[0]
+    if det != 0:  # b = beta c_u + gamma d, solved (d is orthogonal to c_u up to rounding)
+        beta = (b[0] * d[1] - b[1] * d[0]) / det
+        gamma = (cu[0] * b[1] - cu[1] * b[0]) / det
+        su = _combine(u, 1.0, [(alpha, w), (beta, g)])
+        sw = _combine(w, 1.0, [(gamma, g)])
+        col_w = (d[0] * sw, d[1] * sw)
+    else:
+        beta = _dot(b, cu) / nu
+        r = (b[0] - beta * cu[0], b[1] - beta * cu[1])
+        su = _combine(u, 1.0, [(alpha, w), (beta, g)])
+        col_w = (0.0, 0.0)
+        if r != (0.0, 0.0) and w is not None:  # (no velocity part: r is rounding)
+            w.copy_(g)
+            col_w = r
+    col_u = (cu[0] * su, cu[1] * su)
+    c1, c2 = (col_u, col_w) if u is x1 else (col_w, col_u)
+    return [[c1[0], c2[0]], [c1[1], c2[1]]]
 
 
-def _finish_part(p, v, psi, scale):
-    """The final sweep on a row's group part: ``p <- a00 P + a01 V``, unscaled (``psi``
-    None: a row without terms since the last reset, zero)."""
-    if psi is None:
-        p.zero_()
-        return
-    (a00, a01), _ = psi
-    sp, sv = scale
-    c = _combine(p, a00 * sp, [] if v is None else [(a01 * sv, v)])
+def _fresh_part(x1, g, b):
+    """A row's group part without terms so far: ``s = b g``, held as ``x1 = g`` with the
+    basis ``[b, 0]`` (one pass; the velocity slot is unused)."""
+    if b[0] == 0 and b[1] == 0:
+        return [[0.0, 0.0], [0.0, 0.0]]
+    x1.copy_(g)
+    return [[b[0], 0.0], [b[1], 0.0]]
+
+
+def _finish_part(x1, x2, R):
+    """The final sweep on a row's group part: ``x1 <- P = R00 x1 + R01 x2`` (``R`` the
+    basis brought forward to the last step)."""
+    (b00, b01), _ = R
+    c = _combine(x1, b00, [] if x2 is None else [(b01, x2)])
     if c != 1.0:
-        p.mul_(c)
+        x1.mul_(c)
 
 
 class LazyStore:
@@ -259,9 +278,8 @@ class LazyStore:
     forgets every row's terms so far (a window ``last_epochs`` beginning);
     :meth:`finish` applies the remaining products and returns ``store``.
 
-    Until :meth:`finish`, row ``i`` of ``store`` (and of the velocity part) holds its
-    part divided by ``scale[i, group, 0]`` (``scale[i, group, 1]`` for the velocity part); a float16
-    store's rows are kept unscaled.
+    Until :meth:`finish`, row ``i`` of ``store`` and of the velocity part hold the
+    coordinates of its state in the basis ``basis[i, group]`` (see :func:`_step_part`).
     """
 
     def __init__(self, store, group_sizes, velocity=True, directory=None):
@@ -285,11 +303,10 @@ class LazyStore:
         self.start = 0  # first step whose terms count (the last reset)
         self.seconds = {"commit": 0.0, "finish": 0.0}  # wall time spent, for profiles
         self.compute_dtype = torch.float64 if store.dtype == torch.float64 else torch.float32
-        # each row's parts are held divided by a scale per group (see _step_part)
-        self.scale = np.ones((store.shape[0], len(self.group_sizes), 2))
-        self._tmp = None
+        # each row's state per group as coordinates in a basis of its own (_step_part)
+        self.basis = np.zeros((store.shape[0], len(self.group_sizes), 2, 2))
 
-    def _allocate_velocity(self, zero=False):
+    def _allocate_velocity(self):
         s = self.store
         if s.kind == "memmap":
             self.velocity = SampleStore(s.shape[0], s.shape[1], kind=s.kind, dtype=s.dtype,
@@ -297,9 +314,9 @@ class LazyStore:
             return
         v = SampleStore.__new__(SampleStore)
         v.kind, v.dtype, v.shape = s.kind, s.dtype, s.shape
-        # uninitialised unless allocated mid-run: a row's velocity is written before it
-        # is first read (a fresh state is set, not added to)
-        v.data = (torch.zeros if zero else torch.empty)(s.shape, dtype=s.data.dtype)
+        # uninitialised: a velocity slot is written before it is read (its basis column
+        # is zero until then, also for the rows committed before a mid-run allocation)
+        v.data = torch.empty(s.shape, dtype=s.data.dtype)
         self.velocity = v
 
     def __len__(self):
@@ -318,7 +335,7 @@ class LazyStore:
         else:
             M, b = sgd_transition(h)
         if self.velocity is None and (np.any(b[:, 1] != 0) or np.any(M[:, 1, :] != 0)):
-            self._allocate_velocity(zero=True)  # every velocity so far is exactly zero
+            self._allocate_velocity()  # every velocity so far is exactly zero
         self.products.append(M)
         self.b.append(b)
         return len(self.products) - 1
@@ -344,8 +361,8 @@ class LazyStore:
     def _advance(self, rows, to, inject=None):
         """Bring ``rows`` from their last commit to after step ``to``, adding
         ``b_to * inject`` when given (rows without a commit since the last reset start
-        from zero); without ``inject`` (the final sweep) only the parameter part is
-        brought forward, and it is left unscaled.
+        from zero); without ``inject`` (the final sweep) the parameter part is computed
+        from the coordinates (and the velocity part is left as it is).
 
         Row by row: each row's parameter part, velocity part and injected gradient
         (3 x 4 P bytes) stay in the CPU cache across the few operations that update
@@ -354,45 +371,38 @@ class LazyStore:
         """
         last = self.last[rows]
         seen = last >= 0
-        Psi = np.zeros((len(rows), len(self.group_sizes), 2, 2))
+        R = self.basis[rows]  # the basis brought forward: psi B
         if seen.any():
-            Psi[seen] = self.products.product(last[seen] + 1, to - last[seen])
-        Psi, seen = Psi.tolist(), seen.tolist()
+            R[seen] = self.products.product(last[seen] + 1, to - last[seen]) @ R[seen]
+        R, seen = R.tolist(), seen.tolist()
         b = None
         if inject is not None:
             inject = inject.to("cpu", self.compute_dtype)
             b = self.b[to].tolist()
         P, V = self.store, self.velocity
-        if self._tmp is None:
-            self._tmp = torch.empty(self.store.shape[1], dtype=self.compute_dtype)
-        copies = not isinstance(P.data, np.ndarray) and P.data.dtype == torch.float16
-        parts = [(j, sl, None if len(self.slices) == 1 else sl)
+        parts = [(j, None if len(self.slices) == 1 else sl)  # None: no slicing
                  for j, sl in enumerate(self.slices)]
-        scales = self.scale[rows].tolist()
         for k, r in enumerate(rows.tolist()):
             p = self._row(P, r)
             v = None if V is None else self._row(V, r)
-            for j, sl, cut in parts:  # cut: None for a single group (no slicing)
+            for j, cut in parts:
                 ps = p if cut is None else p[cut]
                 vs = None if v is None else (v if cut is None else v[cut])
                 if inject is None:
-                    _finish_part(ps, vs, Psi[k][j] if seen[k] else None, scales[k][j])
-                    scales[k][j] = [1.0, 1.0]
+                    if seen[k]:
+                        _finish_part(ps, vs, R[k][j])
+                    else:
+                        ps.zero_()
                     continue
                 gs = inject[k] if cut is None else inject[k][cut]
-                if not seen[k]:  # a fresh state: b * g (stale contents are dropped)
-                    torch.mul(gs, b[j][0], out=ps)
-                    if vs is not None:
-                        torch.mul(gs, b[j][1], out=vs)
-                    scales[k][j] = [1.0, 1.0]
+                if seen[k]:
+                    R[k][j] = _step_part(ps, vs, gs, R[k][j], b[j])
                 else:
-                    ts = self._tmp if cut is None else self._tmp[cut]
-                    scales[k][j] = _step_part(ps, vs, gs, ts, Psi[k][j], b[j], scales[k][j],
-                                              unscaled=copies)
+                    R[k][j] = _fresh_part(ps, gs, b[j])
             self._put_row(P, r, p)
             if v is not None and inject is not None:
                 self._put_row(V, r, v)
-        self.scale[rows] = scales
+        self.basis[rows] = R
         for store in (P, V):
             if store is not None and isinstance(store.data, np.ndarray):
                 touch(store.data, len(rows) * self.store.shape[1] * store.data.itemsize)
@@ -425,7 +435,7 @@ class LazyStore:
                 rows = np.arange(s, min(s + chunk_rows, n), dtype=np.int64)
                 _write(self.store, rows, torch.zeros(len(rows), self.store.shape[1]))
         self.last[:] = T
-        self.velocity = self._tmp = None
+        self.velocity = None
         self.seconds["finish"] += time.perf_counter() - tic
         return self.store
 
