@@ -88,6 +88,24 @@ def test_bench_adam_fast(tmp_path):
     assert all(math.isfinite(r["pearson"]) for r in rows)
 
 
+def test_bench_lowrank(tmp_path):
+    run("accuracy/bench_lowrank", "--n-train", 200, "--n-test", 12, "--epochs", 1, "--ranks",
+        "3,12,0.9", "--energy-ranks", 3, "--spectrum-test", "12,20", "--tag", "t",
+        tmp_path=tmp_path)
+    res = saved(tmp_path, "bench_lowrank_t")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["exact", "fast (replay)", "exact, rank=3", "exact, rank=12",
+                          "exact, rank=0.9", "exact, rank=3, most-energy basis"]
+    assert rows["exact"]["spearman_mean"] == 1 and rows["exact"]["rel_error"] == 0
+    # rank >= n_test spans every test gradient: exact mode's C up to float32 rounding
+    assert rows["exact, rank=12"]["swept"] == 12
+    assert rows["exact, rank=12"]["rel_error"] < 1e-4
+    assert rows["exact, rank=12"]["truncation_error"] < 1e-6
+    assert rows["exact, rank=3"]["swept"] == 3 and rows["exact, rank=0.9"]["swept"] <= 12
+    assert all(math.isfinite(r["spearman_mean"]) for r in rows.values())
+    assert sorted(res["directions_for_energy"]) == ["12", "20"]
+
+
 def test_bench_influence(tmp_path):
     run("accuracy/bench_influence", "--epochs", 2, "--n-train", 100, "--loo-per-test", 2,
         "--loo-epochs", 1, "--batch-size", 50, "--cg-maxiter", 10, "--threads", 1,
@@ -283,11 +301,13 @@ def test_cleanlab_benchmarks(script, tmp_path):
 
 def test_bench_peers_and_linearity(tmp_path):
     run("accuracy/bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
-        "--epochs", 1, "--models", "lr", "--methods", "hydra-fast,hydra-exact,hydrattr-if-cg",
-        "--no-noisy", "--tag", "peers", tmp_path=tmp_path)
+        "--epochs", 1, "--models", "lr", "--methods",
+        "hydra-fast,hydra-exact,hydra-lowrank,hydrattr-if-cg", "--no-noisy", "--tag", "peers",
+        tmp_path=tmp_path)
     rows = saved(tmp_path, "peers")["models"]["lr"]["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [
-        ("hydra-fast", "ok"), ("hydra-exact", "ok"), ("hydrattr-if-cg", "ok")]
+        ("hydra-fast", "ok"), ("hydra-exact", "ok"), ("hydra-lowrank", "ok"),
+        ("hydrattr-if-cg", "ok")]
     run("accuracy/bench_linearity", "--quick", "--n-rows", 2, "--models", "lr", "--threads", 1,
         "--tag", "lin", tmp_path=tmp_path)
     res = saved(tmp_path, "lin")
