@@ -345,18 +345,20 @@ class LazyStore:
         self.last[:] = -1
         self.start = len(self.products)
 
-    def _row(self, store, r):
-        """Row ``r`` of ``store`` to update in place: a view (float32/float64, memmap) or
-        a copy of a float16 row in the compute dtype (written back by :meth:`_put_row`)."""
+    def _rows(self, store):
+        """``(get, put)`` for the rows of ``store`` (None: no velocity part): ``get(r)``
+        is row ``r`` to update in place, a view (float32/float64, memmap) or a copy of a
+        float16 row in the compute dtype, which ``put(r, row)`` writes back (``put`` is
+        None for views)."""
+        if store is None:
+            return (lambda r: None), None
         data = store.data
         if isinstance(data, np.ndarray):
-            return torch.from_numpy(data[r])
-        return data[r] if data.dtype != torch.float16 else data[r].to(self.compute_dtype)
-
-    @staticmethod
-    def _put_row(store, r, row):
-        if not isinstance(store.data, np.ndarray) and store.data.dtype == torch.float16:
-            store.data[r].copy_(row)
+            return (lambda r: torch.from_numpy(data[r])), None
+        if data.dtype == torch.float16:
+            dtype = self.compute_dtype
+            return (lambda r: data[r].to(dtype)), (lambda r, row: data[r].copy_(row))
+        return data.__getitem__, None
 
     def _advance(self, rows, to, inject=None):
         """Bring ``rows`` from their last commit to after step ``to``, adding
@@ -382,9 +384,11 @@ class LazyStore:
         P, V = self.store, self.velocity
         parts = [(j, None if len(self.slices) == 1 else sl)  # None: no slicing
                  for j, sl in enumerate(self.slices)]
+        (get_p, put_p), (get_v, put_v) = self._rows(P), self._rows(V)
+        if inject is None:
+            put_v = None  # the final sweep reads the velocity part only
         for k, r in enumerate(rows.tolist()):
-            p = self._row(P, r)
-            v = None if V is None else self._row(V, r)
+            p, v = get_p(r), get_v(r)
             for j, cut in parts:
                 ps = p if cut is None else p[cut]
                 vs = None if v is None else (v if cut is None else v[cut])
@@ -399,9 +403,10 @@ class LazyStore:
                     R[k][j] = _step_part(ps, vs, gs, R[k][j], b[j])
                 else:
                     R[k][j] = _fresh_part(ps, gs, b[j])
-            self._put_row(P, r, p)
-            if v is not None and inject is not None:
-                self._put_row(V, r, v)
+            if put_p is not None:
+                put_p(r, p)
+            if put_v is not None:
+                put_v(r, v)
         self.basis[rows] = R
         for store in (P, V):
             if store is not None and isinstance(store.data, np.ndarray):
