@@ -552,14 +552,16 @@ class PerSampleHooks:
         x = inputs[0].detach()
         out.register_hook(lambda go: self._backward(mod, x, go, w, b))
 
-    def _put(self, where, value):
-        """Write (first use this step) or add a ``(n, numel)`` block at a parameter's offset."""
-        dst = self.buffer[:, where[0]:where[0] + where[1]]
+    def _emit(self, where, shape, compute):
+        """A parameter's ``(n, numel)`` block, viewed as ``shape``: ``compute(out)`` writes
+        it straight into the buffer at the parameter's first use this step, and its
+        result (``compute(None)``) is added at a later use (a layer called again)."""
+        dst = self.buffer[:, where[0]:where[0] + where[1]].view(shape)
         if where[0] in self._written:
-            dst.add_(value.reshape(dst.shape))
+            dst.add_(compute(None).reshape(shape))
         else:
-            dst.copy_(value.reshape(dst.shape))
             self._written.add(where[0])
+            compute(dst)
 
     def _backward(self, mod, x, go, w, b):
         if self.buffer is None:
@@ -572,22 +574,24 @@ class PerSampleHooks:
         x = x.to(self.buffer.dtype)
         if isinstance(mod, nn.Linear):
             go3 = go.reshape(n, -1, go.shape[-1])
+            x3 = x.reshape(n, -1, x.shape[-1])
             if w is not None:
-                x3 = x.reshape(n, -1, x.shape[-1])
-                if go3.shape[1] == 1 and w[0] not in self._written:
-                    # the outer products straight into the buffer
-                    dst = self.buffer[:, w[0]:w[0] + w[1]].view(n, go3.shape[2], x3.shape[2])
-                    torch.mul(go3[:, 0, :, None], x3[:, 0, None, :], out=dst)
-                    self._written.add(w[0])
+                shape = (n, go3.shape[2], x3.shape[2])
+                if go3.shape[1] == 1:  # one position: the outer products
+                    self._emit(w, shape, lambda out: torch.mul(
+                        go3[:, 0, :, None], x3[:, 0, None, :], out=out))
                 else:
-                    self._put(w, torch.bmm(go3.transpose(1, 2), x3))
+                    self._emit(w, shape, lambda out: torch.bmm(
+                        go3.transpose(1, 2), x3, out=out))
             if b is not None:
-                self._put(b, go3.sum(1))
+                self._emit(b, (n, go3.shape[2]), lambda out: torch.sum(go3, 1, out=out))
         else:  # Conv2d
             if w is not None:
-                self._put(w, _conv2d_weight(mod, x, go))
+                self._emit(w, (n, go.shape[1], -1),
+                           lambda out: _conv2d_weight(mod, x, go, out=out))
             if b is not None:
-                self._put(b, go.reshape(n, go.shape[1], -1).sum(2))
+                go3 = go.reshape(n, go.shape[1], -1)
+                self._emit(b, (n, go.shape[1]), lambda out: torch.sum(go3, 2, out=out))
         self.calls += 1
         self.seconds += time.perf_counter() - tic
 
@@ -596,11 +600,12 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _conv2d_weight(mod, x, go):
-    """Per-sample weight gradients ``(n, *weight.shape)`` of a ``Conv2d`` from its input
-    ``x`` and output gradient ``go``: the input's patches as a strided view (no im2col
-    copy beyond the one the product needs) times the output gradient; with groups,
-    ``conv2d_weight`` vmapped over the samples."""
+def _conv2d_weight(mod, x, go, out=None):
+    """Per-sample weight gradients ``(n, c_out, rest of weight.shape)`` of a ``Conv2d``
+    from its input ``x`` and output gradient ``go`` (into ``out``, ``(n, c_out, k)``,
+    when given): the input's patches as a strided view (no im2col copy beyond the one
+    the product needs) times the output gradient; with groups, ``conv2d_weight``
+    vmapped over the samples."""
     n = x.shape[0]
     pad = (0, 0) if mod.padding == "valid" else _pair(mod.padding)
     if mod.groups != 1:
@@ -611,7 +616,8 @@ def _conv2d_weight(mod, x, go):
                                                padding=pad, dilation=mod.dilation,
                                                groups=mod.groups)
 
-        return vmap(one)(x, go)
+        grads = vmap(one)(x, go)
+        return grads if out is None else out.copy_(grads.reshape(out.shape))
     kh, kw = _pair(mod.kernel_size)
     dh, dw = _pair(mod.dilation)
     sh_, sw_ = _pair(mod.stride)
@@ -622,7 +628,7 @@ def _conv2d_weight(mod, x, go):
                             (sn, sc, sh * dh, sw * dw, sh * sh_, sw * sw_),
                             xp.storage_offset())
     cols = patches.reshape(n, xp.shape[1] * kh * kw, ho * wo)
-    return torch.bmm(go.reshape(n, go.shape[1], ho * wo), cols.transpose(1, 2))
+    return torch.bmm(go.reshape(n, go.shape[1], ho * wo), cols.transpose(1, 2), out=out)
 
 
 class LeanTrajectory(Trajectory):

@@ -197,7 +197,8 @@ def test_lazy_store_over_many_commits_of_the_same_rows():
         lazy.commit([0, 2], terms[t].float())
         want[[0, 2]] += coef[t] * terms[t]
         assert float(lazy.store.data[[0, 2]].abs().max()) < 1e3
-        assert float(lazy.velocity.data[[0, 2]].abs().max()) < 1e3
+        if t:  # (a row's velocity slot is unused, and not written, after its first term)
+            assert float(lazy.velocity.data[[0, 2]].abs().max()) < 1e3
     assert len(lazy._transitions) == 2  # the first step's and every later step's
     got = lazy.finish().data.double()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
