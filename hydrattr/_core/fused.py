@@ -249,6 +249,29 @@ def _fresh_part(x1, g, b):
     return [[b[0], 0.0], [b[1], 0.0]]
 
 
+def _to_state(x1, x2, B):
+    """``(x1, x2) <- B (x1, x2) = (P, V)`` in place (a float16 row's working copies, so
+    that the stored float16 values are the state's, rounded once a visit as before the
+    coordinates); returns the basis that is now the identity."""
+    (b00, b01), (b10, b11) = B
+    used1, used2 = (b00, b10) != (0, 0), x2 is not None and (b01, b11) != (0, 0)
+    v = None if x2 is None else (torch.mul(x1, b10) if used1 else torch.zeros_like(x1))
+    if used1:
+        x1.mul_(b00)
+    if used2:
+        v.add_(x2, alpha=b11)
+        if used1:
+            x1.add_(x2, alpha=b01)
+        else:
+            torch.mul(x2, b01, out=x1)
+    elif not used1:
+        x1.zero_()
+    if x2 is None:
+        return [[1.0, 0.0], [0.0, 0.0]]
+    x2.copy_(v)
+    return [[1.0, 0.0], [0.0, 1.0]]
+
+
 def _finish_part(x1, x2, R):
     """The final sweep on a row's group part: ``x1 <- P = R00 x1 + R01 x2`` (``R`` the
     basis brought forward to the last step)."""
@@ -279,7 +302,8 @@ class LazyStore:
     :meth:`finish` applies the remaining products and returns ``store``.
 
     Until :meth:`finish`, row ``i`` of ``store`` and of the velocity part hold the
-    coordinates of its state in the basis ``basis[i, group]`` (see :func:`_step_part`).
+    coordinates of its state in the basis ``basis[i, group]`` (see :func:`_step_part`;
+    a float16 store holds the state itself, converted back after each update).
     """
 
     def __init__(self, store, group_sizes, velocity=True, directory=None):
@@ -403,6 +427,8 @@ class LazyStore:
                     R[k][j] = _step_part(ps, vs, gs, R[k][j], b[j])
                 else:
                     R[k][j] = _fresh_part(ps, gs, b[j])
+                if put_p is not None:  # float16 rows hold the state itself, as before
+                    R[k][j] = _to_state(ps, vs, R[k][j])
             if put_p is not None:
                 put_p(r, p)
             if put_v is not None:

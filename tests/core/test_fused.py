@@ -30,7 +30,7 @@ from hydrattr import HydraAttributor
 from hydrattr._core.functional import ParamSpec, per_sample_grads
 from hydrattr._core.fused import (LazyStore, LeanTrajectory, PerSampleHooks, RangeProducts,
                                   _combine, _finish_part, _fresh_part, _step_part,
-                                  sgd_transition)
+                                  _to_state, sgd_transition)
 from hydrattr._core.sgd import SGDHyper, fast_coefficients, tangent_step
 from hydrattr._core.store import SampleStore
 from hydrattr.models import MLP
@@ -179,6 +179,23 @@ def test_step_part_equals_the_direct_update(psi, b):
     x = torch.full((2, 11), float("nan"), dtype=torch.float64)
     new = torch.as_tensor(_fresh_part(x[0], g, b), dtype=torch.float64)
     torch.testing.assert_close(new @ torch.nan_to_num(x, nan=0.0), bt[:, None] * g)
+
+
+def test_to_state_leaves_the_state_and_reads_no_unused_coordinate():
+    rs = np.random.RandomState(8)
+    for B in ([[0.6, -0.8], [0.8, 0.6]], [[2.0, 0.0], [-1.0, 0.0]], [[0.0, 3.0], [0.0, 1.0]],
+              [[0.0, 0.0], [0.0, 0.0]]):
+        x = torch.as_tensor(rs.randn(2, 5))
+        Bt = torch.as_tensor(B, dtype=torch.float64)
+        used = Bt.abs().sum(0) > 0
+        x[~used] = float("nan")
+        want = Bt @ torch.where(used[:, None], x, 0.0)
+        assert _to_state(x[0], x[1], B) == [[1.0, 0.0], [0.0, 1.0]]
+        torch.testing.assert_close(x, want, rtol=1e-14, atol=1e-15)
+    x = torch.as_tensor(rs.randn(5))
+    want = 0.5 * x
+    assert _to_state(x, None, [[0.5, 0.0], [0.0, 0.0]]) == [[1.0, 0.0], [0.0, 0.0]]
+    torch.testing.assert_close(x, want)
 
 
 def test_lazy_store_over_many_commits_of_the_same_rows():
