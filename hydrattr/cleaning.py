@@ -57,12 +57,14 @@ class LabelNoiseCleaner(ContributionSampler):
 
     How many rows go: ``fraction`` (the lowest scores), ``threshold`` (every score below
     it), or, when both are None, an estimate. With ``"dynamics"`` the estimate is, per
-    given class, the smaller of confident learning's count of wrong labels (from the
-    predictions averaged over the run) and the size of the low-margin group when the
-    class's margin trajectories are split in two (as :class:`SignClusterDetector` does),
-    capped, with ``validation_data``, by the number of its rows whose margin is below the
-    1% quantile of the trusted rows' margins (a clean row rarely falls there), and each
-    class's lowest margins are removed; with ``"contribution"`` it is
+    given class, the midpoint of a low and a high count. The low count is the smaller of
+    confident learning's count of wrong labels (from the predictions averaged over the
+    run) and the size of the low-margin group when the class's margin trajectories are
+    split in two (as :class:`SignClusterDetector` does); the high count is that group's
+    rows with a negative mean margin (the detector's set). With ``validation_data`` it is
+    capped by the number of the class's rows whose margin is below the 1% quantile of the
+    trusted rows' margins (a clean row rarely falls there). Each class's lowest margins
+    are removed; with ``"contribution"`` it is
     ``threshold=0`` (every row predicted to raise the validation loss).
 
     Parameters
@@ -256,9 +258,13 @@ class LabelNoiseCleaner(ContributionSampler):
         return remove
 
     def _estimate_counts(self, dyn, s, y_enc):
-        """Per class, the smaller of two estimates of its wrong labels: confident
-        learning's count from the run's averaged predictions, and the size of the
-        low-margin group when the class's margin trajectories are split in two."""
+        """Per class, the midpoint of a low and a high estimate of its wrong labels.
+
+        Low: the smaller of confident learning's count from the run's averaged
+        predictions and the size of the low-margin group when the class's margin
+        trajectories are split in two. High: the rows of that group whose mean margin is
+        negative (:class:`SignClusterDetector`'s set). With trusted rows, capped by
+        :func:`~hydrattr.label_issues.counts_below_trusted`."""
         K = len(self.classes_)
         seen = dyn.seen
         confident = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen], n_classes=K)
@@ -266,7 +272,9 @@ class LabelNoiseCleaner(ContributionSampler):
         seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in range(K)}
         flagged = split_in_two(dyn.epoch_margins(), s, y_enc, seeds) == 1
         clustered = np.bincount(y_enc[flagged], minlength=K)
-        counts = np.minimum(confident, clustered)
+        low = np.minimum(confident, clustered)
+        high = np.bincount(y_enc[flagged & (s < 0)], minlength=K)
+        counts = np.floor((low + high) / 2 + 0.5).astype(np.int64)
         trusted = getattr(self, "_trusted_dynamics", None)
         if trusted is not None:  # no more than score below ~all trusted rows
             counts = np.minimum(counts, counts_below_trusted(s, y_enc, trusted.mean_margin(),

@@ -179,14 +179,17 @@ def test_default_cleaner_finds_wrong_labels_without_trusted_data(noisy_digits):
     # room for other CPUs' rounding over 20 epochs of SGD
     assert precision >= 0.85 and recall >= 0.75
     assert np.isfinite(c.scores_).all()
-    # the count: per class the smaller of confident learning's estimate and the
-    # low-margin group of the trajectory split, recomputed here from the fitted dynamics
+    # the count: per class the midpoint of min(confident learning's estimate, the
+    # low-margin group of the trajectory split) and that group's negative mean margins,
+    # recomputed here from the fitted dynamics
     dyn, K = c.dynamics_, len(c.classes_)
     confident = estimate_issue_counts(dyn.mean_probs(), yn, n_classes=K)
     rs = np.random.RandomState(0)
     seeds = {k: rs.randint(np.iinfo(np.int32).max) for k in range(K)}
     split = split_in_two(dyn.epoch_margins(), c.scores_, yn, seeds) == 1
-    expected = np.minimum(confident, np.bincount(yn[split], minlength=K))
+    low = np.minimum(confident, np.bincount(yn[split], minlength=K))
+    high = np.bincount(yn[split & (c.scores_ < 0)], minlength=K)
+    expected = np.floor((low + high) / 2 + 0.5).astype(int)
     np.testing.assert_array_equal(c.estimated_counts_, expected)
     np.testing.assert_array_equal(np.bincount(yn[r], minlength=K), expected)
     # each class loses exactly its lowest mean margins
