@@ -214,13 +214,13 @@ def _h1_of(md_text):
 # (benchmarks/perf/bench_fast.py -> "perf"); files whose script is not found are
 # matched by name (first pattern wins)
 FOLDER_GROUPS = {"perf": "Speed and memory", "accuracy": "Accuracy against peers",
-                 "paper": "The paper's tables", "studies": "Cleaning studies"}
+                 "paper": "The paper's tables", "studies": "Studies"}
 RAW_GROUPS = [
     ("Speed and memory",
      r"^(bench_(fast|exact|memory|scaling|cleaner_storage)|fig_scaling)"),
     ("Accuracy against peers",
      r"^(bench_(peers|linearity|influence|adam_fast)|fig_fast_vs_exact)"),
-    ("Cleaning studies", r"^(table3_(gap|tuned)|table4_splits|hydra_objectives|loo_cleaning"
+    ("Studies", r"^(table3_(gap|tuned)|table4_splits|hydra_objectives|loo_cleaning"
                          r"|oof_cleaning|cleaning_from_parts|label_noise)"),
     ("The paper's tables", r"^table[34]_"),
 ]
@@ -304,7 +304,7 @@ def write_results(out_dir: Path):
         if list(titles.values()).count(title) > 1:
             titles[stem] = f"{title} [{stem}]"
     groups = {name: [] for name in ["Speed and memory", "Accuracy against peers",
-                                    "The paper's tables", "Cleaning studies", "Other runs"]}
+                                    "The paper's tables", "Studies", "Other runs"]}
     for md in mds:
         text, title = texts[md.stem], titles[md.stem]
         if HAVE_MYST:
