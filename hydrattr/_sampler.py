@@ -243,10 +243,11 @@ class ContributionSampler(BaseEstimator):
 
     def _record_dynamics(self, X, y_enc, extra=None):
         """Train a clone of the net on ``(X, y_enc)`` (plus the trusted ``extra`` rows,
-        never scored) and return the dynamics of the first ``len(X)`` rows.
+        never scored).
 
-        The trusted rows' own dynamics are kept in ``self._trusted_dynamics`` (None
-        without them): what a clean row's margin looks like in this run."""
+        Returns ``(net_, dynamics of the rows of X, dynamics of the trusted rows)``; the
+        last is None without trusted rows, else what a clean row's margin looks like in
+        this run."""
         net = self._dynamics_net()
         if extra is not None:
             X = np.concatenate([X, extra[0]])
@@ -256,12 +257,9 @@ class ContributionSampler(BaseEstimator):
             net = clone(net).set_params(verbose=self.verbose)
         net_, dyn = fit_recording_dynamics(net, X, y_enc, seed=torch_seed(self.random_state))
         self._warn_if_not_learned(dyn, y_enc, net)
-        self._trusted_dynamics = None
-        if extra is not None:
-            self._trusted_dynamics = type(dyn)(dyn.margin_sum[:, n:], dyn.count[:, n:],
-                                               dyn.prob_sum[n:])
-            dyn = type(dyn)(dyn.margin_sum[:, :n], dyn.count[:, :n], dyn.prob_sum[:n])
-        return net_, dyn
+        if extra is None:
+            return net_, dyn, None
+        return net_, dyn.take(slice(None, n)), dyn.take(slice(n, None))
 
     def fit(self, X, y):
         """Run :meth:`fit_resample` and return the fitted sampler.

@@ -239,32 +239,32 @@ class LabelNoiseCleaner(ContributionSampler):
     def _fit_dynamics(self, X, y_enc):
         extra = self._trusted_validation(X)
         n = X.shape[0]
-        net_, dyn = self._record_dynamics(X, y_enc, extra)
+        net_, dyn, trusted = self._record_dynamics(X, y_enc, extra)
         self.net_, self.dynamics_ = net_, dyn
         self.train_indices_ = np.arange(n)
         self.validation_indices_ = np.array([], dtype=np.int64)
 
         def rescore(keep):
-            _, d = self._record_dynamics(X[keep], y_enc[keep], extra)
+            _, d, _ = self._record_dynamics(X[keep], y_enc[keep], extra)
             return d.mean_margin()
 
         s = dyn.mean_margin()
         counts = None
         if self.fraction is None and self.threshold is None:
-            counts = self._estimate_counts(dyn, s, y_enc)
+            counts = self._estimate_counts(dyn, s, y_enc, trusted)
             self.estimated_counts_ = counts
         remove = self._decide(s, y_enc, rescore, counts=counts)
         self._set_scores(s, np.arange(n), n)
         return remove
 
-    def _estimate_counts(self, dyn, s, y_enc):
+    def _estimate_counts(self, dyn, s, y_enc, trusted=None):
         """Per class, the midpoint of a low and a high estimate of its wrong labels.
 
         Low: the smaller of confident learning's count from the run's averaged
         predictions and the size of the low-margin group when the class's margin
         trajectories are split in two. High: the rows of that group whose mean margin is
-        negative (:class:`SignClusterDetector`'s set). With trusted rows, capped by
-        :func:`~hydrattr.label_issues.counts_below_trusted`."""
+        negative (:class:`SignClusterDetector`'s set). With ``trusted`` (the trusted rows'
+        dynamics), capped by :func:`~hydrattr.label_issues.counts_below_trusted`."""
         K = len(self.classes_)
         seen = dyn.seen
         confident = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen], n_classes=K)
@@ -275,7 +275,6 @@ class LabelNoiseCleaner(ContributionSampler):
         low = np.minimum(confident, clustered)
         high = np.bincount(y_enc[flagged & (s < 0)], minlength=K)
         counts = np.floor((low + high) / 2 + 0.5).astype(np.int64)
-        trusted = getattr(self, "_trusted_dynamics", None)
         if trusted is not None:  # no more than score below ~all trusted rows
             counts = np.minimum(counts, counts_below_trusted(s, y_enc, trusted.mean_margin(),
                                                              K))

@@ -277,7 +277,7 @@ class SignClusterDetector(ContributionSampler):
     # -- fit -------------------------------------------------------------------------
     def _fit_dynamics(self, X, y_enc):
         n = X.shape[0]
-        net_, dyn = self._record_dynamics(X, y_enc, self._trusted_validation(X))
+        net_, dyn, _ = self._record_dynamics(X, y_enc, self._trusted_validation(X))
         self.net_, self.dynamics_ = net_, dyn
         self.train_indices_ = np.arange(n)
         self.validation_indices_ = np.array([], dtype=np.int64)

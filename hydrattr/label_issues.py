@@ -106,6 +106,11 @@ class TrainingDynamics:
             out[e] = prev
         return out.T
 
+    def take(self, rows):
+        """The dynamics of ``rows`` only (an index, mask or slice over the rows)."""
+        return TrainingDynamics(self.margin_sum[:, rows], self.count[:, rows],
+                                self.prob_sum[rows])
+
     def mean_probs(self):
         """``(n, n_classes)`` predicted probabilities averaged over the run."""
         total = self.count.sum(axis=0)
