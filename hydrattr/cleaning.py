@@ -28,8 +28,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._sampler import ContributionSampler
-from .label_issues import (counts_below_trusted, estimate_issue_counts, find_label_issues,
-                           remove_lowest, split_in_two)
+from .label_issues import estimate_counts_from_dynamics, find_label_issues, remove_lowest
 
 __all__ = ["LabelNoiseCleaner", "CleanedClassifier", "remove_lowest"]
 
@@ -251,34 +250,22 @@ class LabelNoiseCleaner(ContributionSampler):
         s = dyn.mean_margin()
         counts = None
         if self.fraction is None and self.threshold is None:
-            counts = self._estimate_counts(dyn, s, y_enc, trusted)
+            counts = self._estimate_counts(dyn, y_enc, trusted)
             self.estimated_counts_ = counts
         remove = self._decide(s, y_enc, rescore, counts=counts)
         self._set_scores(s, np.arange(n), n)
         return remove
 
-    def _estimate_counts(self, dyn, s, y_enc, trusted=None):
-        """Per class, the midpoint of a low and a high estimate of its wrong labels.
-
-        Low: the smaller of confident learning's count from the run's averaged
-        predictions and the size of the low-margin group when the class's margin
-        trajectories are split in two. High: the rows of that group whose mean margin is
-        negative (:class:`SignClusterDetector`'s set). With ``trusted`` (the trusted rows'
-        dynamics), capped by :func:`~hydrattr.label_issues.counts_below_trusted`."""
+    def _estimate_counts(self, dyn, y_enc, trusted=None):
+        """Per class, the estimated number of wrong labels
+        (:func:`~hydrattr.label_issues.estimate_counts_from_dynamics`, seeded from
+        ``random_state``; ``trusted``: the trusted rows' dynamics, or None)."""
         K = len(self.classes_)
-        seen = dyn.seen
-        confident = estimate_issue_counts(dyn.mean_probs()[seen], y_enc[seen], n_classes=K)
         rs = check_random_state(self.random_state)
         seeds = {c: rs.randint(np.iinfo(np.int32).max) for c in range(K)}
-        flagged = split_in_two(dyn.epoch_margins(), s, y_enc, seeds) == 1
-        clustered = np.bincount(y_enc[flagged], minlength=K)
-        low = np.minimum(confident, clustered)
-        high = np.bincount(y_enc[flagged & (s < 0)], minlength=K)
-        counts = np.floor((low + high) / 2 + 0.5).astype(np.int64)
-        if trusted is not None:  # no more than score below ~all trusted rows
-            counts = np.minimum(counts, counts_below_trusted(s, y_enc, trusted.mean_margin(),
-                                                             K))
-        return counts
+        return estimate_counts_from_dynamics(
+            dyn, y_enc, K, seeds,
+            trusted_scores=None if trusted is None else trusted.mean_margin()).counts
 
     # -- shared --------------------------------------------------------------------------
     def _decide(self, s, y, rescore, counts=None, default_threshold=None):

@@ -22,6 +22,9 @@ Functions
   ``threshold``, per-class ``counts``).
 * :func:`estimate_issue_counts`: how many rows of each given class are wrong, from
   probabilities (confident learning's calibrated confident joint, off-diagonal mass).
+* :func:`estimate_counts_from_dynamics`: the cleaner's per-class count from one run's
+  :class:`TrainingDynamics` (with its parts, for ablations);
+  :func:`counts_below_trusted` caps it with rows of trusted labels.
 * :func:`remove_lowest`: the ``fraction`` lowest scores, overall or per class.
 * :func:`split_in_two`: per-class two-group split of feature vectors (k-means) or of
   scalar scores (a Gaussian mixture), flagging the group with the lower mean score.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -37,7 +41,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 __all__ = ["TrainingDynamics", "margins", "remove_lowest", "estimate_issue_counts",
-           "counts_below_trusted",
+           "counts_below_trusted", "DynamicsCounts", "estimate_counts_from_dynamics",
            "remove_per_class", "find_label_issues", "split_in_two"]
 
 
@@ -220,6 +224,56 @@ def counts_below_trusted(scores, labels, trusted_scores, n_classes, quantile=0.0
     s = np.asarray(scores, dtype=np.float64)
     below = np.isfinite(s) & (s < np.quantile(t, quantile))
     return np.bincount(np.asarray(labels, dtype=np.int64)[below], minlength=int(n_classes))
+
+
+class DynamicsCounts(NamedTuple):
+    """The per-class counts of :func:`estimate_counts_from_dynamics` (each an ndarray of
+    int, shape (n_classes,))."""
+
+    confident: np.ndarray  #: confident learning's count from the averaged predictions
+    split: np.ndarray      #: the low group of the margin-trajectory split
+    low: np.ndarray        #: ``min(confident, split)``
+    high: np.ndarray       #: the low group's rows with a negative mean margin
+    counts: np.ndarray     #: the midpoint of ``low`` and ``high`` (capped if trusted)
+
+
+def estimate_counts_from_dynamics(dynamics, labels, n_classes, seeds, trusted_scores=None):
+    """How many rows of each given class carry a wrong label, from one training run.
+
+    The midpoint of a low and a high estimate. Low: the smaller of confident learning's
+    count (:func:`estimate_issue_counts` on the predictions averaged over the run) and
+    the low group when each class's margin trajectories are split in two
+    (:func:`split_in_two`). High: that group's rows with a negative mean margin.
+    With ``trusted_scores`` the midpoint is capped by :func:`counts_below_trusted`.
+
+    Parameters
+    ----------
+    dynamics : TrainingDynamics
+    labels : ndarray of int, shape (n,)
+        Given labels in ``[0, n_classes)``.
+    n_classes : int
+    seeds : dict
+        One k-means seed per class label (:func:`split_in_two`).
+    trusted_scores : ndarray or None
+        Mean margins of rows with trusted labels from the same run.
+
+    Returns
+    -------
+    DynamicsCounts
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    s = dynamics.mean_margin()
+    seen = dynamics.seen
+    confident = estimate_issue_counts(dynamics.mean_probs()[seen], y[seen],
+                                      n_classes=n_classes)
+    flagged = split_in_two(dynamics.epoch_margins(), s, y, seeds) == 1
+    split = np.bincount(y[flagged], minlength=n_classes)
+    low = np.minimum(confident, split)
+    high = np.bincount(y[flagged & (s < 0)], minlength=n_classes)
+    counts = np.floor((low + high) / 2 + 0.5).astype(np.int64)
+    if trusted_scores is not None:  # no more than score below ~all trusted rows
+        counts = np.minimum(counts, counts_below_trusted(s, y, trusted_scores, n_classes))
+    return DynamicsCounts(confident, split, low, high, counts)
 
 
 def find_label_issues(scores, labels=None, *, fraction=None, threshold=None, counts=None,

@@ -46,8 +46,8 @@ from _common.noise import precision_recall  # noqa: E402
 
 from hydrattr import LabelNoiseCleaner, SignClusterDetector  # noqa: E402
 from hydrattr.datasets import make_label_noise  # noqa: E402
-from hydrattr.label_issues import (estimate_issue_counts, find_label_issues,  # noqa: E402
-                                   split_in_two)
+from hydrattr.label_issues import (estimate_counts_from_dynamics,  # noqa: E402
+                                   find_label_issues)
 
 METHODS = ["hydrattr default", "hydrattr trusted val", "detector", "contribution (paper)",
            "own loss", "AUM < 0", "margin, CL count", "margin, split count",
@@ -150,16 +150,15 @@ def one_seed(args, dataset, rate, seed):
     m[np.argsort(-own, kind="stable")[:k]] = True
     removed["own loss"], cost["own loss"] = m, t_plain
     removed["AUM < 0"], cost["AUM < 0"] = cl.scores_ < 0, cost["hydrattr default"]
-    # ablation of the default's count: each of the two estimates it takes the minimum of
-    dyn, K_ = cl.dynamics_, len(cl.classes_)
-    seeds = {c: s for c, s in zip(range(K_), np.random.RandomState(seed).randint(
-        np.iinfo(np.int32).max, size=K_))}
-    split = split_in_two(dyn.epoch_margins(), cl.scores_, yn, seeds) == 1
-    confident = estimate_issue_counts(dyn.mean_probs(), yn, K_)
-    low = np.minimum(confident, np.bincount(yn[split], minlength=K_))
-    for name, counts in [("margin, CL count", confident),
-                         ("margin, split count", np.bincount(yn[split], minlength=K_)),
-                         ("margin, low count", low)]:
+    # ablation of the default's count: its parts, seeded as the cleaner seeds them
+    K_ = len(cl.classes_)
+    rs = np.random.RandomState(seed)
+    parts = estimate_counts_from_dynamics(cl.dynamics_, yn, K_, {
+        c: rs.randint(np.iinfo(np.int32).max) for c in range(K_)})
+    assert np.array_equal(parts.counts, cl.estimated_counts_)  # the same decision
+    for name, counts in [("margin, CL count", parts.confident),
+                         ("margin, split count", parts.split),
+                         ("margin, low count", parts.low)]:
         removed[name] = find_label_issues(cl.scores_, yn, counts=counts)
         cost[name] = cost["hydrattr default"]
     probs, t = timed(lambda: oof_probs(net, X, yn, seed, n_folds=5, n_classes=K))
