@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._core.functional import per_sample_grads, take_batch_rows
+from ._core.deferred import DeferredStore, ring_rows
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
 from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
@@ -62,18 +63,24 @@ class FusedRecorder(TrajectoryRecorder):
         to the two-pass fit, for which the full trajectory is then kept.
     hooks : bool
         Allow the backward hooks (False: always compute per-sample gradients at the step).
+    store_kind : {"auto", "deferred", "lazy"} or None
+        How the store is filled (:meth:`_make_store`); None: the class attribute
+        ``STORE_KIND`` ("auto"; tests and profiles set the others).
     record_rng, storage, directory : see :class:`TrajectoryRecorder`.
     """
 
+    STORE_KIND = "auto"
+
     def __init__(self, dataset, store=None, rows_map=None, per_sample="auto",
                  last_epochs=None, hooks=True, record_rng=False, storage="memory",
-                 directory=None):
+                 directory=None, store_kind=None):
         super().__init__(dataset, record_rng=record_rng, storage=storage, directory=directory)
         self.store = store
         self.rows_map = rows_map
         self.per_sample = per_sample
         self.last_epochs = last_epochs
         self.hooks = hooks
+        self.store_kind = store_kind
 
     def initialize(self):
         super().initialize()
@@ -94,10 +101,7 @@ class FusedRecorder(TrajectoryRecorder):
             lean = LeanTrajectory(self.spec_, len(self.dataset), dtype=self.trajectory_.dtype)
             lean.buffers0 = self.trajectory_.buffers0
             self.trajectory_ = lean
-        momentum = any(float(g.get("momentum", 0.0)) != 0.0
-                       for g in net.optimizer_.param_groups)
-        self.lazy_ = LazyStore(self.store, self.spec_.group_sizes, velocity=momentum,
-                               directory=self.directory)
+        self.lazy_ = self._make_store(net)
         has_bn, has_dropout = module_flags(net.module_)
         if self.per_sample == "auto":
             self._independent = not (has_bn or has_dropout)
@@ -125,6 +129,22 @@ class FusedRecorder(TrajectoryRecorder):
         self._prev_lr = None
         self.seconds_ = {"hooks": 0.0, "step_grads": 0.0}
 
+    def _make_store(self, net):
+        """The store filler: :class:`DeferredStore` (one vector a row, a ring of the last
+        steps' terms) unless its ring would hold more than 1.5 times the store's rows
+        (high momentum, few rows), then :class:`LazyStore` (two vectors a row)."""
+        momentum = max(float(g.get("momentum", 0.0)) for g in net.optimizer_.param_groups)
+        n_rows = self.store.shape[0]
+        batch = net.batch_size if net.batch_size and net.batch_size > 0 else n_rows
+        dtype = torch.float16 if self.store.kind == "half" else self.store.dtype
+        ring = ring_rows(momentum, min(int(batch), n_rows), dtype)
+        kind = self.STORE_KIND if self.store_kind is None else self.store_kind
+        if kind == "deferred" or (kind == "auto" and ring <= 1.5 * n_rows):
+            return DeferredStore(self.store, self.spec_.group_sizes, ring_rows=ring,
+                                 directory=self.directory)
+        return LazyStore(self.store, self.spec_.group_sizes, velocity=momentum != 0.0,
+                         directory=self.directory)
+
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
         super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid,
                                **kwargs)
@@ -148,7 +168,12 @@ class FusedRecorder(TrajectoryRecorder):
             positions = None if (sel.all() or not self._checked) else \
                 torch.as_tensor(np.flatnonzero(sel))
             theta = self._pending[0]
-            self._psh.begin(positions, len(rows), theta.dtype, theta.device)
+            n = len(rows) if positions is None else len(positions)
+            # written straight into the filler's ring when it can take them (the
+            # first step, checked against the batch gradient, goes to the hooks' own)
+            out = self.lazy_.reserve(n, theta.dtype) if self._checked and \
+                hasattr(self.lazy_, "reserve") and theta.device.type == "cpu" else None
+            self._psh.begin(positions, len(rows), theta.dtype, theta.device, out=out)
 
     def _after_step(self, optimizer, args, kwargs):
         pending = self._pending

@@ -488,7 +488,7 @@ class TrajectoryRecorder(Callback):
                 cuda = torch.cuda.get_rng_state(theta.device)
             rng = (torch.get_rng_state(), cuda)
         weight = 1.0 / n if self.reduction_ == "mean" else 1.0
-        self._pending = (theta.clone(), rows, weight, rng)
+        self._pending = (theta, rows, weight, rng)  # (_theta() is a fresh tensor)
         # a checkpoint's state besides the parameters, before the forward pass updates
         # the module buffers (kept only once the step is applied)
         self._pending_state = None
@@ -512,12 +512,12 @@ class TrajectoryRecorder(Callback):
             self._note("grad")
         self.last_grad_ = torch.cat([torch.zeros_like(p).reshape(-1) if g is None
                                      else g.detach().reshape(-1)
-                                     for p, g in zip(self._params, used)]).clone()
+                                     for p, g in zip(self._params, used)])
         theta, rows, weight, rng, row, opt_state = self._pending
         extra = {} if self.storage != "checkpoint" else {"state": self._pending_state}
         self.trajectory_.append(theta, rows, weight, row, rng, opt_state=opt_state, **extra)
         self._pending = self._pending_state = None
-        self._after = self._theta().clone()
+        self._after = self._theta()
 
     def on_batch_end(self, net, batch=None, training=False, **kwargs):
         loss = kwargs.get("loss")

@@ -294,6 +294,7 @@ class HydraAttributor(BaseAttributor):
                     len(lazy) == len(self.trajectory_):
                 lazy.finish()
                 self.fit_path_ = "fused"
+                self._fit_filler = type(lazy).__name__  # which store filler (for tests)
                 self._fit_profile = {"hooks_s": rec.seconds_["hooks"],
                                      "step_grads_s": rec.seconds_["step_grads"],
                                      "commit_s": lazy.seconds["commit"],
@@ -301,7 +302,7 @@ class HydraAttributor(BaseAttributor):
                 return
             from ._fused import zero_store
 
-            lazy.velocity = None
+            lazy.release()
             zero_store(store)  # the window began elsewhere: fill it again from the record
         tic = time.perf_counter()
         with module_mode(self.net_.module_, training=True):

@@ -452,6 +452,10 @@ class LazyStore:
         self.last[rows] = t
         self.seconds["commit"] += time.perf_counter() - tic
 
+    def release(self):
+        """Drop the velocity part (the store is abandoned: filled again another way)."""
+        self.velocity = None
+
     def finish(self, chunk_rows=1024):
         """Apply each row's remaining transitions; returns the store holding ``S``."""
         tic = time.perf_counter()
@@ -543,18 +547,23 @@ class PerSampleHooks:
         self.active = False
         self.buffer = self._storage = None
 
-    def begin(self, positions, batch_size, dtype, device):
-        """Collect the samples at ``positions`` (long tensor; None: the whole batch)."""
+    def begin(self, positions, batch_size, dtype, device, out=None):
+        """Collect the samples at ``positions`` (long tensor; None: the whole batch), into
+        ``out`` when given (``(n, P)``, e.g. the store filler's rows for them)."""
         n = batch_size if positions is None else len(positions)
         self.positions = None if positions is None else positions.to(device)
-        # one block reused from step to step: a fresh (B, P) block every step costs its
-        # first-touch page faults every step (2 ms of a LeNet-5 step here)
-        keep = self._storage
-        if keep is None or keep.shape[0] < n or keep.dtype != dtype or \
-                keep.device != torch.device(device):
-            keep = self._storage = torch.empty(n, self.spec.n_params, dtype=dtype,
-                                               device=device)
-        self.buffer = keep[:n]
+        if out is not None and tuple(out.shape) == (n, self.spec.n_params) and \
+                out.dtype == dtype and out.device == torch.device(device):
+            self.buffer = out
+        else:
+            # one block reused from step to step: a fresh (B, P) block every step costs
+            # its first-touch page faults every step (2 ms of a LeNet-5 step here)
+            keep = self._storage
+            if keep is None or keep.shape[0] < n or keep.dtype != dtype or \
+                    keep.device != torch.device(device):
+                keep = self._storage = torch.empty(n, self.spec.n_params, dtype=dtype,
+                                                   device=device)
+            self.buffer = keep[:n]
         self._written = set()  # offsets of the parameters written so far this step
         self.calls = 0
         self.active = True

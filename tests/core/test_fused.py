@@ -359,6 +359,16 @@ def _close(C, C_ref, rtol=1e-10):
     np.testing.assert_allclose(C, C_ref, rtol=0, atol=rtol * scale)
 
 
+@pytest.fixture(params=["lazy", "deferred"])
+def store_kind(request, monkeypatch):
+    """Each fused-fit test with both store fillers (``auto`` picks LazyStore for these
+    small runs: DeferredStore's ring would outgrow the store)."""
+    from hydrattr._fused import FusedRecorder
+
+    monkeypatch.setattr(FusedRecorder, "STORE_KIND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kw", [
     dict(storage="dense"),
     dict(storage="memmap"),
@@ -367,20 +377,41 @@ def _close(C, C_ref, rtol=1e-10):
     dict(last_epochs=2),
     dict(last_epochs="final_lr"),
 ], ids=["dense", "memmap", "half", "track", "last_epochs", "final_lr"])
-def test_fused_equals_two_pass(kw, tmp_path):
+def test_fused_equals_two_pass(store_kind, kw, tmp_path):
     X, y = _data()
     Xt, yt = _data(5, seed=1)
     if kw.get("storage") == "memmap":
         kw = dict(kw, store_dir=str(tmp_path))
     two, fused, C2, C = _both(_net(), X, y, Xt, yt, **kw)
     assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
+    assert fused._fit_filler == {"lazy": "LazyStore", "deferred": "DeferredStore"}[store_kind]
     assert fused.trajectory_ is None and fused.store_.kind == two.store_.kind
     _close(C, C2, rtol=2e-3 if kw.get("storage") == "half" else 1e-10)
     if "track" in kw:
         assert np.isnan(C).sum() == np.isnan(C2).sum() == (N - 30) * 5
 
 
-def test_fused_equals_naive_float64_recurrence():
+@pytest.mark.parametrize("storage", ["dense", "half"])
+def test_deferred_fill_folds_a_long_float32_run(storage):
+    """A float32 run long enough (600 steps at momentum 0.9) that DeferredStore folds most
+    terms before the end, picked by ``auto`` (its ring is smaller than the store here):
+    the two-pass ``C`` on the same trajectory to float32 rounding of sums over hundreds
+    of steps (1e-5 of the largest entry; float16 store: 2e-3, its resolution)."""
+    from hydrattr._core.deferred import ring_rows
+
+    n = 2400
+    X, y = _data(n)
+    Xt, yt = _data(5, seed=1)
+    net = _net(module__dtype=torch.float32, max_epochs=4, batch_size=16, callbacks=None)
+    assert ring_rows(MOM, 16, torch.float16 if storage == "half" else torch.float32) \
+        <= 1.5 * n
+    two, fused, C2, C = _both(net, X.astype(np.float32), y, Xt.astype(np.float32), yt,
+                              storage=storage)
+    assert fused.fit_path_ == "fused" and fused._fit_filler == "DeferredStore"
+    _close(C, C2, rtol=2e-3 if storage == "half" else 1e-5)
+
+
+def test_fused_equals_naive_float64_recurrence(store_kind):
     """The textbook forward recurrence of test_hydra, on a fused fit's recorded run."""
     import sys
     from pathlib import Path
@@ -396,7 +427,7 @@ def test_fused_equals_naive_float64_recurrence():
     _close(fused.attribute(Xt, yt), th._naive_fast_C(ref, X, y, Xt, yt))
 
 
-def test_fused_param_groups_nesterov_plateau():
+def test_fused_param_groups_nesterov_plateau(store_kind):
     X, y = _data(96)
     Xt, yt = _data(4, seed=2)
     net = _net(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=5,
@@ -408,7 +439,7 @@ def test_fused_param_groups_nesterov_plateau():
     _close(C, C2)
 
 
-def test_fused_plain_sgd_and_sum_loss():
+def test_fused_plain_sgd_and_sum_loss(store_kind):
     X, y = _data()
     Xt, yt = _data(4, seed=3)
     net = _net(optimizer__momentum=0.0, optimizer__dampening=0.0,
@@ -419,7 +450,7 @@ def test_fused_plain_sgd_and_sum_loss():
 
 @pytest.mark.parametrize("module__dropout,module__batchnorm,route", [
     (0.3, False, None), (0.0, True, "BatchNorm")])
-def test_fused_with_dropout_and_batchnorm(module__dropout, module__batchnorm, route):
+def test_fused_with_dropout_and_batchnorm(store_kind, module__dropout, module__batchnorm, route):
     """Dropout: hooks on the real masks; BatchNorm: the Jacobian rows at each step."""
     X, y = _data()
     Xt, yt = _data(4, seed=4)
@@ -451,7 +482,7 @@ class _SmallConv(nn.Module):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_fused_conv_net_and_a_parameter_used_outside_its_layer(tied):
+def test_fused_conv_net_and_a_parameter_used_outside_its_layer(store_kind, tied):
     rs = np.random.RandomState(5)
     X = rs.randn(64, 16)
     y = (X[:, 0] > 0).astype(np.int64) + (X[:, 5] > 0.5)

@@ -1,0 +1,383 @@
+"""Fast mode during training in one vector per row: terms folded once their momentum fades.
+
+The no-Hessian tangent of a step's term ``g`` (:mod:`~hydrattr._core.fused`) is a 2-vector
+per parameter group, ``q = (dtheta, dv)`` coefficients, carried forward by the same 2x2
+transition ``M_t`` for every row: ``q <- M_t q``. ``M_t`` has a slow mode (eigenvalue
+near 1) and a fast one (near the momentum ``p``), so after ``k`` steps every term's
+``q`` points along one common direction ``z_t`` (the transitions' product applied to
+anything) up to a part of relative size about ``p^k``. Terms whose ``q`` is that close
+to ``z_t`` are folded into one vector per row::
+
+    S_i <- S_i + (q . z_t / kappa_t) g        (state of the folded terms: S_i (x) kappa_t z_t)
+
+where ``kappa_t z_t`` (``z`` a unit vector, ``kappa`` a float64 scale) follows the
+transitions exactly from then on. Until then a term waits in a ring of the last steps'
+gradients, and :meth:`DeferredStore.finish` adds the waiting terms with their exact
+final coefficients and scales each row by ``kappa_T z_T[0]``. The only approximation
+is the part of ``q`` left out when a term is folded, at most ``tol |q|`` (``tol`` a
+fraction of the store dtype's rounding), so the result equals the two-pass fit's
+``S`` to float rounding, as :class:`~hydrattr._core.fused.LazyStore`'s does.
+
+Against :class:`~hydrattr._core.fused.LazyStore` (two vectors per row, the parameter
+and velocity parts, read and written each time the row enters a batch) this keeps one
+vector per row plus the ring, ``K x B`` rows for ``K`` steps (about
+``log(tol) / log(p)``: 190 at momentum 0.9 for a float32 store), whatever the number of
+rows, and folds a term in one pass over its row. :func:`ring_rows` says how many rows
+the ring takes, so the caller can pick whichever of the two needs less memory.
+
+A row's vector is held with a float64 scale of its own (``S_i = rho_i X_i``): adding a
+term is one vector operation, ``X += (A / rho) g`` or, when the new coefficient is the
+larger, ``X <- (rho / A) X + g``, so the stored values stay the size of the gradients
+(what a float16 store needs). A float16 store keeps its ring in float16 too, each ring
+row divided by its largest entry.
+
+Pure torch and numpy: nothing here knows skorch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from .fused import hyper_of, sgd_transition
+from .outofcore import touch
+from .store import SampleStore
+
+__all__ = ["DeferredStore", "fold_steps", "ring_rows"]
+
+
+def _tolerance(dtype):
+    """Relative part of a term that may be left out when it is folded: a hundredth of the
+    store dtype's rounding (float16: a tenth), and no less than what the float64 2x2
+    products resolve (a float64 store: 32 eps)."""
+    if dtype == torch.float16:
+        return 1e-4
+    return max(float(torch.finfo(dtype).eps) / 100, 32 * float(np.finfo(np.float64).eps))
+
+
+def fold_steps(momentum, dtype=torch.float32):
+    """Steps after which a term's momentum part is below the fold tolerance (an estimate
+    for sizing the ring: the fold itself checks each term)."""
+    p = float(momentum)
+    if p <= 0:
+        return 2
+    # the fast part of a fresh term starts about 1 / (1 - p) times the slow part's size
+    return int(math.ceil(math.log(_tolerance(dtype) * (1 - p)) / math.log(p))) + 2
+
+
+def ring_rows(momentum, batch_size, dtype=torch.float32):
+    """Rows of the ring of waiting terms for a run at ``momentum`` and ``batch_size``."""
+    return (fold_steps(momentum, dtype) + 2) * int(batch_size)
+
+
+class DeferredStore:
+    """The fast-mode store filled during training, one vector per row; see the module
+    docstring. Same use as :class:`~hydrattr._core.fused.LazyStore`.
+
+    Parameters
+    ----------
+    store : SampleStore
+        Receives ``S``; any kind (dense, half, memmap).
+    group_sizes : list of int
+        Flat coordinates per optimizer parameter group.
+    ring_rows : int
+        Initial rows of the ring of waiting terms (:func:`ring_rows`); it grows if the
+        terms take longer to fold than that.
+    directory : str or None
+        For a memmap ring (``store.kind == "memmap"``).
+    tol : float or None
+        Fold tolerance (None: from the store's dtype).
+
+    Use: for every optimizer step, :meth:`step` with its hyperparameters, then
+    :meth:`commit` with the tracked rows' slots and ``w_t g_{t,i}``; :meth:`reset`
+    forgets every row's terms so far; :meth:`finish` returns ``store`` holding ``S``.
+    """
+
+    def __init__(self, store, group_sizes, ring_rows=256, directory=None, tol=None):
+        self.store = store
+        self.group_sizes = [int(s) for s in group_sizes]
+        self.slices = []
+        off = 0
+        for s in self.group_sizes:
+            self.slices.append(slice(off, off + s))
+            off += s
+        if off != store.shape[1]:
+            raise ValueError("group_sizes must add up to the store's width")
+        self.directory = directory
+        self.tol = _tolerance(store.data.dtype if isinstance(store.data, torch.Tensor)
+                              else store.dtype) if tol is None else float(tol)
+        n_groups = len(self.group_sizes)
+        self.compute_dtype = torch.float64 if store.dtype == torch.float64 else torch.float32
+        self.z = np.tile([1.0, 0.0], (n_groups, 1))   # the common direction, unit per group
+        self.kappa = np.ones(n_groups)                # its scale
+        self.rho = np.zeros((store.shape[0], n_groups))  # row scales (0: no term yet)
+        self._transitions = {}
+        self.n_steps = 0
+        self.start = 0
+        self.b = None  # the last step's injection (G, 2)
+        # the ring of waiting terms: entries (start, n, slots), their q (m, G, 2)
+        self.ring = self._new_ring(max(int(ring_rows), 1))
+        self.scale = np.ones(self.ring.shape[0])      # ring row r holds g / scale[r]
+        self.entries = deque()
+        self.q = np.zeros((0, n_groups, 2))
+        self.q0 = np.zeros((0, n_groups))  # |q| when the entry was committed
+        self.head = 0
+        self._reserved = None
+        self.seconds = {"commit": 0.0, "finish": 0.0}
+
+    # -- the ring ------------------------------------------------------------------------
+    def _new_ring(self, rows):
+        s = self.store
+        if s.kind == "memmap":
+            return SampleStore(rows, s.shape[1], kind="memmap", dtype=s.dtype,
+                               directory=self.directory).data
+        dtype = torch.float16 if s.kind == "half" else s.data.dtype
+        return torch.empty(rows, s.shape[1], dtype=dtype)
+
+    def _alloc(self, n):
+        """Start of ``n`` contiguous free ring rows (the ring grows when there are none)."""
+        cap = self.ring.shape[0]
+        if not self.entries:
+            self.head = 0
+            if n <= cap:
+                return 0
+        else:
+            tail = self.entries[0][0]
+            if self.head > tail:
+                if self.head + n <= cap:
+                    return self.head
+                if n <= tail:
+                    return 0
+            elif self.head < tail and self.head + n <= tail:
+                return self.head
+        self._grow(n)
+        return self.head
+
+    def _grow(self, n):
+        """A larger ring holding the waiting entries from row 0, in order."""
+        cap = self.ring.shape[0]
+        new = self._new_ring(max(2 * cap, cap + 4 * n))
+        scale = np.ones(new.shape[0])
+        pos, entries = 0, deque()
+        for start, k, slots in self.entries:
+            new[pos:pos + k] = self.ring[start:start + k]
+            scale[pos:pos + k] = self.scale[start:start + k]
+            entries.append((pos, k, slots))
+            pos += k
+        self.ring, self.scale, self.entries, self.head = new, scale, entries, pos
+
+    def _gather_ring(self, idx):
+        """Ring rows ``idx`` (int64 numpy) as a compute-dtype tensor."""
+        if isinstance(self.ring, np.ndarray):
+            out = torch.from_numpy(self.ring[idx])
+            touch(self.ring, out.numel() * out.element_size())
+            return out.to(self.compute_dtype)
+        return self.ring.index_select(0, torch.from_numpy(idx)).to(self.compute_dtype)
+
+    def _ring_rows(self, start, n):
+        """Ring rows ``start:start+n`` as a compute-dtype tensor."""
+        block = self.ring[start:start + n]
+        if isinstance(block, np.ndarray):
+            out = torch.from_numpy(np.asarray(block))
+            touch(self.ring, out.numel() * out.element_size())
+            return out
+        return block if block.dtype == self.compute_dtype else block.to(self.compute_dtype)
+
+    # -- steps ---------------------------------------------------------------------------
+    def __len__(self):
+        return self.n_steps
+
+    def step(self, h):
+        """Register the next optimizer step's hyperparameters (``SGDHyper.at`` dict or a
+        recorded row); returns its index."""
+        if isinstance(h, dict) and not isinstance(h.get("lr"), torch.Tensor):
+            key = tuple((k, tuple(v)) for k, v in h.items())
+            if key not in self._transitions:
+                self._transitions[key] = sgd_transition(hyper_of(h))
+            M, b = self._transitions[key]
+        else:
+            M, b = sgd_transition(h)
+        z = np.einsum("gij,gj->gi", M, self.z)
+        norm = np.sqrt((z * z).sum(1))
+        for j in np.flatnonzero(norm == 0):  # everything so far maps to zero
+            self.rho[:, j] = 0.0
+            z[j], norm[j], self.kappa[j] = (1.0, 0.0), 1.0, 1.0
+        self.z = z / norm[:, None]
+        self.kappa = self.kappa * norm
+        far = (self.kappa < 1e-100) | (self.kappa > 1e100)
+        if far.any():  # fold kappa into the row scales (float64, rarely)
+            self.rho[:, far] *= self.kappa[far]
+            self.kappa[far] = 1.0
+        if len(self.q):
+            self.q = np.einsum("gij,mgj->mgi", M, self.q)
+        self.b = b
+        self.n_steps += 1
+        return self.n_steps - 1
+
+    def reset(self):
+        """Forget every row's terms: the next step is the first that counts."""
+        self.rho[:] = 0.0
+        self.entries.clear()
+        self.q, self.q0 = self.q[:0], self.q0[:0]
+        self.head = 0
+        self.start = self.n_steps
+
+    def reserve(self, n, dtype):
+        """Ring rows for the next commit's ``n`` terms, to be written in place (the
+        backward hooks' buffer), or None where the ring cannot take them as they are
+        (float16, memmap, another dtype). A :meth:`commit` of that very block copies
+        nothing."""
+        self._reserved = None
+        if not isinstance(self.ring, torch.Tensor) or self.ring.dtype != dtype or \
+                self.store.kind == "half":
+            return None
+        start = self._alloc(n)
+        self._reserved = (start, self.ring[start:start + n])
+        return self._reserved[1]
+
+    def commit(self, slots, values):
+        """Add the last registered step's terms ``values`` (n, P), ``w_t g_{t,i}`` of the
+        rows in store slots ``slots`` (unique)."""
+        if self.n_steps == 0:
+            raise RuntimeError("DeferredStore.commit before any step")
+        slots = np.asarray(slots, dtype=np.int64)
+        reserved, self._reserved = getattr(self, "_reserved", None), None
+        if not len(slots):
+            return
+        tic = time.perf_counter()
+        n = len(slots)
+        if reserved is not None and values.shape == reserved[1].shape and \
+                values.data_ptr() == reserved[1].data_ptr():
+            start = reserved[0]  # written in place already
+            self.scale[start:start + n] = 1.0
+        else:
+            start = self._alloc(n)
+            self._write_ring(start, values.detach().to("cpu"))
+        self.entries.append((start, n, slots))
+        b = self.b[None].astype(np.float64)
+        self.q = np.concatenate([self.q, b])
+        self.q0 = np.concatenate([self.q0, np.sqrt((b * b).sum(2))])
+        self.head = start + n
+        self._fold_ready()
+        self.seconds["commit"] += time.perf_counter() - tic
+
+    def _write_ring(self, start, values):
+        n = values.shape[0]
+        if self.store.kind == "half":  # each float16 ring row divided by its largest entry
+            peak = values.abs().amax(1).to(torch.float64).clamp_min(1e-300)
+            self.scale[start:start + n] = peak.numpy()
+            values = values / peak[:, None].to(values.dtype)
+        else:
+            self.scale[start:start + n] = 1.0
+        block = self.ring[start:start + n]
+        if isinstance(block, np.ndarray):
+            block[:] = values.numpy().astype(block.dtype, copy=False)
+            touch(self.ring, values.numel() * block.itemsize)
+        else:
+            block.copy_(values)
+
+    def _fold_ready(self):
+        """Fold the oldest waiting entries whose ``q`` lies along ``z`` (the part across
+        it at most ``tol`` of ``q``), or has decayed below ``tol`` of its size when
+        committed (a group at learning rate zero only decays its velocity part)."""
+        k = 0
+        while k < len(self.entries):
+            q = self.q[k]
+            qn = np.sqrt((q * q).sum(1))
+            cross = np.abs(q[:, 0] * self.z[:, 1] - q[:, 1] * self.z[:, 0])
+            if np.any((cross > self.tol * qn) & (qn > self.tol * self.q0[k])):
+                break
+            k += 1
+        for _ in range(k):
+            start, n, slots = self.entries.popleft()
+            coef = (self.q[0] * self.z).sum(1) / self.kappa  # (G,)
+            self.q, self.q0 = self.q[1:], self.q0[1:]
+            self._fold(start, n, slots, coef)
+
+    def _fold(self, start, n, slots, coef):
+        """``S[slots] += coef * g`` for a ring entry, row by row, one pass per group part."""
+        g = self._ring_rows(start, n)
+        data = self.store.data
+        half = data.dtype == torch.float16 if isinstance(data, torch.Tensor) else False
+        memmap = isinstance(data, np.ndarray)
+        parts = list(enumerate(self.slices))
+        scale = self.scale[start:start + n]
+        for k, r in enumerate(slots.tolist()):
+            x = torch.from_numpy(data[r]) if memmap else \
+                (data[r].to(self.compute_dtype) if half else data[r])
+            for j, sl in parts:
+                A = float(coef[j] * scale[k])
+                if A == 0.0:
+                    continue
+                xs = x if len(parts) == 1 else x[sl]
+                gs = g[k] if len(parts) == 1 else g[k][sl]
+                rho = self.rho[r, j]
+                if rho == 0.0:
+                    xs.copy_(gs)
+                    self.rho[r, j] = A
+                elif abs(A) <= abs(rho):
+                    xs.add_(gs, alpha=A / rho)
+                else:
+                    torch.add(gs, xs, alpha=rho / A, out=xs)
+                    self.rho[r, j] = A
+            if half:
+                data[r] = x
+        if memmap:
+            touch(data, 2 * n * self.store.shape[1] * data.itemsize)
+
+    def release(self):
+        """Drop the ring (the store is abandoned: filled again another way)."""
+        self.ring = None
+        self.entries.clear()
+
+    def finish(self, chunk_rows=1024, gather_rows=256):
+        """Scale each row to ``S`` and add the terms still waiting (with their exact final
+        coefficients ``q[0]``), chunk by chunk of the store: one pass over it."""
+        tic = time.perf_counter()
+        data = self.store.data
+        n_rows = self.store.shape[0]
+        factor = self.rho * (self.kappa * self.z[:, 0])[None, :]  # (N, G)
+        # the waiting terms: store slot, ring row and coefficient per group, by slot
+        slots, ring_idx, coefs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], \
+            [np.zeros((0, len(self.slices)))]
+        for (start, n, sl), q in zip(self.entries, self.q):
+            slots.append(sl)
+            ring_idx.append(np.arange(start, start + n))
+            coefs.append(self.scale[start:start + n, None] * q[None, :, 0])
+        slots, ring_idx, coefs = (np.concatenate(a) for a in (slots, ring_idx, coefs))
+        order = np.argsort(slots, kind="stable")
+        slots, ring_idx, coefs = slots[order], ring_idx[order], coefs[order]
+        in_place = isinstance(data, torch.Tensor) and data.dtype == self.compute_dtype
+        for s in range(0, n_rows, chunk_rows):
+            e = min(s + chunk_rows, n_rows)
+            f = torch.from_numpy(factor[s:e])
+            if isinstance(data, np.ndarray):
+                block = torch.from_numpy(np.asarray(data[s:e]))  # a view of the file
+            else:
+                block = data[s:e] if in_place else data[s:e].to(self.compute_dtype)
+            for j, sl in enumerate(self.slices):
+                part = block[:, sl]
+                part.mul_(f[:, j, None].to(block.dtype))
+                empty = torch.nonzero(f[:, j] == 0).flatten()
+                if len(empty):  # rows without a folded term (whatever was left there)
+                    part[empty] = 0.0
+            lo, hi = np.searchsorted(slots, [s, e])
+            for a in range(lo, hi, gather_rows):
+                b = min(a + gather_rows, hi)
+                g = self._gather_ring(ring_idx[a:b])
+                at = torch.from_numpy(slots[a:b] - s)
+                for j, sl in enumerate(self.slices):
+                    c = torch.from_numpy(coefs[a:b, j]).to(g.dtype)
+                    block[:, sl].index_add_(0, at, g[:, sl] * c[:, None])
+            if isinstance(data, np.ndarray):
+                touch(data, 2 * block.numel() * data.itemsize)
+            elif not in_place:
+                data[s:e] = block.to(data.dtype)
+        self.entries.clear()
+        self.q, self.q0 = self.q[:0], self.q0[:0]
+        self.ring = None
+        self.seconds["finish"] += time.perf_counter() - tic
+        return self.store

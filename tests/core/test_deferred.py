@@ -1,0 +1,121 @@
+"""``DeferredStore`` (one vector per row, terms folded once their momentum fades) against
+the fast-mode coefficient sum of ``fast_coefficients``.
+
+Long random runs (two groups: momentum 0.9 with dampening and weight decay, momentum 0.5
+with Nesterov; learning-rate schedules; a reset mid-run; a group at learning rate zero for
+a stretch), so that most terms are folded before the end: float64 to 1e-12 of the largest
+entry (the fold leaves out at most eps/100 of a term), float32 to 1e-5 (float32 sums of
+hundreds of terms), float16 to 2e-3 (its resolution); a ring that must grow; plain SGD
+folds at once.
+"""
+import numpy as np
+import pytest
+import torch
+
+from hydrattr._core.deferred import DeferredStore, fold_steps, ring_rows
+from hydrattr._core.functional import ParamSpec
+from hydrattr._core.sgd import SGDHyper, fast_coefficients
+from hydrattr._core.store import SampleStore
+
+SIZES = [5, 3]
+
+
+def _rows(T, rs, zero_lr=()):
+    rows = []
+    for t in range(T):
+        lr2 = 0.0 if t in zero_lr else float(rs.uniform(0.01, 0.2))
+        rows.append({"lr": [float(0.1 * 0.5 ** (t // 150)), lr2],
+                     "momentum": [0.9, 0.5], "dampening": [0.1, 0.0],
+                     "weight_decay": [1e-2, 0.0], "nesterov": [False, True],
+                     "first": [t == 0, t == 0]})
+    return rows
+
+
+def _run(kind, dtype, T, tmp_path, start=None, ring=None, zero_lr=(), n=9, B=4, seed=2):
+    rs = np.random.RandomState(seed)
+    rows = _rows(T, rs, zero_lr)
+    batches = [rs.choice(n, B, replace=False) for _ in range(T)]
+    terms = [torch.as_tensor(rs.randn(B, sum(SIZES))) for _ in range(T)]
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    expand = ParamSpec(["a", "b"], [(5,), (3,)], SIZES).expand
+    want = torch.zeros(n, sum(SIZES), dtype=torch.float64)
+    for t in range(start or 0, T):
+        want[torch.as_tensor(batches[t])] += expand(coef[t]) * terms[t]
+    store = SampleStore(n, sum(SIZES), kind=kind, dtype=dtype, directory=tmp_path)
+    ds = DeferredStore(store, SIZES, ring_rows=ring or ring_rows(0.9, B, store.data.dtype
+                                                                 if kind != "memmap"
+                                                                 else dtype),
+                       directory=tmp_path)
+    folded = 0
+    for t in range(T):
+        if t == start:
+            ds.reset()
+        assert ds.step(rows[t]) == t
+        ds.commit(batches[t], terms[t].to(dtype))
+        folded = max(folded, t + 1 - len(ds.entries))
+    waiting = len(ds.entries)
+    got = torch.as_tensor(np.asarray(ds.finish().data)).double()
+    return got, want, waiting
+
+
+@pytest.mark.parametrize("kind,dtype,rtol", [("dense", torch.float64, 1e-12),
+                                              ("memmap", torch.float64, 1e-12),
+                                              ("dense", torch.float32, 1e-5),
+                                              ("half", torch.float32, 2e-3)])
+def test_deferred_store_equals_fast_coefficient_sum(kind, dtype, rtol, tmp_path):
+    # the terms of the first fold_steps after the reset, at least, are folded
+    T = 230 + 2 * fold_steps(0.9, torch.float16 if kind == "half" else dtype)
+    # float16 rounds each row at each of its terms: about as many terms a row as a
+    # 20-epoch run gives (60 rows), as the LazyStore test has
+    got, want, waiting = _run(kind, dtype, T, tmp_path, start=230,
+                              n=60 if kind == "half" else 9)
+    assert waiting < (T - 230) * 0.6  # most terms were folded, not finished exactly
+    torch.testing.assert_close(got, want, rtol=0, atol=rtol * float(want.abs().max()))
+
+
+def test_fold_tolerance_is_what_bounds_the_error(tmp_path):
+    """A loose tolerance folds early and the error shows it: the exact answer above is
+    the fold's doing, not the ring finishing every term."""
+    rs = np.random.RandomState(0)
+    rows = _rows(300, rs)
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    expand = ParamSpec(["a", "b"], [(5,), (3,)], SIZES).expand
+    errs = []
+    for tol in (1e-2, 1e-12):
+        ds = DeferredStore(SampleStore(2, 8, dtype=torch.float64), SIZES, tol=tol)
+        want = torch.zeros(2, 8, dtype=torch.float64)
+        for t in range(300):
+            g = torch.as_tensor(rs.randn(1, 8))
+            ds.step(rows[t])
+            ds.commit([t % 2], g)
+            want[t % 2] += expand(coef[t]) * g[0]
+        got = ds.finish().data
+        errs.append(float((got - want).abs().max() / want.abs().max()))
+    assert errs[0] > 1e-6 and errs[1] < 1e-10
+
+
+def test_ring_grows_and_zero_learning_rate_folds(tmp_path):
+    got, want, _ = _run("dense", torch.float64, 500, tmp_path, ring=1,
+                        zero_lr=set(range(100, 260)))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+
+
+def test_plain_sgd_folds_at_once_and_unused_rows_are_zero():
+    row = {"lr": [0.1], "momentum": [0.0], "dampening": [0.0], "weight_decay": [0.5],
+           "nesterov": [False], "first": [True]}
+    store = SampleStore(3, 2, dtype=torch.float64)
+    store.data[:] = 7.0  # whatever was there: a row without terms ends zero
+    ds = DeferredStore(store, [2], ring_rows=1)
+    g = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    ds.step(row)
+    ds.commit([1], g)
+    ds.step(row)
+    ds.commit([2], g)
+    assert len(ds.entries) <= 1
+    S = ds.finish().data
+    torch.testing.assert_close(S[1], -0.1 * g[0] * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(S[2], -0.1 * g[0])
+    assert float(S[0].abs().sum()) == 0
+    assert fold_steps(0.0) == 2 and fold_steps(0.9) > fold_steps(0.9, torch.float16)
+    with pytest.raises(RuntimeError, match="before any step"):
+        DeferredStore(SampleStore(3, 2), [2]).commit([0], torch.zeros(1, 2))
