@@ -1,8 +1,11 @@
 """hydrattr side by side with Captum, pyDVL and dattri: one script, one run.
 
-The same MNIST subset, the same two networks (multinomial logistic regression and a
-small MLP, both trained with SGD + momentum + weight decay and a cosine learning-rate
-schedule) and the same ground truth for every method:
+The same MNIST subset, the same networks (``--models``: multinomial logistic regression
+``lr``, a small ReLU MLP ``mlp`` and its tanh twin ``mlp_tanh``, all trained with SGD +
+momentum + weight decay and a cosine learning-rate schedule; ``mlp_hard``, a 784-128-10
+ReLU MLP at a constant lr 0.05 with momentum 0.9 and no weight decay, issue 31's harder
+net; see ``PEER_MODELS`` in ``_common/nets.py``) and the same ground truth for every
+method:
 
 * correlation with leave-one-out on ``--n-loo`` sampled training points, against
   same-order LOO (replaying the recorded batches without the sample: what HYDRA
@@ -22,6 +25,11 @@ Peers are imported from a separate folder (``--peers-dir``, default
 pydvl==0.10.0 pyDeprecate "zarr<3" "numcodecs<0.16" asciitree fasteners more-itertools
 deprecated wrapt`` so they never touch the project environment. A peer that cannot
 be imported or fails gets a row saying why.
+
+Ensembles at equal cost: ``hydra-fast-ens``, ``hydra-exact-ens`` and
+``hydra-lowrank-ens`` are ``hydrattr.EnsembleAttributor`` over ``--ens-models`` (default:
+``--trak-models``) independently seeded runs of the HYDRA mode, the mean of their ``C``,
+to set beside dattri's TRAK with as many models.
 
 Every score is converted to hydrattr's convention (``C[i, j] > 0``: sample ``i``
 helped test point ``j``); the conversion used for each peer is recorded in the JSON.
@@ -87,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma-separated method names to skip")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--trak-models", type=int, help="TRAK ensemble size (50; quick: 5)")
+    p.add_argument("--ens-models", type=int,
+                   help="members of the hydra-*-ens methods (EnsembleAttributor); "
+                        "default: --trak-models, TRAK's cost in training runs")
     p.add_argument("--no-noisy", action="store_true", help="skip the mislabel experiment")
     p.add_argument("--no-scratch-loo", action="store_true",
                    help="skip from-scratch LOO retraining")
@@ -110,6 +121,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.method_timeout is None:
         args.method_timeout = 300 if q else 0
+    if args.ens_models is None:
+        args.ens_models = args.trak_models
     if args.tag is None:
         args.tag = "bench_peers_quick" if q else "bench_peers"
     return args
@@ -270,6 +283,47 @@ def m_hydra_lowrank(ctx):
     return C, (f"mode='exact', rank=0.9: one adjoint sweep on {a.rank_} directions for "
                f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their unit-scaled "
                f"energy left out)")
+
+
+def _hydra_ensemble(ctx, mode, **kw):
+    """``EnsembleAttributor`` over ``--ens-models`` seeds of ``HydraAttributor(mode)``.
+
+    Each member is a full HYDRA run (its own training, recorded); the members' seeds are
+    drawn from ``--seed``, so the ensemble need not contain the baseline run. Returns
+    ``(C, k)``."""
+    from hydrattr import EnsembleAttributor, HydraAttributor
+
+    k = ctx.args.ens_models
+    member = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode=mode,
+                             verbose=0, **kw)
+    ens = EnsembleAttributor(member, n_estimators=k, random_state=ctx.args.seed)
+    C = ens.fit(ctx.X, ctx.y).attribute(ctx.Xt, ctx.yt)
+    return C, k
+
+
+@method("hydra-fast-ens", "hydrattr")
+def m_hydra_fast_ens(ctx):
+    # the members' N x P float32 stores live on disk (in the system's temporary
+    # directory): k dense stores of the 100k-parameter MLP would take k x 2 GB of RAM
+    C, k = _hydra_ensemble(ctx, "fast", storage="memmap")
+    return C, (f"EnsembleAttributor(HydraAttributor(mode='fast', storage='memmap'), "
+               f"n_estimators={k}): mean C of {k} seeded runs (TRAK-{k}'s training cost)")
+
+
+@method("hydra-exact-ens", "hydrattr")
+def m_hydra_exact_ens(ctx):
+    C, k = _hydra_ensemble(ctx, "exact", test_batch_size=len(ctx.Xt))
+    return C, (f"EnsembleAttributor(HydraAttributor(mode='exact'), n_estimators={k}): mean "
+               f"C of {k} seeded runs, one adjoint sweep per member for all {len(ctx.Xt)} "
+               "test points")
+
+
+@method("hydra-lowrank-ens", "hydrattr")
+def m_hydra_lowrank_ens(ctx):
+    C, k = _hydra_ensemble(ctx, "exact", rank=0.9, test_batch_size=len(ctx.Xt))
+    return C, (f"EnsembleAttributor(HydraAttributor(mode='exact', rank=0.9), "
+               f"n_estimators={k}): mean C of {k} seeded runs, each one adjoint sweep on "
+               "the directions keeping 90% of its unit-scaled test-gradient energy")
 
 
 def _hydrattr_if(ctx, **kw):
@@ -730,6 +784,10 @@ def _save(res, out, tag):
     save_results(tag, res, markdown(res), out=out, indent=1)
 
 
+# the module whose import a method's library needs (what --list checks)
+_LIBRARY_MODULES = {"hydrattr": "hydrattr", "Captum": "captum.influence",
+                    "pyDVL": "pydvl.influence.torch", "dattri": "dattri.algorithm"}
+
 # what must agree for runs to share one table (--no-noisy only leaves the AUC column empty)
 _SAME_TASK = ("n_train", "n_test", "n_loo", "n_lds", "epochs", "seed", "trak_models",
               "no_scratch_loo")
@@ -797,8 +855,18 @@ def main(argv=None):
     if Path(args.peers_dir).is_dir():
         sys.path.append(args.peers_dir)  # appended: the project's packages win
     if args.list:
+        import importlib
+
+        status = {}
+        for fam, mod in _LIBRARY_MODULES.items():
+            try:
+                importlib.import_module(mod)
+                status[fam] = "importable"
+            except Exception as exc:  # noqa: BLE001 - report any import failure
+                status[fam] = f"cannot import {mod}: {type(exc).__name__}: {exc}"[:120]
         for n, m in METHODS.items():
-            print(f"{n:22s} {m['family']}")
+            fam = m["family"].split()[0]
+            print(f"{n:22s} {m['family']:14s} {status.get(fam, '')}")
         return 0
     os.environ.setdefault("TQDM_DISABLE", "1")  # peers' progress bars
     import torch

@@ -268,9 +268,11 @@ class DeferredStore:
     def _write_ring(self, start, values):
         n = values.shape[0]
         if self.store.kind == "half":  # each float16 ring row divided by its largest entry
-            peak = values.abs().amax(1).to(torch.float64).clamp_min(1e-300)
+            scaled = self._scratch(n)  # reused: a fresh block a step costs page faults
+            peak = torch.abs(values, out=scaled).amax(1).to(torch.float64).clamp_min(1e-300)
             self.scale[start:start + n] = peak.numpy()
-            values = values / peak[:, None].to(values.dtype)
+            torch.mul(values, (1.0 / peak).to(values.dtype)[:, None], out=scaled)
+            values = scaled
         else:
             self.scale[start:start + n] = 1.0
         block = self.ring[start:start + n]
@@ -279,6 +281,14 @@ class DeferredStore:
             touch(self.ring, values.numel() * block.itemsize)
         else:
             block.copy_(values)
+
+    def _scratch(self, n, width=None):
+        """A reused ``(n, width)`` compute-dtype block (``width``: the store's)."""
+        width = self.store.shape[1] if width is None else width
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.numel() < n * width:
+            buf = self._buf = torch.empty(n * width, dtype=self.compute_dtype)
+        return buf[:n * width].view(n, width)
 
     def _fold_ready(self):
         """Fold the oldest waiting entries whose ``q`` lies along ``z`` (the part across
@@ -306,9 +316,10 @@ class DeferredStore:
         memmap = isinstance(data, np.ndarray)
         parts = list(enumerate(self.slices))
         scale = self.scale[start:start + n]
+        row = torch.empty(self.store.shape[1], dtype=self.compute_dtype) if half else None
         for k, r in enumerate(slots.tolist()):
             x = torch.from_numpy(data[r]) if memmap else \
-                (data[r].to(self.compute_dtype) if half else data[r])
+                (row.copy_(data[r]) if half else data[r])
             for j, sl in parts:
                 A = float(coef[j] * scale[k])
                 if A == 0.0:
@@ -325,7 +336,7 @@ class DeferredStore:
                     torch.add(gs, xs, alpha=rho / A, out=xs)
                     self.rho[r, j] = A
             if half:
-                data[r] = x
+                data[r].copy_(x)
         if memmap:
             touch(data, 2 * n * self.store.shape[1] * data.itemsize)
 
@@ -334,7 +345,7 @@ class DeferredStore:
         self.ring = None
         self.entries.clear()
 
-    def finish(self, chunk_rows=1024):
+    def finish(self, chunk_rows=256):
         """Scale each row to ``S`` and add the terms still waiting (with their exact final
         coefficients ``q[0]``), chunk by chunk of the store: one pass over it."""
         tic = time.perf_counter()
@@ -358,7 +369,7 @@ class DeferredStore:
             if isinstance(data, np.ndarray):
                 block = torch.from_numpy(np.asarray(data[s:e]))  # a view of the file
             else:
-                block = data[s:e] if in_place else data[s:e].to(self.compute_dtype)
+                block = data[s:e] if in_place else self._scratch(e - s).copy_(data[s:e])
             for j, sl in enumerate(self.slices):
                 part = block[:, sl]
                 part.mul_(f[:, j, None].to(block.dtype))
@@ -376,7 +387,7 @@ class DeferredStore:
             if isinstance(data, np.ndarray):
                 touch(data, 2 * block.numel() * data.itemsize)
             elif not in_place:
-                data[s:e] = block.to(data.dtype)
+                data[s:e].copy_(block)
         self.entries.clear()
         self.q, self.q0 = self.q[:0], self.q0[:0]
         self.ring = None
