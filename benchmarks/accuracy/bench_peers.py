@@ -98,6 +98,14 @@ def parse_args(argv=None):
     p.add_argument("--ens-models", type=int,
                    help="members of the hydra-*-ens methods (EnsembleAttributor); "
                         "default: --trak-models, TRAK's cost in training runs")
+    p.add_argument("--ens-models-exact", type=int,
+                   help="members of hydra-exact-ens and hydra-lowrank-ens only (default: "
+                        "--ens-models): an exact sweep costs far more than a training run, "
+                        "so equal wall time to TRAK-k can mean fewer members")
+    p.add_argument("--sweep-batch", type=int, default=None,
+                   help="test points (or low-rank directions) per adjoint sweep of the "
+                        "exact-mode methods (HydraAttributor's test_batch_size; default: "
+                        "all of them in one sweep). The same C; only the time changes")
     p.add_argument("--no-noisy", action="store_true", help="skip the mislabel experiment")
     p.add_argument("--no-scratch-loo", action="store_true",
                    help="skip from-scratch LOO retraining")
@@ -105,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--method-timeout", type=int, default=None,
                    help="seconds per method run before it is given up (0: none; "
                         "default 300 with --quick, else none)")
+    p.add_argument("--stop-by", default=None, metavar="HH:MM",
+                   help="UTC clock time by which every method must have ended: each "
+                        "method's limit is cut to the time left, and a method that would "
+                        "start with under a minute left is not run (its row says so)")
     p.add_argument("--peers-dir", default=str(WORK / "peers"))
     add_data_arg(p)
     p.add_argument("--out", default=str(RESULTS))
@@ -123,9 +135,24 @@ def parse_args(argv=None):
         args.method_timeout = 300 if q else 0
     if args.ens_models is None:
         args.ens_models = args.trak_models
+    if args.ens_models_exact is None:
+        args.ens_models_exact = args.ens_models
     if args.tag is None:
         args.tag = "bench_peers_quick" if q else "bench_peers"
+    args.deadline = _deadline(args.stop_by) if args.stop_by else None
     return args
+
+
+def _deadline(hhmm):
+    """``time.time()`` of the next ``HH:MM`` UTC (today, or tomorrow if already past)."""
+    import datetime as dt
+
+    h, m = (int(v) for v in hhmm.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    t = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    if t <= now:
+        t += dt.timedelta(days=1)
+    return t.timestamp()
 
 
 class EpochSnapshots:
@@ -259,15 +286,27 @@ def m_hydra_fast(ctx):
     return a.attribute(ctx.Xt, ctx.yt), "mode='fast', storage='dense' (float32 N x P store)"
 
 
+def _sweep_batch(ctx):
+    """Exact mode's ``test_batch_size``, and how many sweeps it makes for ``n`` columns:
+    ``--sweep-batch``, else every test point in one sweep."""
+    b = ctx.args.sweep_batch or len(ctx.Xt)
+
+    def how(n, what="test points"):
+        k = -(-n // b)
+        return (f"one adjoint sweep for all {n} {what}" if k == 1 else
+                f"{k} adjoint sweeps of at most {b} of the {n} {what} (--sweep-batch)")
+    return b, how
+
+
 @method("hydra-exact", "hydrattr")
 def m_hydra_exact(ctx):
     from hydrattr import HydraAttributor
 
+    b, how = _sweep_batch(ctx)
     a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
-                        test_batch_size=len(ctx.Xt), random_state=ctx.args.seed,
+                        test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
-    return (a.attribute(ctx.Xt, ctx.yt),
-            f"mode='exact', one adjoint sweep for all {len(ctx.Xt)} test points")
+    return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(len(ctx.Xt))}"
 
 
 @method("hydra-lowrank", "hydrattr")
@@ -276,54 +315,59 @@ def m_hydra_lowrank(ctx):
 
     # rank=0.9: the directions that keep 90% of the unit-scaled test gradients' energy
     # (bench_lowrank: 59 of 200 test points on the MLP, 121 of 2,000)
+    b, how = _sweep_batch(ctx)
     a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact", rank=0.9,
-                        test_batch_size=len(ctx.Xt), random_state=ctx.args.seed,
+                        test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
     C = a.attribute(ctx.Xt, ctx.yt)
-    return C, (f"mode='exact', rank=0.9: one adjoint sweep on {a.rank_} directions for "
+    return C, (f"mode='exact', rank=0.9: {how(a.rank_, 'directions')} for "
                f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their unit-scaled "
                f"energy left out)")
 
 
 def _hydra_ensemble(ctx, mode, **kw):
-    """``EnsembleAttributor`` over ``--ens-models`` seeds of ``HydraAttributor(mode)``.
+    """``EnsembleAttributor`` over ``--ens-models`` (exact mode: ``--ens-models-exact``)
+    seeds of ``HydraAttributor(mode)``.
 
     Each member is a full HYDRA run (its own training, recorded); the members' seeds are
     drawn from ``--seed``, so the ensemble need not contain the baseline run. Returns
-    ``(C, k)``."""
+    ``(C, k, ens)``."""
     from hydrattr import EnsembleAttributor, HydraAttributor
 
-    k = ctx.args.ens_models
+    k = ctx.args.ens_models if mode == "fast" else ctx.args.ens_models_exact
     member = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode=mode,
                              verbose=0, **kw)
     ens = EnsembleAttributor(member, n_estimators=k, random_state=ctx.args.seed)
     C = ens.fit(ctx.X, ctx.y).attribute(ctx.Xt, ctx.yt)
-    return C, k
+    return C, k, ens
 
 
 @method("hydra-fast-ens", "hydrattr")
 def m_hydra_fast_ens(ctx):
     # the members' N x P float32 stores live on disk (in the system's temporary
     # directory): k dense stores of the 100k-parameter MLP would take k x 2 GB of RAM
-    C, k = _hydra_ensemble(ctx, "fast", storage="memmap")
+    C, k, _ = _hydra_ensemble(ctx, "fast", storage="memmap")
     return C, (f"EnsembleAttributor(HydraAttributor(mode='fast', storage='memmap'), "
                f"n_estimators={k}): mean C of {k} seeded runs (TRAK-{k}'s training cost)")
 
 
 @method("hydra-exact-ens", "hydrattr")
 def m_hydra_exact_ens(ctx):
-    C, k = _hydra_ensemble(ctx, "exact", test_batch_size=len(ctx.Xt))
+    b, how = _sweep_batch(ctx)
+    C, k, _ = _hydra_ensemble(ctx, "exact", test_batch_size=b)
     return C, (f"EnsembleAttributor(HydraAttributor(mode='exact'), n_estimators={k}): mean "
-               f"C of {k} seeded runs, one adjoint sweep per member for all {len(ctx.Xt)} "
-               "test points")
+               f"C of {k} seeded runs, each member {how(len(ctx.Xt))}")
 
 
 @method("hydra-lowrank-ens", "hydrattr")
 def m_hydra_lowrank_ens(ctx):
-    C, k = _hydra_ensemble(ctx, "exact", rank=0.9, test_batch_size=len(ctx.Xt))
+    b, _ = _sweep_batch(ctx)
+    C, k, ens = _hydra_ensemble(ctx, "exact", rank=0.9, test_batch_size=b)
+    ranks = [m.rank_ for m in ens.estimators_]
     return C, (f"EnsembleAttributor(HydraAttributor(mode='exact', rank=0.9), "
-               f"n_estimators={k}): mean C of {k} seeded runs, each one adjoint sweep on "
-               "the directions keeping 90% of its unit-scaled test-gradient energy")
+               f"n_estimators={k}): mean C of {k} seeded runs, each swept on the "
+               f"directions keeping 90% of its unit-scaled test-gradient energy (ranks "
+               f"{ranks}, sweeps of at most {b})")
 
 
 def _hydrattr_if(ctx, **kw):
@@ -596,16 +640,25 @@ def _run_in_child(name, ctx, conn):
 
 def run_method(name, ctx, args):
     """Run one method in a forked child process: its peak memory is its own, and a
-    method that exceeds ``--method-timeout`` is killed (even inside a long C call)."""
+    method that exceeds ``--method-timeout`` (or runs into ``--stop-by``) is killed (even
+    inside a long C call)."""
     import multiprocessing as mp
 
+    timeout = args.method_timeout or None
+    by_deadline = False
+    if args.deadline is not None:  # --stop-by: the time left caps the limit
+        left = args.deadline - time.time()
+        if left < 60:
+            return dict(method=name, library=METHODS[name]["family"], status="not run",
+                        reason=f"under a minute left before --stop-by {args.stop_by} UTC"), None
+        if timeout is None or left < timeout:
+            timeout, by_deadline = left, True
     mpc = mp.get_context("fork")
     recv, send = mpc.Pipe(duplex=False)
     proc = mpc.Process(target=_run_in_child, args=(name, ctx, send), daemon=True)
     t0 = time.perf_counter()
     proc.start()
     send.close()
-    timeout = args.method_timeout or None
     result = None
     if recv.poll(timeout):
         try:
@@ -620,8 +673,9 @@ def run_method(name, ctx, args):
         return result
     row = dict(method=name, library=METHODS[name]["family"])
     if timeout is not None and time.perf_counter() - t0 >= timeout:
-        row.update(status="timeout", reason=f"did not finish within {timeout} s "
-                   "(--method-timeout) on the shared CPU")
+        row.update(status="timeout", reason=(
+            f"stopped at --stop-by {args.stop_by} UTC after {timeout:.0f} s" if by_deadline
+            else f"did not finish within {timeout} s (--method-timeout) on the shared CPU"))
     else:
         row.update(status="failed", reason=f"child process died (exit code {proc.exitcode})")
     return row, None

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .fused import hyper_of, sgd_transition
-from .outofcore import touch
+from .outofcore import release, touch
 from .store import SampleStore
 
 __all__ = ["DeferredStore", "fold_steps", "ring_rows"]
@@ -384,8 +384,9 @@ class DeferredStore:
                     c = float(coefs[k, j])
                     if c != 0.0:
                         x[sl].add_(g[sl], alpha=c)
-            if isinstance(data, np.ndarray):
-                touch(data, 2 * block.numel() * data.itemsize)
+            if isinstance(data, np.ndarray):  # both mappings released every chunk: the
+                release(data)                 # ring rows are read in random order, and
+                release(self.ring)            # the kernel maps more than each row around
             elif not in_place:
                 data[s:e].copy_(block)
         self.entries.clear()
