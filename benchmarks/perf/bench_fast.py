@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--storage", default="half", choices=["dense", "half", "memmap"])
     p.add_argument("--trajectory", default="memory", choices=["memory", "memmap"])
+    p.add_argument("--filler", default="auto", choices=["auto", "deferred", "lazy"],
+                   help="the fused fit's store filler (auto: the library's choice; the "
+                        "others force DeferredStore or LazyStore, for comparisons)")
     p.add_argument("--fit-paths", nargs="+", default=["two_pass", "fused"],
                    choices=["two_pass", "fused"], help="fits to time (the last is attributed)")
     add_data_arg(p)
@@ -59,6 +62,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from hydrattr import HydraAttributor
+    from hydrattr._fused import FusedRecorder
+
+    FusedRecorder.STORE_KIND = args.filler
 
     data = load_split("mnist", args.data_dir, 0, n_train=args.n_train,
                       n_valid=min(10000, 60000 - args.n_train))
@@ -126,7 +132,8 @@ def main(argv=None):
         "setting": {"dataset": "mnist", "model": "LeNet-5", "n_params": att.spec_.n_params,
                     "n_train": len(X), "n_test": len(Xt), "epochs": args.epochs,
                     "steps": int(n_steps), "storage": args.storage,
-                    "trajectory": args.trajectory, "torch_threads": torch.get_num_threads(),
+                    "trajectory": args.trajectory, "filler": args.filler,
+                    "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "machine": platform.processor() or
                     platform.machine(), "torch": torch.__version__,
                     "device": str(att._device), "note": args.note},
