@@ -118,6 +118,7 @@ class DeferredStore:
         self.n_steps = 0
         self.start = 0
         self.b = None  # the last step's injection (G, 2)
+        self.w = np.ones((n_groups, 2))  # the fold's metric (_metric)
         # the ring of waiting terms: entries (start, n, slots), their q (m, G, 2)
         self.ring = self._new_ring(max(int(ring_rows), 1))
         self.scale = np.ones(self.ring.shape[0])      # ring row r holds g / scale[r]
@@ -215,8 +216,21 @@ class DeferredStore:
         if len(self.q):
             self.q = np.einsum("gij,mgj->mgi", M, self.q)
         self.b = b
+        self.w = self._metric(h)
         self.n_steps += 1
         return self.n_steps - 1
+
+    @staticmethod
+    def _metric(h):
+        """Per group, the weight of a tangent's velocity part against its parameter part
+        when measuring what a fold leaves out: ``lr / (1 - momentum)``, what a velocity
+        of 1 still adds to the parameters (at this step's rate), so a term folds after
+        the same number of steps whatever the learning rate; 1 where the rate is zero."""
+        lr = np.asarray([float(v) for v in np.ravel(np.asarray(h["lr"], dtype=float))])
+        p = np.asarray([float(v) for v in np.ravel(np.asarray(h["momentum"], dtype=float))])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wv = np.where(lr > 0, lr / np.maximum(1.0 - p, 1e-12), 1.0)
+        return np.stack([np.ones_like(wv), wv], -1)  # (G, 2)
 
     def reset(self):
         """Forget every row's terms: the next step is the first that counts."""
@@ -260,7 +274,8 @@ class DeferredStore:
         self.entries.append((start, n, slots))
         b = self.b[None].astype(np.float64)
         self.q = np.concatenate([self.q, b])
-        self.q0 = np.concatenate([self.q0, np.sqrt((b * b).sum(2))])
+        wb = b * self.w[None]
+        self.q0 = np.concatenate([self.q0, np.sqrt((wb * wb).sum(2))])
         self.head = start + n
         self._fold_ready()
         self.seconds["commit"] += time.perf_counter() - tic
@@ -295,16 +310,19 @@ class DeferredStore:
         it at most ``tol`` of ``q``), or has decayed below ``tol`` of its size when
         committed (a group at learning rate zero only decays its velocity part)."""
         k = 0
+        wz = self.z * self.w  # the metric of _metric
+        wzn = np.sqrt((wz * wz).sum(1))
         while k < len(self.entries):
-            q = self.q[k]
+            q = self.q[k] * self.w
             qn = np.sqrt((q * q).sum(1))
-            cross = np.abs(q[:, 0] * self.z[:, 1] - q[:, 1] * self.z[:, 0])
+            cross = np.abs(q[:, 0] * wz[:, 1] - q[:, 1] * wz[:, 0]) / wzn
             if np.any((cross > self.tol * qn) & (qn > self.tol * self.q0[k])):
                 break
             k += 1
         for _ in range(k):
             start, n, slots = self.entries.popleft()
-            coef = (self.q[0] * self.z).sum(1) / self.kappa  # (G,)
+            # the component along z (least squares in the same metric)
+            coef = ((self.q[0] * self.w) * wz).sum(1) / (wzn * wzn) / self.kappa  # (G,)
             self.q, self.q0 = self.q[1:], self.q0[1:]
             self._fold(start, n, slots, coef)
 

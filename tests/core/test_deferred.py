@@ -119,3 +119,28 @@ def test_plain_sgd_folds_at_once_and_unused_rows_are_zero():
     assert fold_steps(0.0) == 2 and fold_steps(0.9) > fold_steps(0.9, torch.float16)
     with pytest.raises(RuntimeError, match="before any step"):
         DeferredStore(SampleStore(3, 2), [2]).commit([0], torch.zeros(1, 2))
+
+
+def test_a_learning_rate_drop_does_not_hold_terms_back():
+    """After a tenfold rate drop a term's parameter part is ten times smaller, but its
+    velocity part fades at the same pace: the fold measures the velocity part by what it
+    still adds to the parameters, so the ring sized by ``ring_rows`` never grows (it did
+    when the velocity part was measured against the parameter part alone)."""
+    rs = np.random.RandomState(3)
+    T, n, B = 700, 50, 4
+    rows = [{"lr": [0.01 if t < 300 else 0.001], "momentum": [0.9], "dampening": [0.0],
+             "weight_decay": [5e-4], "nesterov": [False], "first": [t == 0]}
+            for t in range(T)]
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    want = torch.zeros(n, 6, dtype=torch.float64)
+    cap = ring_rows(0.9, B, torch.float32)
+    ds = DeferredStore(SampleStore(n, 6, dtype=torch.float32), [6], ring_rows=cap)
+    for t in range(T):
+        slots = rs.choice(n, B, replace=False)
+        g = torch.as_tensor(rs.randn(B, 6))
+        ds.step(rows[t])
+        ds.commit(slots, g.float())
+        want[torch.as_tensor(slots)] += coef[t] * g
+    assert ds.ring.shape[0] == cap
+    got = ds.finish().data.double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
