@@ -74,6 +74,9 @@ class SampleStore:
         if isinstance(self.data, np.memmap):  # read at most ~256 MiB of the file at a time
             row_bytes = self.shape[1] * self.data.itemsize
             chunk_rows = max(1, min(chunk_rows, (256 * 2**20) // max(row_bytes, 1)))
+        elif self.kind == "half":  # each chunk is converted: at most ~256 MiB converted
+            row_bytes = self.shape[1] * torch.finfo(self.dtype).bits // 8
+            chunk_rows = max(1, min(chunk_rows, (256 * 2**20) // max(row_bytes, 1)))
         for start in range(0, self.shape[0], chunk_rows):
             stop = min(start + chunk_rows, self.shape[0])
             block = self.data[start:stop]
