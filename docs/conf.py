@@ -142,6 +142,7 @@ html_context = {"default_mode": "light"}
 API_MODULES = [
     ("hydrattr", "Attributors", "classes"),
     ("hydrattr.cleaning", "Cleaning noisy labels", "all"),
+    ("hydrattr.label_issues", "Finding label issues (functional core)", "all"),
     ("hydrattr.detection", "Detection", "all"),
     ("hydrattr.metrics", "Metrics", "all"),
     ("hydrattr.similarity", "Similarity baselines", "all"),
