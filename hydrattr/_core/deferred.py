@@ -362,7 +362,7 @@ class DeferredStore:
 
     def release(self):
         """Drop the ring (the store is abandoned: filled again another way)."""
-        self.ring = None
+        self.ring = self._buf = None
         self.entries.clear()
 
     def finish(self, chunk_rows=256):
@@ -411,6 +411,6 @@ class DeferredStore:
                 data[s:e].copy_(block)
         self.entries.clear()
         self.q, self.q0 = self.q[:0], self.q0[:0]
-        self.ring = None
+        self.ring = self._buf = None
         self.seconds["finish"] += time.perf_counter() - tic
         return self.store
