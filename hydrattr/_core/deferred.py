@@ -42,7 +42,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .fused import hyper_of, sgd_transition
+from .fused import cached_transition, group_slices
 from .outofcore import release, touch
 from .store import SampleStore
 
@@ -101,13 +101,7 @@ class DeferredStore:
     def __init__(self, store, group_sizes, ring_rows=256, directory=None, tol=None):
         self.store = store
         self.group_sizes = [int(s) for s in group_sizes]
-        self.slices = []
-        off = 0
-        for s in self.group_sizes:
-            self.slices.append(slice(off, off + s))
-            off += s
-        if off != store.shape[1]:
-            raise ValueError("group_sizes must add up to the store's width")
+        self.slices = group_slices(self.group_sizes, store.shape[1])
         self.directory = directory
         self.tol = _tolerance(store.data.dtype if isinstance(store.data, torch.Tensor)
                               else store.dtype) if tol is None else float(tol)
@@ -172,15 +166,6 @@ class DeferredStore:
             pos += k
         self.ring, self.scale, self.entries, self.head = new, scale, entries, pos
 
-    def _ring_row(self, r):
-        """Ring row ``r`` as a compute-dtype vector (a view where the dtypes agree)."""
-        if isinstance(self.ring, np.ndarray):
-            out = torch.from_numpy(self.ring[r])
-            touch(self.ring, out.numel() * out.element_size())
-            return out
-        row = self.ring[r]
-        return row if row.dtype == self.compute_dtype else row.to(self.compute_dtype)
-
     def _ring_rows(self, start, n):
         """Ring rows ``start:start+n`` as a compute-dtype tensor."""
         block = self.ring[start:start + n]
@@ -197,13 +182,7 @@ class DeferredStore:
     def step(self, h):
         """Register the next optimizer step's hyperparameters (``SGDHyper.at`` dict or a
         recorded row); returns its index."""
-        if isinstance(h, dict) and not isinstance(h.get("lr"), torch.Tensor):
-            key = tuple((k, tuple(v)) for k, v in h.items())
-            if key not in self._transitions:
-                self._transitions[key] = sgd_transition(hyper_of(h))
-            M, b = self._transitions[key]
-        else:
-            M, b = sgd_transition(h)
+        M, b = cached_transition(h, self._transitions)
         z = np.einsum("gij,gj->gi", M, self.z)
         norm = np.sqrt((z * z).sum(1))
         for j in np.flatnonzero(norm == 0):  # everything so far maps to zero
@@ -228,8 +207,8 @@ class DeferredStore:
         when measuring what a fold leaves out: ``lr / (1 - momentum)``, what a velocity
         of 1 still adds to the parameters (at this step's rate), so a term folds after
         the same number of steps whatever the learning rate; 1 where the rate is zero."""
-        lr = np.asarray([float(v) for v in np.ravel(np.asarray(h["lr"], dtype=float))])
-        p = np.asarray([float(v) for v in np.ravel(np.asarray(h["momentum"], dtype=float))])
+        lr = np.asarray(h["lr"], dtype=float).ravel()
+        p = np.asarray(h["momentum"], dtype=float).ravel()
         with np.errstate(divide="ignore", invalid="ignore"):
             wv = np.where(lr > 0, lr / np.maximum(1.0 - p, 1e-12), 1.0)
         return np.stack([np.ones_like(wv), wv], -1)  # (G, 2)
@@ -398,7 +377,7 @@ class DeferredStore:
                     part[empty] = 0.0
             lo, hi = np.searchsorted(slots, [s, e])
             for k in range(lo, hi):  # row by row: the ring row is read once, not gathered
-                g = self._ring_row(int(ring_idx[k]))
+                g = self._ring_rows(int(ring_idx[k]), 1)[0]
                 x = block[int(slots[k]) - s]
                 for j, sl in enumerate(self.slices):
                     c = float(coefs[k, j])

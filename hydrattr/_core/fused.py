@@ -71,6 +71,31 @@ def sgd_transition(h):
     return M.numpy(), torch.stack([pb, vb], -1).numpy()
 
 
+def group_slices(group_sizes, width):
+    """The flat slice of each parameter group; ``ValueError`` unless they add up to
+    ``width`` (the store's)."""
+    slices, off = [], 0
+    for s in group_sizes:
+        slices.append(slice(off, off + int(s)))
+        off += int(s)
+    if off != width:
+        raise ValueError("group_sizes must add up to the store's width")
+    return slices
+
+
+def cached_transition(h, cache):
+    """:func:`sgd_transition` of a step's hyperparameters; a recorded row (dict of
+    lists) is looked up in ``cache`` first: steps with the same hyperparameters share one
+    transition (most steps of a run; computing it takes ~0.2 ms, a tenth of a small
+    step)."""
+    if isinstance(h, dict) and not isinstance(h.get("lr"), torch.Tensor):
+        key = tuple((k, tuple(v)) for k, v in h.items())
+        if key not in cache:
+            cache[key] = sgd_transition(hyper_of(h))
+        return cache[key]
+    return sgd_transition(h)
+
+
 def hyper_of(row):
     """A recorded hyperparameter row (dict of per-group lists) as :meth:`SGDHyper.at`."""
     return SGDHyper.from_rows([row]).at(0)
@@ -309,13 +334,7 @@ class LazyStore:
     def __init__(self, store, group_sizes, velocity=True, directory=None):
         self.store = store
         self.group_sizes = [int(s) for s in group_sizes]
-        self.slices = []
-        off = 0
-        for s in self.group_sizes:
-            self.slices.append(slice(off, off + s))
-            off += s
-        if off != store.shape[1]:
-            raise ValueError("group_sizes must add up to the store's width")
+        self.slices = group_slices(self.group_sizes, store.shape[1])
         self.directory = directory
         self.velocity = None
         if velocity:
@@ -349,15 +368,7 @@ class LazyStore:
     def step(self, h):
         """Register the next optimizer step's hyperparameters (``SGDHyper.at`` dict or a
         recorded row); returns its index."""
-        if isinstance(h, dict) and not isinstance(h.get("lr"), torch.Tensor):
-            # a recorded row: steps with the same hyperparameters share one transition
-            # (most steps of a run; computing it takes ~0.2 ms, a tenth of a small step)
-            key = tuple((k, tuple(v)) for k, v in h.items())
-            if key not in self._transitions:
-                self._transitions[key] = sgd_transition(hyper_of(h))
-            M, b = self._transitions[key]
-        else:
-            M, b = sgd_transition(h)
+        M, b = cached_transition(h, self._transitions)
         if self.velocity is None and (np.any(b[:, 1] != 0) or np.any(M[:, 1, :] != 0)):
             self._allocate_velocity()  # every velocity so far is exactly zero
         self.products.append(M)
