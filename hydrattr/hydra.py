@@ -144,8 +144,11 @@ class HydraAttributor(BaseAttributor):
         gradients with ``vmap``. Both give the same ``C`` to float rounding. Adam/AdamW
         (per-coordinate coefficients computed last step first), exact mode and
         ``storage="replay"`` always take the two-pass route.
-    test_batch_size : int, default=256
+    test_batch_size : int or "auto", default="auto"
         Test points per block when computing test gradients and per sweep (exact/replay).
+        ``"auto"``: 256, except exact mode's sweeps on the CPU, which take about four
+        million adjoint entries at a time (``4e6 / n_params`` test points, 8 to 256),
+        where the per-column cost of a sweep is lowest (see :doc:`/scaling`).
     store_dir : str or None
         Directory for memmap files (the system's temporary directory when None): put
         them on a disk with room. The files have no name (:func:`tempfile.TemporaryFile`),
@@ -197,7 +200,7 @@ class HydraAttributor(BaseAttributor):
 
     def __init__(self, net, mode="fast", rank=None, storage="dense", trajectory="memory",
                  checkpoint_every="auto", last_epochs=None, track=None, per_sample="auto",
-                 fit_path="fused", test_batch_size=256, store_dir=None, random_state=None,
+                 fit_path="fused", test_batch_size="auto", store_dir=None, random_state=None,
                  verbose=1):
         self.net = net
         self.mode = mode
@@ -227,7 +230,7 @@ class HydraAttributor(BaseAttributor):
         "track": [None, Interval(Integral, 1, None, closed="left"), "array-like"],
         "per_sample": [StrOptions({"auto", "vmap", "jacobian"})],
         "fit_path": [StrOptions({"fused", "two_pass"})],
-        "test_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "test_batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "store_dir": [None, str, os.PathLike],
     }
 
@@ -349,8 +352,28 @@ class HydraAttributor(BaseAttributor):
             self.trajectory_ = None  # everything fast mode needs is in the store
 
     # -- attribution -----------------------------------------------------------------
+    # exact mode's CPU sweep block, in adjoint entries (test columns x parameters): with
+    # more, the stacked float64 adjoints and their per-step products outgrow the caches
+    # and each column costs up to twice as much (measured in docs/scaling.rst)
+    EXACT_SWEEP_ENTRIES = 4_000_000
+    EXACT_SWEEP_MIN = 8  # columns per sweep at least, however large the net
+
+    def _test_bs(self):
+        """Test points per block of test gradients (and of fast-mode replay sweeps)."""
+        return 256 if self.test_batch_size == "auto" else int(self.test_batch_size)
+
+    def _sweep_bs(self, n_params):
+        """Test columns per sweep: ``test_batch_size``, or by ``"auto"`` 256 (exact mode
+        on the CPU: ``EXACT_SWEEP_ENTRIES / n_params``, 8 to 256)."""
+        if self.test_batch_size != "auto":
+            return int(self.test_batch_size)
+        if self.mode == "exact" and self._device.type == "cpu":
+            per = self.EXACT_SWEEP_ENTRIES // max(int(n_params), 1)
+            return int(min(256, max(self.EXACT_SWEEP_MIN, per)))
+        return 256
+
     def _blocks(self, G):
-        bs = self.test_batch_size
+        bs = self._sweep_bs(G.shape[1])
         for s in range(0, G.shape[0], bs):
             yield G[s:s + bs]
 
@@ -368,7 +391,7 @@ class HydraAttributor(BaseAttributor):
         """
         bn = self._batchnorm_stats()
         if bn is None:
-            return self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size), None
+            return self._test_grads(Xt, yt, objective, batch_size=self._test_bs()), None
         from torch.func import grad, vmap
 
         from ._core.functional import unsqueeze
@@ -386,7 +409,7 @@ class HydraAttributor(BaseAttributor):
             return g.detach(), gr.detach()
 
         with module_mode(self.net_.module_, training=False):
-            return self._test_batches(grads, Xt, yt, objective, self.test_batch_size)
+            return self._test_batches(grads, Xt, yt, objective, self._test_bs())
 
     def _lowrank(self, G, GR):
         """With ``rank`` in exact mode, the test gradients' basis to sweep (None
@@ -430,7 +453,7 @@ class HydraAttributor(BaseAttributor):
             # BatchNorm running statistics accumulated along the trajectory
             G, GR = self._exact_test_grads(Xt, yt, objective)
         else:
-            G = self._test_grads(Xt, yt, objective, batch_size=self.test_batch_size)
+            G = self._test_grads(Xt, yt, objective, batch_size=self._test_bs())
         lowrank = self._lowrank(G, GR)
         if lowrank is not None:  # sweep the basis; D from the coordinates below
             G, GR = lowrank.basis, lowrank.stats_basis
@@ -497,7 +520,7 @@ class HydraAttributor(BaseAttributor):
         if hessian:  # the exact derivative, through BatchNorm running statistics too
             G, GR = self._exact_test_grads(Xt, yt, "per_sample")
         else:
-            G = self._test_grads(Xt, yt, "per_sample", batch_size=self.test_batch_size)
+            G = self._test_grads(Xt, yt, "per_sample", batch_size=self._test_bs())
         bn = self._batchnorm_stats() if GR is not None else None
         with module_mode(self.net_.module_, training=True):
             out = exact_forward(self.trajectory_, self._loss_fn(), self._data_fn(),

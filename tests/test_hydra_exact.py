@@ -105,6 +105,25 @@ def test_mean_objective_is_mean_of_columns(bn_fitted, test_batch_size):
                                atol=1e-13 * np.abs(C).max())
 
 
+def test_auto_sweep_blocks_give_the_same_C(bn_fitted, monkeypatch):
+    """test_batch_size="auto" splits exact mode's sweep by adjoint entries; with the
+    budget cut to 3 columns' worth (and the floor of 8 columns lowered) the 8 test points
+    take 3 sweeps (blocks of 3, 3, 2) and C is the
+    one-sweep C to float64 rounding (each column's sweep is independent of the others)."""
+    att, X, y, Xt, yt, C = bn_fitted
+    n_params = att.spec_.n_params
+    monkeypatch.setattr(HydraAttributor, "EXACT_SWEEP_ENTRIES", 3 * n_params)
+    monkeypatch.setattr(HydraAttributor, "EXACT_SWEEP_MIN", 1)
+    att.set_params(test_batch_size="auto")
+    assert att._sweep_bs(n_params) == 3
+    blocks = [b.shape[0] for b in att._blocks(torch.zeros(N_TEST, n_params))]
+    C_auto = att.attribute(Xt, yt)
+    monkeypatch.undo()
+    assert blocks == [3, 3, 2]
+    np.testing.assert_allclose(C_auto, C, rtol=1e-10, atol=1e-13 * np.abs(C).max())
+    assert att._sweep_bs(n_params) == min(256, max(8, 4_000_000 // n_params))
+
+
 class _LinearLoss(torch.nn.Module):
     """``-logit of the true class``: linear in the logits, so in a linear model's parameters."""
 

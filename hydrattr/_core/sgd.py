@@ -30,6 +30,7 @@ __all__ = [
     "sgd_step",
     "tangent_step",
     "adjoint_step",
+    "adjoint_step_",
     "fast_coefficients",
 ]
 
@@ -123,6 +124,27 @@ def adjoint_step(theta_bar, v_bar, h, expand):
     u = v_bar - eta * c * theta_bar
     d_bar = -eta * a * theta_bar + kappa * u
     return d_bar, theta_bar + lam * d_bar, keep * u
+
+
+def adjoint_step_(theta_bar, v_bar, d_bar, h, slices):
+    """:func:`adjoint_step` in place, with per-group scalars: no temporaries.
+
+    ``theta_bar`` and ``v_bar`` (..., P) are overwritten with ``theta_bar_prev`` (still
+    without the Hessian term) and ``v_bar_prev``; ``d_bar`` (same shape) receives the
+    step's ``d_bar``. ``slices`` are the parameter groups' column slices. At 128 stacked
+    float64 LeNet-size cotangents this is several times faster than :func:`adjoint_step`,
+    whose per-coordinate coefficient vectors and fresh (..., P) results dominate an exact
+    sweep's step.
+    """
+    eta, lam, a, c, kappa, keep = (x.tolist() for x in step_coefficients(h))
+    for g, sl in enumerate(slices):
+        tb, vb, db = theta_bar[..., sl], v_bar[..., sl], d_bar[..., sl]
+        vb.add_(tb, alpha=-eta[g] * c[g])             # u = v_bar - eta c theta_bar
+        torch.mul(vb, kappa[g], out=db)                # d_bar = kappa u - eta a theta_bar
+        db.add_(tb, alpha=-eta[g] * a[g])
+        tb.add_(db, alpha=lam[g])                      # theta_bar + lam d_bar
+        vb.mul_(keep[g])                               # keep u
+    return d_bar, theta_bar, v_bar
 
 
 def fast_coefficients(hyper: SGDHyper):

@@ -13,7 +13,8 @@ Interface (``t`` is the step index; ``state`` is the optimizer state, opaque her
 * ``context(t, theta, g) -> ctx`` the step's linearisation point
 * ``tangent(t, dtheta, dstate, dgrad, ctx)``, ``tangent_state(dtheta)``
 * ``adjoint(t, theta_bar, state_bar, ctx) -> (g_bar, theta_bar_prev, state_bar_prev)``,
-  ``adjoint_state(theta_bar)``
+  ``adjoint_state(theta_bar)``; ``adjoint_(t, theta_bar, state_bar, g_bar, ctx)`` does the
+  same in place where the algebra has it (SGD: per-group scalars, no temporaries)
 * ``fast()``: the fast-mode coefficients (Hessian dropped), see :class:`SGDFast`,
   :class:`AdamFast`.
 """
@@ -24,7 +25,8 @@ from torch.func import grad
 
 from .adam import AdamHyper, adam_adjoint_step, adam_context, adam_step, adam_tangent_step
 from .functional import rng_context
-from .sgd import SGDHyper, adjoint_step, fast_coefficients, sgd_step, tangent_step
+from .sgd import SGDHyper, adjoint_step, adjoint_step_, fast_coefficients, sgd_step, \
+    tangent_step
 
 __all__ = ["steps_for", "batch_grad", "SGDSteps", "AdamSteps", "SGDFast", "AdamFast"]
 
@@ -57,6 +59,7 @@ class SGDSteps:
         self.traj = traj
         self.hyper = traj.hyper
         self.expand = traj.spec.expand
+        self._slices = None
 
     def primal(self, t, theta, state, g):
         h = self.hyper.at(t)
@@ -78,6 +81,16 @@ class SGDSteps:
 
     def adjoint(self, t, theta_bar, state_bar, ctx):
         return adjoint_step(theta_bar, state_bar, self.hyper.at(t), self.expand)
+
+    def adjoint_(self, t, theta_bar, state_bar, g_bar, ctx):
+        """:meth:`adjoint` in place: overwrites ``theta_bar`` and ``state_bar``, writes
+        ``g_bar`` (:func:`~hydrattr._core.sgd.adjoint_step_`)."""
+        if self._slices is None:
+            sizes, off, self._slices = self.traj.spec.group_sizes, 0, []
+            for s in sizes:
+                self._slices.append(slice(off, off + int(s)))
+                off += int(s)
+        return adjoint_step_(theta_bar, state_bar, g_bar, self.hyper.at(t), self._slices)
 
     def fast(self):
         return SGDFast(self)

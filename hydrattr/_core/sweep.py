@@ -192,7 +192,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
       steps. The hook returns the adjoint to carry on with (None: unchanged). Adding
       ``g`` (m, P) there adds to the objectives ``g . theta(t)``: with ``g`` the
       gradient of a loss at ``theta(t)``, an objective row that is zero in
-      ``test_grads`` becomes that loss measured at the checkpoint ``theta(t)`` (at
+      ``test_grads`` becomes that loss measured at the checkpoint ``theta(t)``; the
+      sweep updates ``theta_bar`` in place, so a hook that keeps it must copy it (at
       ``t == start`` the sweep ends, and a loss at ``theta(start)`` has no per-sample
       term: the sample weights act only from ``start`` on).
     * ``slots`` (int array) are the rows of ``D`` in step ``t``'s batch, and ``terms``
@@ -212,6 +213,11 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     theta_bar = test_grads.to(device=device, dtype=adjoint_dtype).clone()
     pdt = traj.dtype  # the per-step products run in the parameters' dtype
     v_bar = steps.adjoint_state(theta_bar)
+    # the adjoints are updated in place where the step algebra allows it (SGD): at a
+    # hundred stacked columns, fresh (m, P) results each step cost more than the products
+    in_place = hasattr(steps, "adjoint_")
+    d_buf = torch.empty_like(theta_bar) if in_place else None
+    d_p_buf = None
     m = theta_bar.shape[0]
     out = torch.zeros(n_tracked, m, dtype=torch.float64)
     use_stats = bn is not None and len(bn) > 0 and stats_grads is not None and hessian
@@ -222,14 +228,22 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
     bar = _bar(progress, len(traj) - start, "HYDRA exact: adjoint sweep")
     for t in range(len(traj) - 1, start - 1, -1):
         ctx = _step_context(steps, traj, t, loss_fn, data_fn, device)
-        d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
+        if in_place:
+            d_bar, theta_bar, v_bar = steps.adjoint_(t, theta_bar, v_bar, d_buf, ctx)
+        else:
+            d_bar, theta_bar, v_bar = steps.adjoint(t, theta_bar, v_bar, ctx)
         idx = traj.indices[t]
         sel, slots = _tracked(rows_map, idx)
         terms = None
         if hessian or sel.any():
             x, y = data_fn(idx)
             w = torch.full((len(idx),), traj.weights[t], dtype=pdt, device=d_bar.device)
-            d_p = d_bar.to(pdt)
+            if d_bar.dtype == pdt:
+                d_p = d_bar
+            else:
+                if d_p_buf is None:
+                    d_p_buf = torch.empty(d_bar.shape, dtype=pdt, device=d_bar.device)
+                d_p = d_p_buf.copy_(d_bar)
             if use_stats:
                 rho = (bn.expand(coef[t]).to(r_bar.device, r_bar.dtype) * r_bar).to(pdt)
                 dots, hv, _ = batch_products(
@@ -241,7 +255,7 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                     loss_fn, traj.theta(t, device), x, y, w, d_p, hessian=hessian,
                     rng_state=traj.rng_states[t], vectorize=vectorize)
             if hessian:
-                theta_bar = theta_bar + hv
+                theta_bar.add_(hv)
             if sel.any():
                 contrib = traj.weights[t] * dots.T[torch.as_tensor(sel, device=dots.device)]
                 terms = contrib.double().cpu()
@@ -255,7 +269,8 @@ def exact_adjoint(traj, loss_fn, data_fn, test_grads, rows_map, n_tracked, *,
                     raise ValueError(f"on_step must return the adjoint's shape "
                                      f"{tuple(theta_bar.shape)} or None, got "
                                      f"{tuple(new.shape)} at step {t}")
-                theta_bar = new
+                if new is not theta_bar:
+                    theta_bar.copy_(new)
         if bar is not None:
             bar.update(1)
     if bar is not None:

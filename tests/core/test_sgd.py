@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from hydrattr._core.sgd import SGDHyper, adjoint_step, fast_coefficients, sgd_step, \
-    tangent_step
+from hydrattr._core.sgd import SGDHyper, adjoint_step, adjoint_step_, fast_coefficients, \
+    sgd_step, tangent_step
 
 CONFIGS = list(itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 1e-2]))
 
@@ -67,6 +67,26 @@ def test_adjoint_is_transpose_of_tangent(momentum, dampening, nesterov, wd, firs
     lhs = tb @ dth2 + vb @ dv2
     rhs = tb_prev @ dth + vb_prev @ dv + d_bar @ dg
     assert torch.isclose(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", CONFIGS)
+def test_in_place_adjoint_equals_adjoint(momentum, dampening, nesterov, wd, first):
+    """adjoint_step_ (per-group scalars, in place) == adjoint_step on stacked cotangents,
+    to float64 rounding (the same products, summed in another order)."""
+    torch.manual_seed(2)
+    groups = [dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                   weight_decay=wd),
+              dict(lr=0.05, momentum=momentum * 0.5, dampening=dampening,
+                   nesterov=nesterov and momentum > 0, weight_decay=wd * 3)]
+    h = SGDHyper.from_rows([_hyper_row(groups, first)]).at(0)
+    tb, vb = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    want = adjoint_step(tb, vb, h, _expand([5, 2]))
+    tb2, vb2, db2 = tb.clone(), vb.clone(), torch.full_like(tb, float("nan"))
+    got = adjoint_step_(tb2, vb2, db2, h, [slice(0, 5), slice(5, 7)])
+    assert got[0] is db2 and got[1] is tb2 and got[2] is vb2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-14)
 
 
 def test_fast_coefficients_closed_form_plain_sgd_with_weight_decay():
