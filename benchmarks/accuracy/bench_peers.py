@@ -102,10 +102,11 @@ def parse_args(argv=None):
                    help="members of hydra-exact-ens and hydra-lowrank-ens only (default: "
                         "--ens-models): an exact sweep costs far more than a training run, "
                         "so equal wall time to TRAK-k can mean fewer members")
-    p.add_argument("--sweep-batch", type=int, default=None,
+    p.add_argument("--sweep-batch", default="auto",
                    help="test points (or low-rank directions) per adjoint sweep of the "
-                        "exact-mode methods (HydraAttributor's test_batch_size; default: "
-                        "all of them in one sweep). The same C; only the time changes")
+                        "exact-mode methods: an int, 'all' (one sweep) or 'auto' "
+                        "(HydraAttributor's default test_batch_size, the default here). "
+                        "The same C; only the time changes")
     p.add_argument("--no-noisy", action="store_true", help="skip the mislabel experiment")
     p.add_argument("--no-scratch-loo", action="store_true",
                    help="skip from-scratch LOO retraining")
@@ -287,14 +288,19 @@ def m_hydra_fast(ctx):
 
 
 def _sweep_batch(ctx):
-    """Exact mode's ``test_batch_size``, and how many sweeps it makes for ``n`` columns:
-    ``--sweep-batch``, else every test point in one sweep."""
-    b = ctx.args.sweep_batch or len(ctx.Xt)
+    """Exact mode's ``test_batch_size`` (``--sweep-batch``: an int, ``all`` or ``auto``)
+    and ``how(n, what, att)``, which says how many sweeps ``att`` made for ``n`` columns."""
+    arg = str(ctx.args.sweep_batch)
+    b = len(ctx.Xt) if arg == "all" else ("auto" if arg == "auto" else int(arg))
 
-    def how(n, what="test points"):
-        k = -(-n // b)
+    def how(n, what="test points", att=None):
+        per = b
+        if b == "auto":
+            per = att._sweep_bs(att.spec_.n_params) if att is not None else 256
+        k = -(-n // per)
+        src = "test_batch_size='auto'" if b == "auto" else "--sweep-batch"
         return (f"one adjoint sweep for all {n} {what}" if k == 1 else
-                f"{k} adjoint sweeps of at most {b} of the {n} {what} (--sweep-batch)")
+                f"{k} adjoint sweeps of at most {per} of the {n} {what} ({src})")
     return b, how
 
 
@@ -306,7 +312,7 @@ def m_hydra_exact(ctx):
     a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
                         test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
-    return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(len(ctx.Xt))}"
+    return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(len(ctx.Xt), att=a)}"
 
 
 @method("hydra-lowrank", "hydrattr")
@@ -320,7 +326,7 @@ def m_hydra_lowrank(ctx):
                         test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
     C = a.attribute(ctx.Xt, ctx.yt)
-    return C, (f"mode='exact', rank=0.9: {how(a.rank_, 'directions')} for "
+    return C, (f"mode='exact', rank=0.9: {how(a.rank_, 'directions', a)} for "
                f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their unit-scaled "
                f"energy left out)")
 
@@ -354,9 +360,9 @@ def m_hydra_fast_ens(ctx):
 @method("hydra-exact-ens", "hydrattr")
 def m_hydra_exact_ens(ctx):
     b, how = _sweep_batch(ctx)
-    C, k, _ = _hydra_ensemble(ctx, "exact", test_batch_size=b)
+    C, k, ens = _hydra_ensemble(ctx, "exact", test_batch_size=b)
     return C, (f"EnsembleAttributor(HydraAttributor(mode='exact'), n_estimators={k}): mean "
-               f"C of {k} seeded runs, each member {how(len(ctx.Xt))}")
+               f"C of {k} seeded runs, each member {how(len(ctx.Xt), att=ens.estimators_[0])}")
 
 
 @method("hydra-lowrank-ens", "hydrattr")
@@ -367,7 +373,8 @@ def m_hydra_lowrank_ens(ctx):
     return C, (f"EnsembleAttributor(HydraAttributor(mode='exact', rank=0.9), "
                f"n_estimators={k}): mean C of {k} seeded runs, each swept on the "
                f"directions keeping 90% of its unit-scaled test-gradient energy (ranks "
-               f"{ranks}, sweeps of at most {b})")
+               f"{ranks}, sweeps of at most "
+               f"{ens.estimators_[0]._sweep_bs(ens.estimators_[0].spec_.n_params)})")
 
 
 def _hydrattr_if(ctx, **kw):
