@@ -1,6 +1,6 @@
 """Accuracy against time of every method in the bench_peers runs (the frontier figure).
 
-Reads benchmarks/results/bench_peers_{lr,mlp,mlp_tanh}.json: linear datamodeling score
+Reads benchmarks/results/bench_peers_{lr,mlp,mlp_tanh,mlp_hard}.json: linear datamodeling score
 (LDS) against wall time from raw data to C, one panel per network; the grey steps are
 the frontier (the best LDS reached within a time budget), the dotted lines the
 published reference points of the dattri benchmark.
@@ -12,12 +12,13 @@ import matplotlib.pyplot as plt
 
 RESULTS = Path.cwd().resolve().parents[1] / "benchmarks" / "results"  # cwd: docs/pyplots
 PANELS = [("lr", "logistic regression (7,850 params)"), ("mlp", "ReLU MLP (50,890 params)"),
-          ("mlp_tanh", "tanh MLP (50,890 params)")]
+          ("mlp_tanh", "tanh MLP (50,890 params)"),
+          ("mlp_hard", "ReLU MLP, constant lr 0.05 (101,770 params)")]
 STYLE = {"hydrattr": ("k", "o"), "Captum": ("tab:orange", "s"), "pyDVL": ("tab:green", "D"),
          "dattri": ("tab:purple", "^")}
 
-fig, grid = plt.subplots(2, 2, figsize=(10, 8), sharey=True)
-axes, legend_ax = grid.ravel()[:3], grid.ravel()[3]
+fig, grid = plt.subplots(2, 2, figsize=(10, 8.6), sharey=True)
+axes = grid.ravel()
 for ax, (model, title) in zip(axes, PANELS):
     path = RESULTS / f"bench_peers_{model}.json"
     if not path.exists():
@@ -43,7 +44,7 @@ for ax, (model, title) in zip(axes, PANELS):
     if xs:
         ax.step(xs + [xs[-1] * 3], ys + [ys[-1]], where="post", color="0.6", lw=1,
                 zorder=1)
-    key = "mlp/lds" if model.startswith("mlp") and model != "mlp_tanh" else f"{model}/lds"
+    key = f"{model}/lds"  # published points exist for the lr and the ReLU MLP task only
     for name, value in run.get("reference", {}).get(key, {}).items():
         ax.axhline(value, color="0.5", ls=":", lw=1)
         ax.text(0.01, value, f"published {name}", fontsize=7, ha="left", va="bottom",
@@ -55,7 +56,6 @@ for ax, (model, title) in zip(axes, PANELS):
 for ax in grid[:, 0]:
     ax.set_ylabel("linear datamodeling score (LDS)")
 handles = {h.get_label(): h for ax in axes for h in ax.collections}
-legend_ax.axis("off")
-legend_ax.legend(handles.values(), handles.keys(), loc="center", fontsize=10,
-                 title="library")
-fig.tight_layout()
+fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
+           fontsize=10, title="library")
+fig.tight_layout(rect=(0, 0.07, 1, 1))
