@@ -824,7 +824,8 @@ def markdown(res):
                 f"| {r['method']} | {r['library']} | {fmt(r.get('loo_same_spearman'))} | "
                 f"{fmt(r.get('loo_scratch_spearman'))} | {fmt(r.get('lds'))} | "
                 f"{fmt(r.get('mislabel_auc'))} | {fmt(r['time_s'], 1)} | "
-                f"{fmt(r['time_s'] / mres['train_s'], 1)} | {fmt(r['peak_mb'], 0)} | "
+                f"{fmt(r['time_s'] / r.get('train_s', mres['train_s']), 1)} | "
+                f"{fmt(r['peak_mb'], 0)} | "
                 f"{r.get('noisy_status', '')} |")
         refs = [(m, v) for (k, metric), d in REFERENCE.items() if k == kind
                 for m, v in [(f"{metric.upper()} {n}", x) for n, x in d.items()]]
@@ -891,6 +892,8 @@ def merge_results(tags, out, tag, note=""):
         best = {}
         for t, m in parts:
             for row in m["rows"]:
+                # a row's cost is a multiple of the training run timed in its own run
+                row.setdefault("train_s", m["train_s"])
                 cur = best.get(row["method"])
                 # a success wins; otherwise the later attempt (a rerun) is reported
                 if cur is None or (cur["status"] != "ok" and row["status"] != "not run"):

@@ -58,7 +58,7 @@ def load_points(results, models):
             continue
         train_s = mres["train_s"]
         pts = [dict(method=label(r), library=r["library"].split()[0], lds=r["lds"],
-                    time_s=r["time_s"], cost=r["time_s"] / train_s)
+                    time_s=r["time_s"], cost=r["time_s"] / r.get("train_s", train_s))
                for r in mres["rows"] if r.get("status") == "ok" and r.get("lds") is not None]
         a = run["args"]
         info = dict(file=path.name, n_params=mres["n_params"], train_s=train_s,
