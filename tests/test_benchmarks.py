@@ -70,6 +70,9 @@ def test_bench_exact(tmp_path):
     # the forward recurrence and the adjoint sweep compute the same derivative; float32
     # LeNet-5 over 4 steps agrees to ~4e-7 (bound 1e-4: a wrong step is off by O(1))
     assert res["forward_vs_adjoint_max_rel_diff"] < 1e-4
+    # the HVP sweep ran over every recorded step and the ratio is reported
+    assert res["hvp_sweep_s"] > 0 and res["column_sweeps"] == 1
+    assert "per_extra_column_over_hvp_sweep" in res["meets"]
 
 
 def test_bench_checkpoint(tmp_path):
