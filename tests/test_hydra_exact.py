@@ -124,6 +124,26 @@ def test_auto_sweep_blocks_give_the_same_C(bn_fitted, monkeypatch):
     assert att._sweep_bs(n_params) == min(256, max(8, 4_000_000 // n_params))
 
 
+def test_sweep_block_sizes(bn_fitted, monkeypatch):
+    """"auto": 4e6 adjoint entries per sweep on the CPU (8 to 256 columns), 256 on another
+    device and in fast mode; an int is used as given."""
+    att = bn_fitted[0]
+    try:
+        att.set_params(test_batch_size="auto")
+        assert att._sweep_bs(10**6) == 8 and att._sweep_bs(10**3) == 256
+        assert att._sweep_bs(50_000) == 80
+        monkeypatch.setattr(HydraAttributor, "_device", property(
+            lambda self: torch.device("meta")))
+        assert att._sweep_bs(50_000) == 256
+        monkeypatch.undo()
+        att.set_params(mode="fast")
+        assert att._sweep_bs(50_000) == 256 and att._test_bs() == 256
+        att.set_params(mode="exact", test_batch_size=5)
+        assert att._sweep_bs(50_000) == 5 and att._test_bs() == 5
+    finally:
+        att.set_params(mode="exact", test_batch_size="auto")
+
+
 class _LinearLoss(torch.nn.Module):
     """``-logit of the true class``: linear in the logits, so in a linear model's parameters."""
 
