@@ -131,10 +131,10 @@ def adjoint_step_(theta_bar, v_bar, d_bar, h, slices):
 
     ``theta_bar`` and ``v_bar`` (..., P) are overwritten with ``theta_bar_prev`` (still
     without the Hessian term) and ``v_bar_prev``; ``d_bar`` (same shape) receives the
-    step's ``d_bar``. ``slices`` are the parameter groups' column slices. At 128 stacked
-    float64 LeNet-size cotangents this is several times faster than :func:`adjoint_step`,
-    whose per-coordinate coefficient vectors and fresh (..., P) results dominate an exact
-    sweep's step.
+    step's ``d_bar``. ``slices`` are the parameter groups' column slices. Returns
+    ``(d_bar, theta_bar, v_bar)``, the same tensors. Used by exact mode's sweep, whose
+    stacked cotangents make fresh ``(..., P)`` results costly (:doc:`/architecture`,
+    Decision 11).
     """
     eta, lam, a, c, kappa, keep = (x.tolist() for x in step_coefficients(h))
     for g, sl in enumerate(slices):
