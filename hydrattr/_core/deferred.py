@@ -42,7 +42,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from .fused import cached_transition, group_slices
+from .fused import cached_transition
+from .sgd import group_slices
 from .outofcore import release, touch
 from .store import SampleStore
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from .sgd import SGDHyper, tangent_step
+from .sgd import SGDHyper, group_slices, tangent_step
 from .outofcore import touch
 from .store import SampleStore
 from .trajectory import Trajectory
@@ -69,18 +69,6 @@ def sgd_transition(h):
     pb, vb = tangent_step(zero, zero, one, h, ident)    # from the injected gradient
     M = torch.stack([torch.stack([p0, p1], -1), torch.stack([v0, v1], -1)], -2)
     return M.numpy(), torch.stack([pb, vb], -1).numpy()
-
-
-def group_slices(group_sizes, width):
-    """The flat slice of each parameter group; ``ValueError`` unless they add up to
-    ``width`` (the store's)."""
-    slices, off = [], 0
-    for s in group_sizes:
-        slices.append(slice(off, off + int(s)))
-        off += int(s)
-    if off != width:
-        raise ValueError("group_sizes must add up to the store's width")
-    return slices
 
 
 def cached_transition(h, cache):

@@ -32,6 +32,7 @@ __all__ = [
     "adjoint_step",
     "adjoint_step_",
     "fast_coefficients",
+    "group_slices",
 ]
 
 
@@ -124,6 +125,18 @@ def adjoint_step(theta_bar, v_bar, h, expand):
     u = v_bar - eta * c * theta_bar
     d_bar = -eta * a * theta_bar + kappa * u
     return d_bar, theta_bar + lam * d_bar, keep * u
+
+
+def group_slices(group_sizes, width):
+    """The flat slice of each parameter group; ``ValueError`` unless they add up to
+    ``width`` (a store's, or the number of parameters)."""
+    slices, off = [], 0
+    for s in group_sizes:
+        slices.append(slice(off, off + int(s)))
+        off += int(s)
+    if off != width:
+        raise ValueError("group_sizes must add up to the store's width")
+    return slices
 
 
 def adjoint_step_(theta_bar, v_bar, d_bar, h, slices):

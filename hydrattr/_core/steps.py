@@ -25,8 +25,8 @@ from torch.func import grad
 
 from .adam import AdamHyper, adam_adjoint_step, adam_context, adam_step, adam_tangent_step
 from .functional import rng_context
-from .sgd import SGDHyper, adjoint_step, adjoint_step_, fast_coefficients, sgd_step, \
-    tangent_step
+from .sgd import SGDHyper, adjoint_step, adjoint_step_, fast_coefficients, group_slices, \
+    sgd_step, tangent_step
 
 __all__ = ["steps_for", "batch_grad", "SGDSteps", "AdamSteps", "SGDFast", "AdamFast"]
 
@@ -59,7 +59,7 @@ class SGDSteps:
         self.traj = traj
         self.hyper = traj.hyper
         self.expand = traj.spec.expand
-        self._slices = None
+        self._slices = group_slices(traj.spec.group_sizes, traj.spec.n_params)
 
     def primal(self, t, theta, state, g):
         h = self.hyper.at(t)
@@ -85,11 +85,6 @@ class SGDSteps:
     def adjoint_(self, t, theta_bar, state_bar, g_bar, ctx):
         """:meth:`adjoint` in place: overwrites ``theta_bar`` and ``state_bar``, writes
         ``g_bar`` (:func:`~hydrattr._core.sgd.adjoint_step_`)."""
-        if self._slices is None:
-            sizes, off, self._slices = self.traj.spec.group_sizes, 0, []
-            for s in sizes:
-                self._slices.append(slice(off, off + int(s)))
-                off += int(s)
         return adjoint_step_(theta_bar, state_bar, g_bar, self.hyper.at(t), self._slices)
 
     def fast(self):
