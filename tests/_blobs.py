@@ -45,3 +45,17 @@ def bn_dropout_net(momentum=0.9, **kw):
         params["optimizer__momentum"] = momentum
     params.update(kw)
     return NeuralNetClassifier(**params)
+
+
+def groups_nesterov_plateau(max_epochs):
+    """skorch net keyword arguments for a hard SGD setting: a second param group (the
+    second layer, ``net.1.*``) at lr 0.2 without weight decay, Nesterov momentum, and
+    ReduceLROnPlateau on a falling training loss in ``mode="max"`` (the rate halves
+    after every epoch but the first)."""
+    from skorch.callbacks import LRScheduler
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    return dict(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=max_epochs,
+                optimizer__param_groups=[("net.1.*", {"lr": 0.2, "weight_decay": 0.0})],
+                callbacks=[("plateau", LRScheduler(ReduceLROnPlateau, monitor="train_loss",
+                                                   mode="max", patience=0, factor=0.5))])

@@ -22,7 +22,7 @@ from hydrattr._core.replay import replay_training
 from hydrattr._skorch import module_mode
 from hydrattr.models import MLP, LogisticRegression
 
-from _blobs import HAS_PROC_MAPS, mapped_files  # noqa: E402
+from _blobs import HAS_PROC_MAPS, groups_nesterov_plateau, mapped_files  # noqa: E402
 
 N, D, K = 200, 6, 3
 LR, MOM, DAMP, WD, BS, EPOCHS, STEP, GAMMA = 0.05, 0.9, 0.1, 1e-3, 32, 4, 2, 0.5
@@ -350,15 +350,9 @@ def test_exact_adjoint_equals_forward_recurrence_param_groups_nesterov():
     plateau schedule: the adjoint sweep (in place, per-group scalars) equals the paper's
     forward recurrence (tangent_step, per-coordinate vectors: other code) for every
     tracked row, to float64 rounding; a wrong group coefficient is off by O(1)."""
-    from skorch.callbacks import LRScheduler as Sched
-    from torch.optim.lr_scheduler import ReduceLROnPlateau
-
     X, y = _data(64)
     Xt, yt = _data(5, seed=3)
-    net = _net(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=3,
-               optimizer__param_groups=[("net.1.*", {"lr": 0.2, "weight_decay": 0.0})],
-               callbacks=[("plateau", Sched(ReduceLROnPlateau, monitor="train_loss",
-                                            mode="max", patience=0, factor=0.5))])
+    net = _net(**groups_nesterov_plateau(max_epochs=3))
     att = HydraAttributor(net, mode="exact", test_batch_size=2, random_state=0,
                           verbose=0).fit(X, y)
     assert att.spec_.n_groups == 2
@@ -372,14 +366,8 @@ def test_recorded_hyperparameters_are_those_used_param_groups_plateau_nesterov()
     """Two param groups, Nesterov, ReduceLROnPlateau: replaying the recorded steps with
     our SGD algebra reproduces skorch's trained weights, so every recorded lr/momentum/
     first-step flag was the one actually used (a wrong lr would move the weights)."""
-    from skorch.callbacks import LRScheduler as Sched
-    from torch.optim.lr_scheduler import ReduceLROnPlateau
-
     X, y = _data(96)
-    net = _net(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=6,
-               optimizer__param_groups=[("net.1.*", {"lr": 0.2, "weight_decay": 0.0})],
-               callbacks=[("plateau", Sched(ReduceLROnPlateau, monitor="train_loss",
-                                            mode="max", patience=0, factor=0.5))])
+    net = _net(**groups_nesterov_plateau(max_epochs=6))
     att = HydraAttributor(net, storage="replay", random_state=0, verbose=0).fit(X, y)
     lrs = att.trajectory_.hyper.lr.numpy()
     assert att.spec_.n_groups == 2

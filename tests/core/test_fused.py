@@ -24,7 +24,7 @@ from skorch import NeuralNetClassifier
 from skorch.callbacks import LRScheduler
 from torch import nn
 from torch.func import functional_call
-from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+from torch.optim.lr_scheduler import StepLR
 
 from hydrattr import HydraAttributor
 from hydrattr._core.functional import ParamSpec, per_sample_grads
@@ -34,6 +34,8 @@ from hydrattr._core.fused import (LazyStore, LeanTrajectory, PerSampleHooks, Ran
 from hydrattr._core.sgd import SGDHyper, fast_coefficients, tangent_step
 from hydrattr._core.store import SampleStore
 from hydrattr.models import MLP
+
+from _blobs import groups_nesterov_plateau  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -430,10 +432,7 @@ def test_fused_equals_naive_float64_recurrence(store_kind):
 def test_fused_param_groups_nesterov_plateau(store_kind):
     X, y = _data(96)
     Xt, yt = _data(4, seed=2)
-    net = _net(optimizer__nesterov=True, optimizer__dampening=0.0, max_epochs=5,
-               optimizer__param_groups=[("net.1.*", {"lr": 0.2, "weight_decay": 0.0})],
-               callbacks=[("plateau", LRScheduler(ReduceLROnPlateau, monitor="train_loss",
-                                                  mode="max", patience=0, factor=0.5))])
+    net = _net(**groups_nesterov_plateau(max_epochs=5))
     two, fused, C2, C = _both(net, X, y, Xt, yt)
     assert fused.spec_.n_groups == 2 and fused.fit_path_ == "fused"
     _close(C, C2)

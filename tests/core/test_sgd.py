@@ -22,6 +22,16 @@ def _hyper_row(groups, first):
             "nesterov": [g["nesterov"] for g in groups], "first": [first] * len(groups)}
 
 
+def _two_groups(momentum, dampening, nesterov, wd, first):
+    """One step's hyperparameters (``SGDHyper.at``) for two groups of 5 and 2 coordinates
+    that differ in lr, momentum and weight decay."""
+    groups = [dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                   weight_decay=wd),
+              dict(lr=0.05, momentum=momentum * 0.5, dampening=dampening,
+                   nesterov=nesterov and momentum > 0, weight_decay=wd * 3)]
+    return SGDHyper.from_rows([_hyper_row(groups, first)]).at(0)
+
+
 @pytest.mark.parametrize("momentum,dampening,nesterov,wd", CONFIGS)
 def test_sgd_step_matches_torch(momentum, dampening, nesterov, wd):
     if nesterov and (momentum == 0 or dampening != 0):
@@ -54,11 +64,7 @@ def test_sgd_step_matches_torch(momentum, dampening, nesterov, wd):
 def test_adjoint_is_transpose_of_tangent(momentum, dampening, nesterov, wd, first):
     """<adjoint(a), x> == <a, tangent(x)> for random a, x (the adjoint identity)."""
     torch.manual_seed(1)
-    groups = [dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                   weight_decay=wd),
-              dict(lr=0.05, momentum=momentum * 0.5, dampening=dampening,
-                   nesterov=nesterov and momentum > 0, weight_decay=wd * 3)]
-    h = SGDHyper.from_rows([_hyper_row(groups, first)]).at(0)
+    h = _two_groups(momentum, dampening, nesterov, wd, first)
     expand = _expand([5, 2])
     dth, dv, dg = (torch.randn(7, dtype=torch.float64) for _ in range(3))
     tb, vb = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
@@ -75,11 +81,7 @@ def test_in_place_adjoint_equals_adjoint(momentum, dampening, nesterov, wd, firs
     """adjoint_step_ (per-group scalars, in place) == adjoint_step on stacked cotangents,
     to float64 rounding (the same products, summed in another order)."""
     torch.manual_seed(2)
-    groups = [dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                   weight_decay=wd),
-              dict(lr=0.05, momentum=momentum * 0.5, dampening=dampening,
-                   nesterov=nesterov and momentum > 0, weight_decay=wd * 3)]
-    h = SGDHyper.from_rows([_hyper_row(groups, first)]).at(0)
+    h = _two_groups(momentum, dampening, nesterov, wd, first)
     tb, vb = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
     want = adjoint_step(tb, vb, h, _expand([5, 2]))
     tb2, vb2, db2 = tb.clone(), vb.clone(), torch.full_like(tb, float("nan"))
