@@ -289,14 +289,12 @@ def m_hydra_fast(ctx):
 
 def _sweep_batch(ctx):
     """Exact mode's ``test_batch_size`` (``--sweep-batch``: an int, ``all`` or ``auto``)
-    and ``how(n, what, att)``, which says how many sweeps ``att`` made for ``n`` columns."""
+    and ``how(att, n, what)``, which says how many sweeps ``att`` made for ``n`` columns."""
     arg = str(ctx.args.sweep_batch)
     b = len(ctx.Xt) if arg == "all" else ("auto" if arg == "auto" else int(arg))
 
-    def how(n, what="test points", att=None):
-        per = b
-        if b == "auto":
-            per = att._sweep_bs(att.spec_.n_params) if att is not None else 256
+    def how(att, n, what="test points"):
+        per = att._sweep_bs(att.spec_.n_params)
         k = -(-n // per)
         src = "test_batch_size='auto'" if b == "auto" else "--sweep-batch"
         return (f"one adjoint sweep for all {n} {what}" if k == 1 else
@@ -312,7 +310,7 @@ def m_hydra_exact(ctx):
     a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
                         test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
-    return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(len(ctx.Xt), att=a)}"
+    return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(a, len(ctx.Xt))}"
 
 
 @method("hydra-lowrank", "hydrattr")
@@ -326,7 +324,7 @@ def m_hydra_lowrank(ctx):
                         test_batch_size=b, random_state=ctx.args.seed,
                         verbose=0).fit(ctx.X, ctx.y)
     C = a.attribute(ctx.Xt, ctx.yt)
-    return C, (f"mode='exact', rank=0.9: {how(a.rank_, 'directions', a)} for "
+    return C, (f"mode='exact', rank=0.9: {how(a, a.rank_, 'directions')} for "
                f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their unit-scaled "
                f"energy left out)")
 
@@ -362,7 +360,7 @@ def m_hydra_exact_ens(ctx):
     b, how = _sweep_batch(ctx)
     C, k, ens = _hydra_ensemble(ctx, "exact", test_batch_size=b)
     return C, (f"EnsembleAttributor(HydraAttributor(mode='exact'), n_estimators={k}): mean "
-               f"C of {k} seeded runs, each member {how(len(ctx.Xt), att=ens.estimators_[0])}")
+               f"C of {k} seeded runs, each member {how(ens.estimators_[0], len(ctx.Xt))}")
 
 
 @method("hydra-lowrank-ens", "hydrattr")

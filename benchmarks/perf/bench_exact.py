@@ -60,9 +60,9 @@ def timed(fn, key):
 def hvp_sweep(att, seed=0):
     """One HVP of each recorded batch's weighted loss along a fixed random vector, last
     step first: what one column of an adjoint sweep cannot cost less than."""
-    from torch.func import grad, jvp
+    from torch.func import jvp
 
-    from hydrattr._core.functional import rng_context
+    from hydrattr._core.steps import batch_grad
     from hydrattr._skorch import module_mode
 
     traj, loss_fn, data_fn = att.trajectory_, att._loss_fn(), att._data_fn()
@@ -72,13 +72,10 @@ def hvp_sweep(att, seed=0):
     with module_mode(att.net_.module_, training=True):
         for t in range(len(traj) - 1, -1, -1):
             x, y = data_fn(traj.indices[t])
-            w = float(traj.weights[t])
-
-            def batch_loss(th):
-                return w * loss_fn(th, x, y).sum()
-
-            with rng_context(traj.rng_states[t]):
-                _, hv = jvp(grad(batch_loss), (traj.theta(t, att._device),), (v,))
+            w = torch.full((len(traj.indices[t]),), traj.weights[t], dtype=traj.dtype,
+                           device=att._device)
+            _, hv = jvp(lambda th: batch_grad(loss_fn, th, x, y, w, traj.rng_states[t]),
+                        (traj.theta(t, att._device),), (v,))
             total += float(hv[0])  # keep the product live
     return total
 
