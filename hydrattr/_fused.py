@@ -25,6 +25,7 @@ import torch
 
 from ._core.functional import per_sample_grads, take_batch_rows
 from ._core.deferred import DeferredStore, ring_rows
+from ._core.factors import FactorLayout, factor_pays
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
 from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
@@ -70,6 +71,7 @@ class FusedRecorder(TrajectoryRecorder):
     """
 
     STORE_KIND = "auto"
+    FACTOR_LINEAR = True  # DeferredStore's ring holds Linear weights' terms as factors
 
     def __init__(self, dataset, store=None, rows_map=None, per_sample="auto",
                  last_epochs=None, hooks=True, record_rng=False, storage="memory",
@@ -173,7 +175,10 @@ class FusedRecorder(TrajectoryRecorder):
             # first step, checked against the batch gradient, goes to the hooks' own)
             out = self.lazy_.reserve(n, theta.dtype) if self._checked and \
                 hasattr(self.lazy_, "reserve") and theta.device.type == "cpu" else None
-            self._psh.begin(positions, len(rows), theta.dtype, theta.device, out=out)
+            dense, factors = (None, None) if out is None else out
+            self._psh.keep_pairs = not self._checked
+            self._psh.begin(positions, len(rows), theta.dtype, theta.device, out=dense,
+                            factors=factors)
 
     def _after_step(self, optimizer, args, kwargs):
         pending = self._pending
@@ -208,6 +213,23 @@ class FusedRecorder(TrajectoryRecorder):
                     self._psh = None
                 else:
                     wg = buf if sel.all() else buf[torch.as_tensor(sel, device=buf.device)]
+                    if self._factor_layout(theta) is not None:
+                        terms = self._psh.split_kept(buf, self.lazy_.layout)
+                        self._psh.pairs = {}
+                        if not sel.all():
+                            m = torch.as_tensor(sel, device=buf.device)
+                            terms = [t[m] for t in terms[:2]] + [[e[m] for e in terms[2]]]
+                        self._batch = None
+                        self.lazy_.commit(slots, terms[0], terms[1])
+                        for extra in terms[2]:
+                            self.lazy_.commit(slots, None, extra)
+                        return
+            elif self._psh.layout is not None:
+                self._batch = None
+                self.lazy_.commit(slots, buf, self._psh.factors)
+                for extra in self._psh.extras():  # a factored layer run again this step
+                    self.lazy_.commit(slots, None, extra)
+                return
             else:
                 wg = buf
         if wg is not None:
@@ -217,6 +239,22 @@ class FusedRecorder(TrajectoryRecorder):
             wg = weight * self._step_grads(theta, sel, rng)
             self.seconds_["step_grads"] += time.perf_counter() - tic
         self.lazy_.commit(slots, wg)
+
+    def _factor_layout(self, theta):
+        """After the first step's check: the layout that holds the ``Linear`` weights the
+        step ran once, on one position, as factors in the :class:`DeferredStore` ring
+        (None where nothing is worth factoring, or the filler is another)."""
+        self._psh.keep_pairs = False
+        if not self.FACTOR_LINEAR or not isinstance(self.lazy_, DeferredStore) or \
+                theta.device.type != "cpu":
+            return None
+        blocks = [b for b in self._psh.factorable() if factor_pays(b[1], b[2])]
+        if not blocks:
+            return None
+        layout = FactorLayout(self.spec_.n_params, blocks)
+        self.lazy_.set_layout(layout)
+        self._psh.set_layout(layout)
+        return layout
 
     def _hooks_agree(self, buf):
         """The first step's per-sample products add up to the gradient backpropagated."""

@@ -298,6 +298,8 @@ class HydraAttributor(BaseAttributor):
                 lazy.finish()
                 self.fit_path_ = "fused"
                 self._fit_filler = type(lazy).__name__  # which store filler (for tests)
+                layout = getattr(lazy, "layout", None)  # the Linear weights held as factors
+                self._fit_factored = [] if layout is None else [b[:3] for b in layout.blocks]
                 self._fit_profile = {"hooks_s": rec.seconds_["hooks"],
                                      "step_grads_s": rec.seconds_["step_grads"],
                                      "commit_s": lazy.seconds["commit"],

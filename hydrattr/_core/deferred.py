@@ -31,6 +31,11 @@ larger, ``X <- (rho / A) X + g``, so the stored values stay the size of the grad
 (what a float16 store needs). A float16 store keeps its ring in float16 too, each ring
 row divided by its largest entry.
 
+With a :class:`~hydrattr._core.factors.FactorLayout` (:meth:`DeferredStore.set_layout`)
+the ring holds each term's dense part and its ``Linear`` factors instead of the full
+row, and a ring entry is written back to full rows, in a reused block, just before it is
+folded.
+
 Pure torch and numpy: nothing here knows skorch.
 """
 from __future__ import annotations
@@ -42,6 +47,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from .factors import FactorLayout
 from .fused import cached_transition
 from .sgd import group_slices
 from .outofcore import release, touch
@@ -97,10 +103,14 @@ class DeferredStore:
     Use: for every optimizer step, :meth:`step` with its hyperparameters, then
     :meth:`commit` with the tracked rows' slots and ``w_t g_{t,i}``; :meth:`reset`
     forgets every row's terms so far; :meth:`finish` returns ``store`` holding ``S``.
+    :meth:`set_layout`, before the first commit, makes the ring hold the terms as a
+    dense part and ``Linear`` factors (then :meth:`commit` takes both).
     """
 
     def __init__(self, store, group_sizes, ring_rows=256, directory=None, tol=None):
         self.store = store
+        self.layout = FactorLayout(store.shape[1])  # nothing factored
+        self.fring = None  # the ring's factor part (rows, factor_width), compute dtype
         self.group_sizes = [int(s) for s in group_sizes]
         self.slices = group_slices(self.group_sizes, store.shape[1])
         self.directory = directory
@@ -127,13 +137,33 @@ class DeferredStore:
         self.seconds = {"commit": 0.0, "finish": 0.0}
 
     # -- the ring ------------------------------------------------------------------------
+    def set_layout(self, layout):
+        """Hold the terms as ``layout`` says (:class:`FactorLayout` of the store's width):
+        :meth:`commit` then takes the dense part and the factors. Only before the first
+        commit."""
+        if self.entries or self.n_steps > 1 or (self.rho != 0).any():
+            raise RuntimeError("DeferredStore.set_layout after terms were committed")
+        if layout.n_params != self.store.shape[1]:
+            raise ValueError(f"DeferredStore.set_layout: the layout has {layout.n_params} "
+                             f"coordinates, the store {self.store.shape[1]}.")
+        self.layout = layout
+        rows = self.ring.shape[0]
+        self.ring = self._new_ring(rows)
+        self.fring = self._new_fring(rows)
+
     def _new_ring(self, rows):
         s = self.store
+        width = self.layout.dense_width
         if s.kind == "memmap":
-            return SampleStore(rows, s.shape[1], kind="memmap", dtype=s.dtype,
+            return SampleStore(rows, width, kind="memmap", dtype=s.dtype,
                                directory=self.directory).data
         dtype = torch.float16 if s.kind == "half" else s.data.dtype
-        return torch.empty(rows, s.shape[1], dtype=dtype)
+        return torch.empty(rows, width, dtype=dtype)
+
+    def _new_fring(self, rows):
+        if not self.layout.factored:
+            return None
+        return torch.empty(rows, self.layout.factor_width, dtype=self.compute_dtype)
 
     def _alloc(self, n):
         """Start of ``n`` contiguous free ring rows (the ring grows when there are none)."""
@@ -158,14 +188,18 @@ class DeferredStore:
         """A larger ring holding the waiting entries from row 0, in order."""
         cap = self.ring.shape[0]
         new = self._new_ring(max(2 * cap, cap + 4 * n))
+        fnew = self._new_fring(new.shape[0])
         scale = np.ones(new.shape[0])
         pos, entries = 0, deque()
         for start, k, slots in self.entries:
             new[pos:pos + k] = self.ring[start:start + k]
+            if fnew is not None:
+                fnew[pos:pos + k] = self.fring[start:start + k]
             scale[pos:pos + k] = self.scale[start:start + k]
             entries.append((pos, k, slots))
             pos += k
-        self.ring, self.scale, self.entries, self.head = new, scale, entries, pos
+        self.ring, self.fring, self.scale, self.entries, self.head = \
+            new, fnew, scale, entries, pos
 
     def _ring_rows(self, start, n):
         """Ring rows ``start:start+n`` as a compute-dtype tensor."""
@@ -175,6 +209,34 @@ class DeferredStore:
             touch(self.ring, out.numel() * out.element_size())
             return out
         return block if block.dtype == self.compute_dtype else block.to(self.compute_dtype)
+
+    def _terms(self, start, n):
+        """``(g, scale)``: ring rows ``start:start+n`` as full compute-dtype rows and the
+        per-row factor they are still to be multiplied by (with a factored layout the
+        rows are written back into a reused block, already scaled)."""
+        if not self.layout.factored:
+            return self._ring_rows(start, n), self.scale[start:start + n]
+        return self._full(self.ring[start:start + n], self.fring[start:start + n],
+                          self.scale[start:start + n]), np.ones(n)
+
+    def _gathered(self, idx):
+        """With a factored layout: ring rows ``idx`` as full rows, scaled (a reused
+        block)."""
+        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        dense = self.ring[idx] if isinstance(self.ring, np.ndarray) else \
+            self.ring.index_select(0, t)
+        return self._full(dense, self.fring.index_select(0, t), self.scale[idx])
+
+    def _full(self, dense, factors, scale):
+        """Dense parts and factors written back to full compute-dtype rows in a reused
+        block (a float16 ring's rows times their ``scale``)."""
+        if isinstance(dense, np.ndarray):
+            dense = torch.from_numpy(np.asarray(dense))
+            touch(self.ring, dense.numel() * dense.element_size())
+        scale = torch.from_numpy(scale).to(self.compute_dtype) \
+            if self.store.kind == "half" else None
+        out = self._block("_gbuf", dense.shape[0], self.store.shape[1])
+        return self.layout.materialize(dense, factors, out, scale)
 
     # -- steps ---------------------------------------------------------------------------
     def __len__(self):
@@ -224,35 +286,54 @@ class DeferredStore:
 
     def reserve(self, n, dtype):
         """Ring rows for the next commit's ``n`` terms, to be written in place (the
-        backward hooks' buffer), or None where the ring cannot take them as they are
-        (float16, memmap, another dtype). A :meth:`commit` of that very block copies
-        nothing."""
+        backward hooks' buffers): ``(dense, factors)`` (``factors`` None without a
+        factored layout), or None where the ring cannot take them as they are (float16,
+        memmap, another dtype). A :meth:`commit` of those very blocks copies nothing."""
         self._reserved = None
         if not isinstance(self.ring, torch.Tensor) or self.ring.dtype != dtype or \
                 self.store.kind == "half":
             return None
         start = self._alloc(n)
-        self._reserved = (start, self.ring[start:start + n])
-        return self._reserved[1]
+        fac = None if self.fring is None else self.fring[start:start + n]
+        self._reserved = (start, self.ring[start:start + n], fac)
+        return self._reserved[1:]
 
-    def commit(self, slots, values):
-        """Add the last registered step's terms ``values`` (n, P), ``w_t g_{t,i}`` of the
-        rows in store slots ``slots`` (unique)."""
+    def commit(self, slots, values, factors=None):
+        """Add the last registered step's terms ``w_t g_{t,i}`` of the rows in store slots
+        ``slots``: ``values`` (n, P), or with a factored layout its dense part
+        (n, dense_width; None: zero) and ``factors`` (n, factor_width). A slot may appear
+        more than once (its terms add)."""
         if self.n_steps == 0:
             raise RuntimeError("DeferredStore.commit before any step")
         slots = np.asarray(slots, dtype=np.int64)
         reserved, self._reserved = getattr(self, "_reserved", None), None
         if not len(slots):
             return
-        tic = time.perf_counter()
         n = len(slots)
-        if reserved is not None and values.shape == reserved[1].shape and \
-                values.data_ptr() == reserved[1].data_ptr():
+        width = self.layout.dense_width
+        if (factors is None) == self.layout.factored or \
+                (values is not None and tuple(values.shape) != (n, width)) or \
+                (factors is not None and tuple(factors.shape) != (n, self.layout.factor_width)):
+            raise ValueError(
+                f"DeferredStore.commit: expected {n} rows of {width} dense values"
+                + (f" and {self.layout.factor_width} factors" if self.layout.factored
+                   else "") + f", got values {None if values is None else tuple(values.shape)}"
+                f" and factors {None if factors is None else tuple(factors.shape)}.")
+        tic = time.perf_counter()
+        if reserved is not None and values is not None and \
+                values.data_ptr() == reserved[1].data_ptr() and \
+                (factors is None or factors.data_ptr() == reserved[2].data_ptr()):
             start = reserved[0]  # written in place already
             self.scale[start:start + n] = 1.0
         else:
             start = self._alloc(n)
-            self._write_ring(start, values.detach().to("cpu"))
+            if values is None:
+                self.ring[start:start + n] = 0
+                self.scale[start:start + n] = 1.0
+            else:
+                self._write_ring(start, values.detach().to("cpu"))
+            if factors is not None:
+                self.fring[start:start + n] = factors.detach().to("cpu", self.compute_dtype)
         self.entries.append((start, n, slots))
         b = self.b[None].astype(np.float64)
         self.q = np.concatenate([self.q, b])
@@ -265,8 +346,11 @@ class DeferredStore:
     def _write_ring(self, start, values):
         n = values.shape[0]
         if self.store.kind == "half":  # each float16 ring row divided by its largest entry
-            scaled = self._scratch(n)  # reused: a fresh block a step costs page faults
-            peak = torch.abs(values, out=scaled).amax(1).to(torch.float64).clamp_min(1e-300)
+            # reused: a fresh block a step costs page faults
+            scaled = self._scratch(n, values.shape[1])
+            peak = torch.abs(values, out=scaled).amax(1).to(torch.float64)
+            # a row of zeros (or of values 1/peak would overflow) is kept as it is
+            peak = torch.where(peak > float(torch.finfo(values.dtype).tiny) * 4, peak, 1.0)
             self.scale[start:start + n] = peak.numpy()
             torch.mul(values, (1.0 / peak).to(values.dtype)[:, None], out=scaled)
             values = scaled
@@ -281,10 +365,14 @@ class DeferredStore:
 
     def _scratch(self, n, width=None):
         """A reused ``(n, width)`` compute-dtype block (``width``: the store's)."""
-        width = self.store.shape[1] if width is None else width
-        buf = getattr(self, "_buf", None)
+        return self._block("_buf", n, self.store.shape[1] if width is None else width)
+
+    def _block(self, name, n, width):
+        """A reused ``(n, width)`` compute-dtype block kept in attribute ``name``."""
+        buf = getattr(self, name, None)
         if buf is None or buf.numel() < n * width:
-            buf = self._buf = torch.empty(n * width, dtype=self.compute_dtype)
+            buf = torch.empty(n * width, dtype=self.compute_dtype)
+            setattr(self, name, buf)
         return buf[:n * width].view(n, width)
 
     def _fold_ready(self):
@@ -310,12 +398,11 @@ class DeferredStore:
 
     def _fold(self, start, n, slots, coef):
         """``S[slots] += coef * g`` for a ring entry, row by row, one pass per group part."""
-        g = self._ring_rows(start, n)
+        g, scale = self._terms(start, n)
         data = self.store.data
         half = data.dtype == torch.float16 if isinstance(data, torch.Tensor) else False
         memmap = isinstance(data, np.ndarray)
         parts = list(enumerate(self.slices))
-        scale = self.scale[start:start + n]
         row = torch.empty(self.store.shape[1], dtype=self.compute_dtype) if half else None
         for k, r in enumerate(slots.tolist()):
             x = torch.from_numpy(data[r]) if memmap else \
@@ -342,7 +429,7 @@ class DeferredStore:
 
     def release(self):
         """Drop the ring (the store is abandoned: filled again another way)."""
-        self.ring = self._buf = None
+        self.ring = self.fring = self._buf = self._gbuf = None
         self.entries.clear()
 
     def finish(self, chunk_rows=256):
@@ -358,7 +445,8 @@ class DeferredStore:
         for (start, n, sl), q in zip(self.entries, self.q):
             slots.append(sl)
             ring_idx.append(np.arange(start, start + n))
-            coefs.append(self.scale[start:start + n, None] * q[None, :, 0])
+            scale = self.scale[start:start + n] if not self.layout.factored else np.ones(n)
+            coefs.append(scale[:, None] * q[None, :, 0])
         slots, ring_idx, coefs = (np.concatenate(a) for a in (slots, ring_idx, coefs))
         order = np.argsort(slots, kind="stable")
         slots, ring_idx, coefs = slots[order], ring_idx[order], coefs[order]
@@ -378,7 +466,12 @@ class DeferredStore:
                     part[empty] = 0.0
             lo, hi = np.searchsorted(slots, [s, e])
             for k in range(lo, hi):  # row by row: the ring row is read once, not gathered
-                g = self._ring_rows(int(ring_idx[k]), 1)[0]
+                if not self.layout.factored:
+                    g = self._ring_rows(int(ring_idx[k]), 1)[0]
+                else:  # full rows written back a few dozen at a time
+                    if (k - lo) % 64 == 0:
+                        rows = self._gathered(ring_idx[k:min(k + 64, hi)])
+                    g = rows[(k - lo) % 64]
                 x = block[int(slots[k]) - s]
                 for j, sl in enumerate(self.slices):
                     c = float(coefs[k, j])
@@ -391,6 +484,6 @@ class DeferredStore:
                 data[s:e].copy_(block)
         self.entries.clear()
         self.q, self.q0 = self.q[:0], self.q0[:0]
-        self.ring = self._buf = None
+        self.ring = self.fring = self._buf = self._gbuf = None
         self.seconds["finish"] += time.perf_counter() - tic
         return self.store

@@ -493,6 +493,13 @@ class PerSampleHooks:
     then computes per-sample gradients another way. The products are those of the
     samples' own activations: exact when samples do not interact (no BatchNorm in train
     mode; dropout masks are the real ones), which the caller must ensure.
+
+    With a :class:`~hydrattr._core.factors.FactorLayout` (:meth:`set_layout`) the
+    buffer holds the layout's dense part and :attr:`factors` its factor part: a
+    factored ``Linear`` weight's ``go`` and ``x`` are copied, not multiplied out. A
+    factored layer called again in a step, or on more than one position, gives further
+    rank-one terms, returned by :meth:`extras`. :meth:`factorable` lists the ``Linear``
+    weights the last step saw once, on one position: those a layout may factor.
     """
 
     LAYERS = (nn.Linear, nn.Conv2d)
@@ -532,6 +539,13 @@ class PerSampleHooks:
         self._storage = None
         self.positions = None
         self.seconds = 0.0  # wall time in the backward hooks, for profiles
+        self.layout = None
+        self.factors = None
+        self._fstorage = None
+        self._seen = {}  # Linear weight offset -> [calls, positions, (n_out, n_in)]
+        self._extra = {}  # factored weight offset -> further (go, x) pairs this step
+        self.keep_pairs = False  # keep each Linear weight's first (go, x) in ``pairs``
+        self.pairs = {}
 
     def attach(self):
         for m, w, b in self.layers:
@@ -546,38 +560,101 @@ class PerSampleHooks:
         self.active = False
         self.buffer = self._storage = None
 
-    def begin(self, positions, batch_size, dtype, device, out=None):
+    def set_layout(self, layout):
+        """Collect the dense part and the factors of ``layout`` (None: full rows)."""
+        self.layout = layout if layout is not None and layout.factored else None
+        self._storage = self._fstorage = None
+
+    def factorable(self):
+        """``(offset, n_out, n_in)`` of the ``Linear`` weights the last collected step
+        saw once, on one position."""
+        return [(off, o, i) for off, (calls, pos, (o, i)) in sorted(self._seen.items())
+                if calls == 1 and pos == 1]
+
+    def begin(self, positions, batch_size, dtype, device, out=None, factors=None):
         """Collect the samples at ``positions`` (long tensor; None: the whole batch), into
-        ``out`` when given (``(n, P)``, e.g. the store filler's rows for them)."""
+        ``out`` when given (``(n, P)``, or ``(n, dense_width)`` with a layout, e.g. the
+        store filler's rows for them) and ``factors`` (``(n, factor_width)``)."""
         n = batch_size if positions is None else len(positions)
         self.positions = None if positions is None else positions.to(device)
-        if out is not None and tuple(out.shape) == (n, self.spec.n_params) and \
-                out.dtype == dtype and out.device == torch.device(device):
-            self.buffer = out
-        else:
-            # one block reused from step to step: a fresh (B, P) block every step costs
-            # its first-touch page faults every step (2 ms of a LeNet-5 step here)
-            keep = self._storage
-            if keep is None or keep.shape[0] < n or keep.dtype != dtype or \
-                    keep.device != torch.device(device):
-                keep = self._storage = torch.empty(n, self.spec.n_params, dtype=dtype,
-                                                   device=device)
-            self.buffer = keep[:n]
+        width = self.spec.n_params if self.layout is None else self.layout.dense_width
+        self.buffer = self._reuse(out, "_storage", n, width, dtype, device)
+        self.factors = None if self.layout is None else \
+            self._reuse(factors, "_fstorage", n, self.layout.factor_width, dtype, device)
         self._written = set()  # offsets of the parameters written so far this step
+        self._seen = {}
+        self._extra = {}
+        self.pairs = {}  # with keep_pairs: Linear weight offset -> its (go, x), each term
         self.calls = 0
         self.active = True
 
+    def _reuse(self, given, name, n, width, dtype, device):
+        """``given`` if it is an ``(n, width)`` block of the dtype and device, else a block
+        kept in attribute ``name`` and reused from step to step (a fresh (B, P) block
+        every step costs its first-touch page faults every step: 2 ms of a LeNet-5 step
+        here)."""
+        if given is not None and tuple(given.shape) == (n, width) and \
+                given.dtype == dtype and given.device == torch.device(device):
+            return given
+        keep = getattr(self, name)
+        if keep is None or keep.shape[0] < n or keep.shape[1] != width or \
+                keep.dtype != dtype or keep.device != torch.device(device):
+            keep = torch.empty(n, width, dtype=dtype, device=device)
+            setattr(self, name, keep)
+        return keep[:n]
+
     def end(self):
         """Stop collecting; returns the ``(n, P)`` buffer (zero for unused parameters),
-        valid until the next :meth:`begin`."""
+        or with a layout its dense part (:attr:`factors` holds the factor part), valid
+        until the next :meth:`begin`."""
         self.active = False
         out, self.buffer = self.buffer, None
         if out is not None:
             for m, w, b in self.layers:
                 for where in (w, b):
-                    if where is not None and where[0] not in self._written:
-                        out[:, where[0]:where[0] + where[1]].zero_()
+                    if where is None or where[0] in self._written:
+                        continue
+                    block = None if self.layout is None else self.layout.block_at(where[0])
+                    if block is not None:
+                        self.factors[:, block[3]:block[3] + block[1] + block[2]].zero_()
+                    else:
+                        d = self._dense(where[0])
+                        out[:, d:d + where[1]].zero_()
         return out
+
+    def extras(self):
+        """The step's further rank-one terms of the factored weights, as factor parts
+        ``(n, factor_width)`` (zero elsewhere), one per extra term of the layer with the
+        most: a list, empty when every factored layer ran once on one position."""
+        return self._extras(self._extra, self.layout, self.factors)
+
+    def split_kept(self, full, layout):
+        """A step collected as full rows ``full`` (n, P) with ``keep_pairs``, in
+        ``layout``'s form: ``(dense, factors, extras)`` as :meth:`end`, :attr:`factors`
+        and :meth:`extras` would have given them (for the first step, collected before
+        the layout was known)."""
+        dense, factors = layout.split(full, {off: pairs[0] for off, pairs in
+                                             self.pairs.items() if layout.block_at(off)})
+        rest = {off: pairs[1:] for off, pairs in self.pairs.items()
+                if layout.block_at(off) and len(pairs) > 1}
+        return dense, factors, self._extras(rest, layout, factors)
+
+    @staticmethod
+    def _extras(extra, layout, factors):
+        if not extra:
+            return []
+        k = max(len(v) for v in extra.values())
+        n = factors.shape[0]
+        out = [factors.new_zeros(n, layout.factor_width) for _ in range(k)]
+        for off, pairs in extra.items():
+            _, o, i, f = layout.block_at(off)
+            for j, (go, x) in enumerate(pairs):
+                out[j][:, f:f + o] = go
+                out[j][:, f + o:f + o + i] = x
+        return out
+
+    def _dense(self, offset):
+        return offset if self.layout is None else self.layout.dense_offset(offset)
 
     def _forward(self, mod, inputs, out, w, b):
         if not self.active or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) \
@@ -590,12 +667,27 @@ class PerSampleHooks:
         """A parameter's ``(n, numel)`` block, viewed as ``shape``: ``compute(out)`` writes
         it straight into the buffer at the parameter's first use this step, and its
         result (``compute(None)``) is added at a later use (a layer called again)."""
-        dst = self.buffer[:, where[0]:where[0] + where[1]].view(shape)
+        d = self._dense(where[0])
+        dst = self.buffer[:, d:d + where[1]].view(shape)
         if where[0] in self._written:
             dst.add_(compute(None).reshape(shape))
         else:
             self._written.add(where[0])
             compute(dst)
+
+    def _factor(self, w, block, go3, x3):
+        """A factored weight's terms: the first call's first position into
+        :attr:`factors`, every other one kept for :meth:`extras`."""
+        _, o, i, f = block
+        start = 0
+        if w[0] not in self._written:
+            self._written.add(w[0])
+            self.factors[:, f:f + o] = go3[:, 0]
+            self.factors[:, f + o:f + o + i] = x3[:, 0]
+            start = 1
+        more = self._extra.setdefault(w[0], [])
+        for p in range(start, go3.shape[1]):
+            more.append((go3[:, p].clone(), x3[:, p].clone()))
 
     @staticmethod
     def _copied(f):
@@ -617,6 +709,16 @@ class PerSampleHooks:
             go3 = go.reshape(n, -1, go.shape[-1])
             x3 = x.reshape(n, -1, x.shape[-1])
             if w is not None:
+                seen = self._seen.setdefault(w[0], [0, 0, (go3.shape[2], x3.shape[2])])
+                seen[0] += 1
+                seen[1] = max(seen[1], go3.shape[1])
+                if self.keep_pairs:
+                    self.pairs.setdefault(w[0], []).extend(
+                        (go3[:, p].clone(), x3[:, p].clone()) for p in range(go3.shape[1]))
+            block = None if w is None or self.layout is None else self.layout.block_at(w[0])
+            if block is not None:
+                self._factor(w, block, go3, x3)
+            elif w is not None:
                 shape = (n, go3.shape[2], x3.shape[2])
                 if go3.shape[1] == 1:  # one position: the outer products
                     self._emit(w, shape, lambda out: torch.mul(

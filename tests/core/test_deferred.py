@@ -144,3 +144,79 @@ def test_a_learning_rate_drop_does_not_hold_terms_back():
     assert ds.ring.shape[0] == cap
     got = ds.finish().data.double()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+# -- a ring holding Linear weights' terms as factors --------------------------------------
+FSIZES = [14, 9]  # a (3 x 4) block in group 0, a (2 x 3) block in group 1
+FBLOCKS = [(2, 3, 4), (16, 2, 3)]
+
+
+def _factored_terms(rs, B, layout):
+    """``(dense, factors, full)`` of ``B`` random terms in ``layout``."""
+    dense = torch.as_tensor(rs.randn(B, layout.dense_width))
+    factors = torch.as_tensor(rs.randn(B, layout.factor_width))
+    full = layout.materialize(dense, factors, torch.empty(B, layout.n_params,
+                                                           dtype=torch.float64))
+    return dense, factors, full
+
+
+@pytest.mark.parametrize("kind,dtype,rtol", [("dense", torch.float64, 1e-12),
+                                              ("memmap", torch.float64, 1e-12),
+                                              ("dense", torch.float32, 1e-5),
+                                              ("half", torch.float32, 2e-3)])
+def test_factored_ring_equals_fast_coefficient_sum(kind, dtype, rtol, tmp_path):
+    """The same long runs as above with the ring holding a dense part and factors: every
+    term added with its coefficient, the extra rank-one terms of a step (``dense=None``,
+    the same slots committed again) included; a ring of one row, so that it grows."""
+    from hydrattr._core.factors import FactorLayout
+
+    rs = np.random.RandomState(4)
+    T, n, B = 260 + 2 * fold_steps(0.9, torch.float16 if kind == "half" else dtype), 60, 4
+    rows = [{"lr": [float(0.1 * 0.5 ** (t // 150)), float(rs.uniform(0.01, 0.2))],
+             "momentum": [0.9, 0.5], "dampening": [0.1, 0.0], "weight_decay": [1e-2, 0.0],
+             "nesterov": [False, True], "first": [t == 0, t == 0]} for t in range(T)]
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    expand = ParamSpec(["a", "b"], [(14,), (9,)], FSIZES).expand
+    layout = FactorLayout(sum(FSIZES), FBLOCKS)
+    store = SampleStore(n, sum(FSIZES), kind=kind, dtype=dtype, directory=tmp_path)
+    ds = DeferredStore(store, FSIZES, ring_rows=1, directory=tmp_path)
+    ds.step(rows[0])
+    ds.set_layout(layout)
+    want = torch.zeros(n, sum(FSIZES), dtype=torch.float64)
+    for t in range(T):
+        if t:
+            ds.step(rows[t])
+        slots = rs.choice(n, B, replace=False)
+        dense, factors, full = _factored_terms(rs, B, layout)
+        ds.commit(slots, dense.to(dtype), factors.to(dtype))
+        want[torch.as_tensor(slots)] += expand(coef[t]) * full
+        if t % 7 == 3:  # a factored layer run again: its extra terms, no dense part
+            _, factors, full = _factored_terms(rs, B, layout)
+            for s0, s1, _ in layout.segments:
+                full[:, s0:s1] = 0.0
+            ds.commit(slots, None, factors.to(dtype))
+            want[torch.as_tensor(slots)] += expand(coef[t]) * full
+    assert ds.ring.shape[1] == layout.dense_width and ds.ring.shape[0] > 1
+    waiting = len(ds.entries)
+    got = torch.as_tensor(np.asarray(ds.finish().data)).double()
+    assert waiting < 0.6 * T  # most terms were folded, the rest finished
+    torch.testing.assert_close(got, want, rtol=0, atol=rtol * float(want.abs().max()))
+
+
+def test_factored_ring_refuses_what_does_not_fit():
+    from hydrattr._core.factors import FactorLayout
+
+    layout = FactorLayout(sum(FSIZES), FBLOCKS)
+    row = {"lr": [0.1, 0.1], "momentum": [0.9, 0.9], "dampening": [0.0, 0.0],
+           "weight_decay": [0.0, 0.0], "nesterov": [False, False], "first": [True, True]}
+    ds = DeferredStore(SampleStore(5, sum(FSIZES), dtype=torch.float64), FSIZES)
+    ds.step(row)
+    ds.set_layout(layout)
+    with pytest.raises(ValueError, match="5 dense values and 12 factors"):
+        ds.commit([0], torch.zeros(1, sum(FSIZES), dtype=torch.float64))  # full rows
+    ds.commit([0], torch.zeros(1, layout.dense_width, dtype=torch.float64),
+              torch.zeros(1, layout.factor_width, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="after terms were committed"):
+        ds.set_layout(layout)
+    with pytest.raises(ValueError, match="coordinates"):
+        DeferredStore(SampleStore(5, 3), [3]).set_layout(layout)

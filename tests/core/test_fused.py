@@ -278,6 +278,38 @@ def test_hooks_equal_vmap_per_sample_gradients(rows):
     assert hooks.buffer is None and not hooks._handles
 
 
+@pytest.mark.parametrize("rows", [None, [1, 4, 6]])
+def test_hooks_with_factored_linear_weights_equal_vmap_per_sample_gradients(rows):
+    """Both Linear weights held as factors: l2 (one position) in the factor part, l1 (three
+    positions, called twice) its first term there and five more from ``extras``. The
+    full rows written back equal ``vmap``'s; ``factorable`` names l2 only."""
+    from hydrattr._core.factors import FactorLayout
+
+    torch.manual_seed(0)
+    m = _Shapes()
+    spec, loss_fn, theta = _spec_and_loss(m)
+    x = torch.randn(7, 2, 9, 9, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    offsets = dict(zip(spec.names, np.concatenate([[0], np.cumsum(spec.numels)])))
+    layout = FactorLayout(spec.n_params, [(offsets["l1.weight"], 5, 4),
+                                          (offsets["l2.weight"], 3, 15)])
+    hooks = PerSampleHooks(m, spec).attach()
+    hooks.set_layout(layout)
+    hooks.begin(None if rows is None else torch.tensor(rows), 7, torch.float64, "cpu")
+    nn.functional.cross_entropy(m(x), y).backward()
+    dense = hooks.end()
+    extras = hooks.extras()
+    assert dense.shape[1] == layout.dense_width and len(extras) == 5
+    got = layout.materialize(dense, hooks.factors, torch.empty(len(dense), spec.n_params,
+                                                               dtype=torch.float64))
+    for e in extras:
+        got += layout.materialize(torch.zeros_like(dense), e, torch.empty_like(got))
+    want = per_sample_grads(loss_fn, theta, x, y) / 7
+    want = want if rows is None else want[rows]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert hooks.factorable() == [(offsets["l2.weight"], 3, 15)]
+
+
 def test_hooks_with_dropout_equal_jacobian_rows_through_the_same_masks():
     torch.manual_seed(0)
     m = _Shapes(dropout=0.4)
@@ -361,13 +393,16 @@ def _close(C, C_ref, rtol=1e-10):
     np.testing.assert_allclose(C, C_ref, rtol=0, atol=rtol * scale)
 
 
-@pytest.fixture(params=["lazy", "deferred"])
+@pytest.fixture(params=["lazy", "deferred", "deferred-full"])
 def store_kind(request, monkeypatch):
     """Each fused-fit test with both store fillers (``auto`` picks LazyStore for these
-    small runs: DeferredStore's ring would outgrow the store)."""
+    small runs: DeferredStore's ring would outgrow the store), DeferredStore with its
+    ring holding the Linear weights' factors (the default) and full rows."""
     from hydrattr._fused import FusedRecorder
 
-    monkeypatch.setattr(FusedRecorder, "STORE_KIND", request.param)
+    kind = request.param.split("-")[0]
+    monkeypatch.setattr(FusedRecorder, "STORE_KIND", kind)
+    monkeypatch.setattr(FusedRecorder, "FACTOR_LINEAR", request.param != "deferred-full")
     return request.param
 
 
@@ -386,7 +421,11 @@ def test_fused_equals_two_pass(store_kind, kw, tmp_path):
         kw = dict(kw, store_dir=str(tmp_path))
     two, fused, C2, C = _both(_net(), X, y, Xt, yt, **kw)
     assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
-    assert fused._fit_filler == {"lazy": "LazyStore", "deferred": "DeferredStore"}[store_kind]
+    assert fused._fit_filler == {"lazy": "LazyStore", "deferred": "DeferredStore",
+                                 "deferred-full": "DeferredStore"}[store_kind]
+    # both Linear layers of the MLP (6 -> 8 -> 3) held as factors in the ring
+    assert fused._fit_factored == ([(0, 8, 6), (56, 3, 8)] if store_kind == "deferred"
+                                   else [])
     assert fused.trajectory_ is None and fused.store_.kind == two.store_.kind
     _close(C, C2, rtol=2e-3 if kw.get("storage") == "half" else 1e-10)
     if "track" in kw:
@@ -410,6 +449,7 @@ def test_deferred_fill_folds_a_long_float32_run(storage):
     two, fused, C2, C = _both(net, X.astype(np.float32), y, Xt.astype(np.float32), yt,
                               storage=storage)
     assert fused.fit_path_ == "fused" and fused._fit_filler == "DeferredStore"
+    assert len(fused._fit_factored) == 2
     _close(C, C2, rtol=2e-3 if storage == "half" else 1e-5)
 
 
@@ -499,6 +539,43 @@ def test_fused_conv_net_and_a_parameter_used_outside_its_layer(store_kind, tied)
         assert "add up" in fused.hooks_fallback_
     else:
         assert fused.hooks_fallback_ is None
+    _close(C, C2)
+
+
+class _Again(nn.Module):
+    """An MLP whose first layer runs on two positions and then again, every step."""
+
+    def __init__(self):
+        super().__init__()
+        kw = dict(dtype=torch.float64)
+        self.fc1 = nn.Linear(D, 8, **kw)
+        self.fc2 = nn.Linear(8, K, **kw)
+
+    def forward(self, x):
+        h = self.fc1(torch.stack([x, -0.7 * x], 1)).sum(1) + 0.3 * self.fc1(0.5 * x)
+        return self.fc2(torch.tanh(h))
+
+
+def test_a_factored_layer_run_again_adds_its_extra_terms(monkeypatch):
+    """A factored layer run on more than one position or more than once in a step (the
+    layout is decided from the first step; here every Linear weight is factored however
+    the step ran it): its further rank-one terms go to extra ring rows of the same
+    slots, and C is the two-pass one."""
+    from hydrattr._fused import FusedRecorder
+
+    monkeypatch.setattr(FusedRecorder, "STORE_KIND", "deferred")
+    monkeypatch.setattr(PerSampleHooks, "factorable", lambda self: [
+        (off, o, i) for off, (_, _, (o, i)) in sorted(self._seen.items())])
+    X, y = _data()
+    Xt, yt = _data(5, seed=1)
+    net = _net(module=_Again)
+    for key in ("module__n_features", "module__n_classes", "module__hidden",
+                "module__activation", "module__dtype"):
+        net.set_params(**{key: None})
+        delattr(net, key)
+    two, fused, C2, C = _both(net, X, y, Xt, yt)
+    assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
+    assert fused._fit_factored == [(0, 8, D), (D * 8 + 8, K, 8)]
     _close(C, C2)
 
 
