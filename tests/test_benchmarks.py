@@ -56,10 +56,18 @@ def saved(tmp_path, stem):
 
 def test_bench_fast(tmp_path):
     run("perf/bench_fast", "--epochs", 1, "--n-train", 256, "--n-test", 8, "--tag", "t",
+        "--fit-paths", "two_pass", "fused_full", "fused", "--filler", "deferred",
         tmp_path=tmp_path)
     res = saved(tmp_path, "bench_fast_t")
     assert res["weights_identical_to_plain_fit"] and res["C_finite"]
     assert res["C_shape"] == [256, 8]
+    # LeNet-5's three Linear weights held as factors, or not; the same C: both stores are
+    # equal here, but C is a float32 product over 61,706 coordinates whose rounding
+    # differs from one product to the next (up to ~1e-4 of the largest entry seen); a
+    # wrong term is off by O(1)
+    assert len(res["fits"]["fused"]["factored_linear_weights"]) == 3
+    assert res["fits"]["fused_full"]["factored_linear_weights"] == []
+    assert max(res["C_max_rel_diff_to_last_path"].values()) < 1e-3
 
 
 def test_bench_exact(tmp_path):

@@ -7,10 +7,12 @@ in the same process, one after the other:
 1. a plain ``NeuralNetClassifier.fit`` (the baseline);
 2. ``HydraAttributor.fit`` tracking every training sample, once per ``--fit-paths``:
    ``two_pass`` (training while recording every step's parameters, then a second pass
-   that recomputes per-sample gradients with ``vmap`` into the store) and ``fused`` (the
+   that recomputes per-sample gradients with ``vmap`` into the store), ``fused`` (the
    default: per-sample gradients from the training backward committed to the store
-   during training, coefficients brought forward lazily), each with its profile (where
-   the time went) and the peak resident memory of that fit;
+   during training, coefficients brought forward lazily) and ``fused_full`` (the same
+   with the ``Linear`` weights' terms held as full rows in the filler's ring instead of
+   as factors, as before the factored ring), each with its profile (where the time
+   went) and the peak resident memory of that fit;
 3. ``attribute`` on ``--n-test`` test points (the fused fit's store), and the largest
    difference between the two paths' ``C``;
 
@@ -52,7 +54,8 @@ def main(argv=None):
                    help="the fused fit's store filler (auto: the library's choice; the "
                         "others force DeferredStore or LazyStore, for comparisons)")
     p.add_argument("--fit-paths", nargs="+", default=["two_pass", "fused"],
-                   choices=["two_pass", "fused"], help="fits to time (the last is attributed)")
+                   choices=["two_pass", "fused", "fused_full"],
+                   help="fits to time (the last is attributed)")
     add_data_arg(p)
     p.add_argument("--note", default="", help="a line for the markdown (e.g. 'shared machine')")
     args = p.parse_args(argv)
@@ -86,9 +89,10 @@ def main(argv=None):
     for path in args.fit_paths:
         att = None
         release_memory()
+        FusedRecorder.FACTOR_LINEAR = path != "fused_full"
         att = HydraAttributor(mnist_lenet(args.epochs), mode="fast", storage=args.storage,
-                              trajectory=args.trajectory, fit_path=path, random_state=0,
-                              verbose=0)
+                              trajectory=args.trajectory, fit_path=path.split("_full")[0],
+                              random_state=0, verbose=0)
         with PeakMemory() as mem:
             t = time.perf_counter()
             att.fit(X, y)
@@ -102,7 +106,8 @@ def main(argv=None):
                       "peak_rss_gib": mem.peak.get("VmRSS", 0) / 2**30,
                       "weights_identical_to_plain_fit": bool(same),
                       "hooks_fallback": getattr(att, "hooks_fallback_", None),
-                      "store_filler": getattr(att, "_fit_filler", None)}
+                      "store_filler": getattr(att, "_fit_filler", None),
+                      "factored_linear_weights": getattr(att, "_fit_factored", None)}
         print(f"HydraAttributor.fit (fit_path={path}, all {len(X)} tracked, "
               f"storage={args.storage}): {t_fit:.1f} s = {t_fit / t_plain:.2f}x the first plain; "
               f"profile {', '.join(f'{k} {v:.1f}' for k, v in prof.items())}", flush=True)
@@ -186,6 +191,8 @@ def main(argv=None):
                                                           for f in fits.values()) + " |")
     md.append("| store filler | " + " | ".join(str(f["store_filler"] or "-")
                                                for f in fits.values()) + " |")
+    md.append("| Linear weights held as factors in its ring | " + " | ".join(
+        str(len(f["factored_linear_weights"] or [])) for f in fits.values()) + " |")
     if "fit_peak_rss_gib" in res["targets"]:
         md += ["", f"Peak RSS of the {last} fit: {res['fit_peak_rss_gib']:.2f} GiB, target "
                f"<= {res['targets']['fit_peak_rss_gib']:.0f} GiB ({args.storage}, "
