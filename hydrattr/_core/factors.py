@@ -4,8 +4,8 @@ A ``Linear`` layer applied once to one position per sample has the per-sample we
 gradient ``go_i x_i^T``: an outer product of the output gradient (``n_out`` numbers) and
 the input (``n_in``). Held as those two vectors, LeNet-5's ``fc1`` takes 520 numbers a
 sample instead of 48,000 (78% of the network's parameters), so a buffer of waiting
-per-sample gradients (:class:`~hydrattr._core.deferred.DeferredStore`'s ring) is written
-and read about four times less, and is that much smaller.
+per-sample gradients (:class:`~hydrattr._core.deferred.DeferredStore`'s ring) holds a
+small part of each full row.
 
 :class:`FactorLayout` says where everything lives: the *dense part* holds every
 coordinate outside the factored weights, in parameter order (``segments`` map it to the
