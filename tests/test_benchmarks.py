@@ -342,14 +342,16 @@ def test_bench_peers_and_linearity(tmp_path):
     # the ensembles and --sweep-batch: two exact members of 3 sweeps each (5 test points,
     # 2 a sweep), their settings saying so, and an LDS computed for each
     run("accuracy/bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
-        "--epochs", 1, "--models", "lr", "--methods", "hydra-exact,hydra-exact-ens",
-        "--ens-models-exact", 2, "--sweep-batch", 2, "--no-noisy", "--tag", "peers_ens",
+        "--epochs", 1, "--models", "lr", "--methods",
+        "hydra-exact,hydra-exact-ens,hydrattr-if-arnoldi-ens", "--ens-models-exact", 2,
+        "--ens-models-if", 3, "--sweep-batch", 2, "--no-noisy", "--tag", "peers_ens",
         tmp_path=tmp_path)
     rows = saved(tmp_path, "peers_ens")["models"]["lr"]["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [
-        ("hydra-exact", "ok"), ("hydra-exact-ens", "ok")]
+        ("hydra-exact", "ok"), ("hydra-exact-ens", "ok"), ("hydrattr-if-arnoldi-ens", "ok")]
     assert "3 adjoint sweeps of at most 2 of the 5 test points" in rows[0]["settings"]
     assert "n_estimators=2" in rows[1]["settings"] and "3 adjoint sweeps" in rows[1]["settings"]
+    assert "n_estimators=3" in rows[2]["settings"]
     assert all(np.isfinite(r["lds"]) for r in rows)
     run("accuracy/bench_linearity", "--quick", "--n-rows", 2, "--models", "lr", "--threads", 1,
         "--tag", "lin", tmp_path=tmp_path)

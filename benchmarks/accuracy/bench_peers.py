@@ -29,7 +29,9 @@ be imported or fails gets a row saying why.
 Ensembles at equal cost: ``hydra-fast-ens``, ``hydra-exact-ens`` and
 ``hydra-lowrank-ens`` are ``hydrattr.EnsembleAttributor`` over ``--ens-models`` (default:
 ``--trak-models``) independently seeded runs of the HYDRA mode, the mean of their ``C``,
-to set beside dattri's TRAK with as many models.
+to set beside dattri's TRAK with as many models; ``hydrattr-if-arnoldi-ens`` is the same
+over ``--ens-models-if`` (default: ``--ens-models``) runs of hydrattr's Arnoldi
+influence functions.
 
 Every score is converted to hydrattr's convention (``C[i, j] > 0``: sample ``i``
 helped test point ``j``); the conversion used for each peer is recorded in the JSON.
@@ -98,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--ens-models", type=int,
                    help="members of the hydra-*-ens methods (EnsembleAttributor); "
                         "default: --trak-models, TRAK's cost in training runs")
+    p.add_argument("--ens-models-if", type=int,
+                   help="members of hydrattr-if-arnoldi-ens (default: --ens-models)")
     p.add_argument("--ens-models-exact", type=int,
                    help="members of hydra-exact-ens and hydra-lowrank-ens only (default: "
                         "--ens-models): an exact sweep costs far more than a training run, "
@@ -138,6 +142,8 @@ def parse_args(argv=None):
         args.ens_models = args.trak_models
     if args.ens_models_exact is None:
         args.ens_models_exact = args.ens_models
+    if args.ens_models_if is None:
+        args.ens_models_if = args.ens_models
     if args.tag is None:
         args.tag = "bench_peers_quick" if q else "bench_peers"
     args.deadline = _deadline(args.stop_by) if args.stop_by else None
@@ -399,12 +405,29 @@ def m_if_lissa(ctx):
     return _hydrattr_if(ctx, **kw), str(kw)
 
 
+def _arnoldi_kw(ctx):
+    return dict(solver="arnoldi", damping=ctx.damping, arnoldi_rank=200, arnoldi_iter=400)
+
+
 @method("hydrattr-if-arnoldi", "hydrattr")
 def m_if_arnoldi(ctx):
-    kw = dict(solver="arnoldi", damping=ctx.damping,
-              arnoldi_rank=200, arnoldi_iter=400)
+    kw = _arnoldi_kw(ctx)
     return (_hydrattr_if(ctx, **kw),
             f"{kw} (pyDVL's rank and Krylov dimension; weight decay is in H)")
+
+
+@method("hydrattr-if-arnoldi-ens", "hydrattr")
+def m_if_arnoldi_ens(ctx):
+    from hydrattr import EnsembleAttributor
+    from hydrattr.influence import InfluenceFunctionAttributor
+
+    k, kw = ctx.args.ens_models_if, _arnoldi_kw(ctx)
+    member = InfluenceFunctionAttributor(make_net(ctx.kind, len(ctx.X), ctx.args),
+                                         verbose=0, **kw)
+    ens = EnsembleAttributor(member, n_estimators=k, random_state=ctx.args.seed)
+    C = ens.fit(ctx.X, ctx.y).attribute(ctx.Xt, ctx.yt)
+    return C, (f"EnsembleAttributor(InfluenceFunctionAttributor({kw}), n_estimators={k}): "
+               f"mean C of {k} seeded runs (TRAK-{k}'s number of trained models)")
 
 
 @method("captum-tracincp", "Captum 0.9.0")
