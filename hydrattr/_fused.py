@@ -103,7 +103,6 @@ class FusedRecorder(TrajectoryRecorder):
             lean = LeanTrajectory(self.spec_, len(self.dataset), dtype=self.trajectory_.dtype)
             lean.buffers0 = self.trajectory_.buffers0
             self.trajectory_ = lean
-        self.lazy_ = self._make_store(net)
         has_bn, has_dropout = module_flags(net.module_)
         if self.per_sample == "auto":
             self._independent = not (has_bn or has_dropout)
@@ -121,6 +120,10 @@ class FusedRecorder(TrajectoryRecorder):
                 self._psh = psh.attach()
             else:
                 self.hook_fallback_ = psh.reason
+        self._momentum = max(float(g.get("momentum", 0.0)) for g in net.optimizer_.param_groups)
+        self._kind = self.STORE_KIND if self.store_kind is None else self.store_kind
+        self.lazy_ = self._make_store(net, self._expected_layout(net))
+        self._log = []  # the filler's step and reset calls until the first step's check
         self._checked = False
         self._loss_fn = None
         self._batch = None
@@ -131,28 +134,50 @@ class FusedRecorder(TrajectoryRecorder):
         self._prev_lr = None
         self.seconds_ = {"hooks": 0.0, "step_grads": 0.0}
 
-    def _make_store(self, net):
+    def _make_store(self, net, layout):
         """The store filler: :class:`DeferredStore` (one vector a row, a ring of the last
-        steps' terms) unless its ring would hold more than 1.5 times the store's rows
-        (high momentum, few rows), then :class:`LazyStore` (two vectors a row)."""
-        momentum = max(float(g.get("momentum", 0.0)) for g in net.optimizer_.param_groups)
+        steps' terms, held as ``layout`` says) unless its ring would take more than 1.5
+        times the store's memory (high momentum, few rows), then :class:`LazyStore` (two
+        vectors a row)."""
+        if self._kind == "deferred" or (self._kind == "auto" and self._ring_fits(net, layout)):
+            return DeferredStore(self.store, self.spec_.group_sizes,
+                                 ring_rows=self._ring_rows(net), directory=self.directory)
+        return LazyStore(self.store, self.spec_.group_sizes, velocity=self._momentum != 0.0,
+                         directory=self.directory)
+
+    def _ring_rows(self, net):
         n_rows = self.store.shape[0]
         batch = net.batch_size if net.batch_size and net.batch_size > 0 else n_rows
         dtype = torch.float16 if self.store.kind == "half" else self.store.dtype
-        ring = ring_rows(momentum, min(int(batch), n_rows), dtype)
-        kind = self.STORE_KIND if self.store_kind is None else self.store_kind
-        if kind == "deferred" or (kind == "auto" and ring <= 1.5 * n_rows):
-            return DeferredStore(self.store, self.spec_.group_sizes, ring_rows=ring,
-                                 directory=self.directory)
-        return LazyStore(self.store, self.spec_.group_sizes, velocity=momentum != 0.0,
-                         directory=self.directory)
+        return ring_rows(self._momentum, min(int(batch), n_rows), dtype)
+
+    def _ring_fits(self, net, layout):
+        """Whether :class:`DeferredStore`'s ring, its rows in ``layout``'s form (None: full
+        rows), takes at most 1.5 times the store's memory."""
+        item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
+        n_params = self.store.shape[1]
+        row = n_params * item if layout is None else \
+            layout.dense_width * item + layout.factor_width * 4 * (1 + (item == 8))
+        return self._ring_rows(net) * row <= 1.5 * self.store.shape[0] * n_params * item
+
+    def _expected_layout(self, net):
+        """The factored layout the first step is expected to confirm (every ``Linear``
+        weight run once, on one position), to size the store filler; None without the
+        hooks or factors."""
+        if self._psh is None or not self.FACTOR_LINEAR or \
+                next(net.module_.parameters()).device.type != "cpu":
+            return None
+        blocks = [(w[0], m.out_features, m.in_features) for m, w, _ in self._psh.layers
+                  if isinstance(m, torch.nn.Linear) and w is not None and
+                  factor_pays(m.out_features, m.in_features)]
+        return FactorLayout(self.spec_.n_params, blocks) if blocks else None
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
         super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid,
                                **kwargs)
         if self.lazy_ is not None and self._reset_epoch is not None and \
                 len(self.trajectory_.epoch_starts) - 1 == self._reset_epoch:
-            self.lazy_.reset()
+            self._filler("reset")
 
     def on_batch_begin(self, net, batch=None, training=False, **kwargs):
         super().on_batch_begin(net, batch=batch, training=training, **kwargs)
@@ -192,11 +217,11 @@ class FusedRecorder(TrajectoryRecorder):
         if self.last_epochs == "final_lr" and self._prev_lr is not None and \
                 np.any(lr != self._prev_lr):
             if self.trajectory_.epoch_starts and self.trajectory_.epoch_starts[-1] == t:
-                self.lazy_.reset()
+                self._filler("reset")
             else:
                 self.window_lost_ = True  # begins mid-epoch: the two-pass fit will do it
         self._prev_lr = lr
-        self.lazy_.step(row)
+        self._filler("step", row)
         sel = self._sel
         if not sel.any():
             return
@@ -211,6 +236,7 @@ class FusedRecorder(TrajectoryRecorder):
                                            "outside its layer's forward?)")
                     self._psh.detach()
                     self._psh = None
+                    self._settle_filler(None)  # its ring was sized for factors
                 else:
                     wg = buf if sel.all() else buf[torch.as_tensor(sel, device=buf.device)]
                     if self._factor_layout(theta) is not None:
@@ -243,18 +269,40 @@ class FusedRecorder(TrajectoryRecorder):
     def _factor_layout(self, theta):
         """After the first step's check: the layout that holds the ``Linear`` weights the
         step ran once, on one position, as factors in the :class:`DeferredStore` ring
-        (None where nothing is worth factoring, or the filler is another)."""
+        (None where nothing is worth factoring, or the filler is another). Where the
+        filler was sized for more factors than the step allows and its ring no longer
+        fits, it becomes a :class:`LazyStore`."""
         self._psh.keep_pairs = False
         if not self.FACTOR_LINEAR or not isinstance(self.lazy_, DeferredStore) or \
                 theta.device.type != "cpu":
             return None
         blocks = [b for b in self._psh.factorable() if factor_pays(b[1], b[2])]
-        if not blocks:
+        layout = FactorLayout(self.spec_.n_params, blocks) if blocks else None
+        if not self._settle_filler(layout) or layout is None:
             return None
-        layout = FactorLayout(self.spec_.n_params, blocks)
         self.lazy_.set_layout(layout)
         self._psh.set_layout(layout)
         return layout
+
+    def _filler(self, call, *args):
+        """``self.lazy_.<call>(*args)``, logged until the first step's check (which may
+        swap the filler: :meth:`_settle_filler`)."""
+        getattr(self.lazy_, call)(*args)
+        if self._psh is not None and not self._checked:
+            self._log.append((call, args))
+
+    def _settle_filler(self, layout):
+        """Keep the :class:`DeferredStore` (True) if its ring, in ``layout``'s form, still
+        fits (``_ring_fits``; it was sized for the expected layout before the first
+        step), else swap in a :class:`LazyStore` given the same steps and resets."""
+        if not isinstance(self.lazy_, DeferredStore) or self._kind != "auto" or \
+                self._ring_fits(self._net, layout):
+            return isinstance(self.lazy_, DeferredStore)
+        self.lazy_ = LazyStore(self.store, self.spec_.group_sizes,
+                               velocity=self._momentum != 0.0, directory=self.directory)
+        for call, args in self._log:
+            getattr(self.lazy_, call)(*args)
+        return False
 
     def _hooks_agree(self, buf):
         """The first step's per-sample products add up to the gradient backpropagated."""

@@ -141,7 +141,7 @@ class DeferredStore:
         """Hold the terms as ``layout`` says (:class:`FactorLayout` of the store's width):
         :meth:`commit` then takes the dense part and the factors. Only before the first
         commit."""
-        if self.entries or self.n_steps > 1 or (self.rho != 0).any():
+        if self.entries or (self.rho != 0).any():
             raise RuntimeError("DeferredStore.set_layout after terms were committed")
         if layout.n_params != self.store.shape[1]:
             raise ValueError(f"DeferredStore.set_layout: the layout has {layout.n_params} "

@@ -579,6 +579,46 @@ def test_a_factored_layer_run_again_adds_its_extra_terms(monkeypatch):
     _close(C, C2)
 
 
+class _Wide(nn.Module):
+    """40 -> 64 -> 3; with ``twice`` its first layer runs on two positions."""
+
+    def __init__(self, twice=False):
+        super().__init__()
+        kw = dict(dtype=torch.float64)
+        self.fc1 = nn.Linear(40, 64, **kw)
+        self.fc2 = nn.Linear(64, K, **kw)
+        self.twice = twice
+
+    def forward(self, x):
+        h = self.fc1(torch.stack([x, 0.5 * x], 1)).sum(1) if self.twice else self.fc1(x)
+        return self.fc2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_auto_filler_is_sized_for_the_factored_ring(twice):
+    """400 rows of a 2,819-parameter MLP at batch 16: DeferredStore's ring takes 3,232
+    rows, more than 1.5 times the store with full rows but 8% of that with both Linear
+    weights as factors, so ``auto`` picks it (before the factored ring: LazyStore). When
+    the first step does not confirm the layout (fc1 on two positions: only fc2 is
+    factored), the ring no longer fits and the filler becomes a LazyStore given the same
+    steps. Either way C is the two-pass one."""
+    rs = np.random.RandomState(1)
+    X = rs.randn(400, 40)
+    y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0.5)
+    Xt, yt = X[:4] + 0.1, y[:4]
+    net = NeuralNetClassifier(_Wide, module__twice=twice, criterion=nn.CrossEntropyLoss,
+                              optimizer=torch.optim.SGD, lr=0.05, optimizer__momentum=0.9,
+                              batch_size=16, max_epochs=2, train_split=None, verbose=0)
+    two, fused, C2, C = _both(net, X, y, Xt, yt)
+    assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
+    if twice:
+        assert fused._fit_filler == "LazyStore"
+    else:
+        assert fused._fit_filler == "DeferredStore"
+        assert fused._fit_factored == [(0, 64, 40), (40 * 64 + 64, K, 64)]
+    _close(C, C2)
+
+
 def test_window_known_only_at_the_end_falls_back_to_two_pass():
     """final_lr with the rate changed mid-epoch: the window starts at that epoch's first
     step, already committed, so the fused store is refilled from the kept trajectory."""
