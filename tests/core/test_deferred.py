@@ -220,3 +220,25 @@ def test_factored_ring_refuses_what_does_not_fit():
         ds.set_layout(layout)
     with pytest.raises(ValueError, match="coordinates"):
         DeferredStore(SampleStore(5, 3), [3]).set_layout(layout)
+
+
+def test_a_zero_term_in_a_float16_ring_stays_zero():
+    """A per-sample gradient of exact zeros (a saturated softmax gives one) is scaled by
+    1 in the float16 ring, not by 1/0: the store stays finite and equals the sum of the
+    other terms (it was NaN when the scale was clamped to 1e-300 and inverted)."""
+    row = {"lr": [0.1], "momentum": [0.9], "dampening": [0.0], "weight_decay": [0.0],
+           "nesterov": [False], "first": [True]}
+    rows = [dict(row, first=[t == 0]) for t in range(30)]
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    ds = DeferredStore(SampleStore(2, 4, kind="half"), [4], ring_rows=ring_rows(0.9, 2))
+    rs = np.random.RandomState(0)
+    want = torch.zeros(2, 4, dtype=torch.float64)
+    for t in range(30):
+        g = torch.as_tensor(rs.randn(2, 4), dtype=torch.float32)
+        g[1] = 0.0 if t % 3 == 0 else g[1]
+        ds.step(rows[t])
+        ds.commit([0, 1], g)
+        want += coef[t] * g.double()
+    got = ds.finish().data.double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
