@@ -333,12 +333,13 @@ def test_cleanlab_benchmarks(script, tmp_path):
 def test_bench_peers_and_linearity(tmp_path):
     run("accuracy/bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
         "--epochs", 1, "--models", "lr", "--methods",
-        "hydra-fast,hydra-exact,hydra-lowrank,hydrattr-if-cg", "--no-noisy", "--tag", "peers",
-        tmp_path=tmp_path)
+        "hydra-fast,hydra-exact,hydra-lowrank,hydra-lowrank-32,hydrattr-if-cg", "--no-noisy",
+        "--tag", "peers", tmp_path=tmp_path)
     rows = saved(tmp_path, "peers")["models"]["lr"]["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [
         ("hydra-fast", "ok"), ("hydra-exact", "ok"), ("hydra-lowrank", "ok"),
-        ("hydrattr-if-cg", "ok")]
+        ("hydra-lowrank-32", "ok"), ("hydrattr-if-cg", "ok")]
+    assert "rank=32" in rows[3]["settings"]
     # the ensembles and --sweep-batch: two exact members of 3 sweeps each (5 test points,
     # 2 a sweep), their settings saying so, and an LDS computed for each
     run("accuracy/bench_peers", "--n-train", 100, "--n-test", 5, "--n-loo", 3, "--n-lds", 4,
