@@ -319,43 +319,29 @@ def m_hydra_exact(ctx):
     return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(a, len(ctx.Xt))}"
 
 
-@method("hydra-lowrank", "hydrattr")
-def m_hydra_lowrank(ctx):
-    from hydrattr import HydraAttributor
-
-    # rank=0.9: the directions that keep 90% of the unit-scaled test gradients' energy
-    # (bench_lowrank: 59 of 200 test points on the MLP, 121 of 2,000)
-    b, how = _sweep_batch(ctx)
-    a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact", rank=0.9,
-                        test_batch_size=b, random_state=ctx.args.seed,
-                        verbose=0).fit(ctx.X, ctx.y)
-    C = a.attribute(ctx.Xt, ctx.yt)
-    return C, (f"mode='exact', rank=0.9: {how(a, a.rank_, 'directions')} for "
-               f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their unit-scaled "
-               f"energy left out)")
-
-
-def _lowrank_k(k):
-    """``hydra-lowrank-<k>``: exact mode on the ``k`` leading directions of the
-    unit-scaled test gradients, one adjoint sweep whatever the number of test points
-    (bench_lowrank, tanh MLP at 1,500 rows: Spearman with exact mode 0.66 at k=32, 0.82
-    at k=64, 0.87 for rank=0.9's 81 directions)."""
+def _lowrank(rank):
+    """``hydra-lowrank`` (``rank=0.9``: the directions that keep 90% of the unit-scaled
+    test gradients' energy; bench_lowrank: 59 of 200 test points on the MLP, 121 of
+    2,000) and ``hydra-lowrank-<k>`` (the ``k`` leading directions, one adjoint sweep
+    whatever the number of test points; bench_lowrank, tanh MLP at 1,500 rows: Spearman
+    with exact mode 0.66 at k=32, 0.82 at k=64, 0.87 for rank=0.9's 81 directions)."""
     def run(ctx):
         from hydrattr import HydraAttributor
 
         b, how = _sweep_batch(ctx)
-        a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact", rank=k,
-                            test_batch_size=b, random_state=ctx.args.seed,
+        a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
+                            rank=rank, test_batch_size=b, random_state=ctx.args.seed,
                             verbose=0).fit(ctx.X, ctx.y)
         C = a.attribute(ctx.Xt, ctx.yt)
-        return C, (f"mode='exact', rank={k}: {how(a, a.rank_, 'directions')} for "
+        return C, (f"mode='exact', rank={rank}: {how(a, a.rank_, 'directions')} for "
                    f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their "
                    f"unit-scaled energy left out)")
     return run
 
 
+method("hydra-lowrank", "hydrattr")(_lowrank(0.9))
 for _k in (32, 64):
-    method(f"hydra-lowrank-{_k}", "hydrattr")(_lowrank_k(_k))
+    method(f"hydra-lowrank-{_k}", "hydrattr")(_lowrank(_k))
 
 
 def _hydra_ensemble(ctx, mode, **kw):

@@ -18,6 +18,9 @@ from hydrattr._core.sgd import SGDHyper, fast_coefficients
 from hydrattr._core.store import SampleStore
 
 SIZES = [5, 3]
+# store kind, dtype of the terms, tolerance relative to the largest entry
+KINDS = [("dense", torch.float64, 1e-12), ("memmap", torch.float64, 1e-12),
+         ("dense", torch.float32, 1e-5), ("half", torch.float32, 2e-3)]
 
 
 def _rows(T, rs, zero_lr=()):
@@ -58,10 +61,7 @@ def _run(kind, dtype, T, tmp_path, start=None, ring=None, zero_lr=(), n=9, B=4, 
     return got, want, waiting
 
 
-@pytest.mark.parametrize("kind,dtype,rtol", [("dense", torch.float64, 1e-12),
-                                              ("memmap", torch.float64, 1e-12),
-                                              ("dense", torch.float32, 1e-5),
-                                              ("half", torch.float32, 2e-3)])
+@pytest.mark.parametrize("kind,dtype,rtol", KINDS)
 def test_deferred_store_equals_fast_coefficient_sum(kind, dtype, rtol, tmp_path):
     # the terms of the first fold_steps after the reset, at least, are folded
     T = 230 + 2 * fold_steps(0.9, torch.float16 if kind == "half" else dtype)
@@ -160,10 +160,7 @@ def _factored_terms(rs, B, layout):
     return dense, factors, full
 
 
-@pytest.mark.parametrize("kind,dtype,rtol", [("dense", torch.float64, 1e-12),
-                                              ("memmap", torch.float64, 1e-12),
-                                              ("dense", torch.float32, 1e-5),
-                                              ("half", torch.float32, 2e-3)])
+@pytest.mark.parametrize("kind,dtype,rtol", KINDS)
 def test_factored_ring_equals_fast_coefficient_sum(kind, dtype, rtol, tmp_path):
     """The same long runs as above with the ring holding a dense part and factors: every
     term added with its coefficient, the extra rank-one terms of a step (``dense=None``,
@@ -172,9 +169,7 @@ def test_factored_ring_equals_fast_coefficient_sum(kind, dtype, rtol, tmp_path):
 
     rs = np.random.RandomState(4)
     T, n, B = 260 + 2 * fold_steps(0.9, torch.float16 if kind == "half" else dtype), 60, 4
-    rows = [{"lr": [float(0.1 * 0.5 ** (t // 150)), float(rs.uniform(0.01, 0.2))],
-             "momentum": [0.9, 0.5], "dampening": [0.1, 0.0], "weight_decay": [1e-2, 0.0],
-             "nesterov": [False, True], "first": [t == 0, t == 0]} for t in range(T)]
+    rows = _rows(T, rs)
     coef = fast_coefficients(SGDHyper.from_rows(rows))
     expand = ParamSpec(["a", "b"], [(14,), (9,)], FSIZES).expand
     layout = FactorLayout(sum(FSIZES), FBLOCKS)

@@ -503,6 +503,22 @@ def test_fused_with_dropout_and_batchnorm(store_kind, module__dropout, module__b
     _close(C, C2)
 
 
+def _wide_data(n, d, seed, n_test, second=5):
+    """``n`` rows of ``d`` Gaussian features, three classes from two of them; test points
+    near the first ``n_test`` rows."""
+    rs = np.random.RandomState(seed)
+    X = rs.randn(n, d)
+    y = (X[:, 0] > 0).astype(np.int64) + (X[:, second] > 0.5)
+    return X, y, X[:n_test] + 0.1, y[:n_test]
+
+
+def _sgd16(module, **kw):
+    """``module`` trained 2 epochs by SGD (lr 0.05, momentum 0.9) in batches of 16."""
+    return NeuralNetClassifier(module, criterion=nn.CrossEntropyLoss,
+                               optimizer=torch.optim.SGD, lr=0.05, optimizer__momentum=0.9,
+                               batch_size=16, max_epochs=2, train_split=None, verbose=0, **kw)
+
+
 class _SmallConv(nn.Module):
     def __init__(self, tied=False):
         super().__init__()
@@ -522,14 +538,8 @@ class _SmallConv(nn.Module):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_fused_conv_net_and_a_parameter_used_outside_its_layer(store_kind, tied):
-    rs = np.random.RandomState(5)
-    X = rs.randn(64, 16)
-    y = (X[:, 0] > 0).astype(np.int64) + (X[:, 5] > 0.5)
-    Xt, yt = X[:3] + 0.1, y[:3]
-    net = NeuralNetClassifier(_SmallConv, module__tied=tied, criterion=nn.CrossEntropyLoss,
-                              optimizer=torch.optim.SGD, lr=0.05, optimizer__momentum=0.9,
-                              optimizer__weight_decay=1e-3, batch_size=16, max_epochs=2,
-                              train_split=None, verbose=0)
+    X, y, Xt, yt = _wide_data(64, 16, 5, n_test=3)
+    net = _sgd16(_SmallConv, module__tied=tied, optimizer__weight_decay=1e-3)
     two, fused, C2, C = _both(net, X, y, Xt, yt)
     assert fused.fit_path_ == "fused"
     unused = slice(fused.spec_.n_params - 6, fused.spec_.n_params)
@@ -602,14 +612,8 @@ def test_auto_filler_is_sized_for_the_factored_ring(twice):
     the first step does not confirm the layout (fc1 on two positions: only fc2 is
     factored), the ring no longer fits and the filler becomes a LazyStore given the same
     steps. Either way C is the two-pass one."""
-    rs = np.random.RandomState(1)
-    X = rs.randn(400, 40)
-    y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0.5)
-    Xt, yt = X[:4] + 0.1, y[:4]
-    net = NeuralNetClassifier(_Wide, module__twice=twice, criterion=nn.CrossEntropyLoss,
-                              optimizer=torch.optim.SGD, lr=0.05, optimizer__momentum=0.9,
-                              batch_size=16, max_epochs=2, train_split=None, verbose=0)
-    two, fused, C2, C = _both(net, X, y, Xt, yt)
+    X, y, Xt, yt = _wide_data(400, 40, 1, n_test=4, second=1)
+    two, fused, C2, C = _both(_sgd16(_Wide, module__twice=twice), X, y, Xt, yt)
     assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
     if twice:
         assert fused._fit_filler == "LazyStore"
