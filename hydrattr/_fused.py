@@ -155,9 +155,10 @@ class FusedRecorder(TrajectoryRecorder):
         """Whether :class:`DeferredStore`'s ring, its rows in ``layout``'s form (None: full
         rows), takes at most 1.5 times the store's memory."""
         item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
+        factor_item = 8 if item == 8 else 4  # the factors: the filler's compute dtype
         n_params = self.store.shape[1]
         row = n_params * item if layout is None else \
-            layout.dense_width * item + layout.factor_width * 4 * (1 + (item == 8))
+            layout.dense_width * item + layout.factor_width * factor_item
         return self._ring_rows(net) * row <= 1.5 * self.store.shape[0] * n_params * item
 
     def _expected_layout(self, net):
@@ -167,9 +168,14 @@ class FusedRecorder(TrajectoryRecorder):
         if self._psh is None or not self.FACTOR_LINEAR or \
                 next(net.module_.parameters()).device.type != "cpu":
             return None
-        blocks = [(w[0], m.out_features, m.in_features) for m, w, _ in self._psh.layers
-                  if isinstance(m, torch.nn.Linear) and w is not None and
-                  factor_pays(m.out_features, m.in_features)]
+        return self._layout([(w[0], m.out_features, m.in_features)
+                             for m, w, _ in self._psh.layers
+                             if isinstance(m, torch.nn.Linear) and w is not None])
+
+    def _layout(self, weights):
+        """The :class:`FactorLayout` of the ``(offset, n_out, n_in)`` weights worth
+        holding as factors (:func:`factor_pays`), or None where none is."""
+        blocks = [b for b in weights if factor_pays(b[1], b[2])]
         return FactorLayout(self.spec_.n_params, blocks) if blocks else None
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
@@ -276,8 +282,7 @@ class FusedRecorder(TrajectoryRecorder):
         if not self.FACTOR_LINEAR or not isinstance(self.lazy_, DeferredStore) or \
                 theta.device.type != "cpu":
             return None
-        blocks = [b for b in self._psh.factorable() if factor_pays(b[1], b[2])]
-        layout = FactorLayout(self.spec_.n_params, blocks) if blocks else None
+        layout = self._layout(self._psh.factorable())
         if not self._settle_filler(layout) or layout is None:
             return None
         self.lazy_.set_layout(layout)

@@ -215,9 +215,15 @@ class DeferredStore:
         per-row factor they are still to be multiplied by (with a factored layout the
         rows are written back into a reused block, already scaled)."""
         if not self.layout.factored:
-            return self._ring_rows(start, n), self.scale[start:start + n]
+            return self._ring_rows(start, n), self._pending_scale(start, n)
         return self._full(self.ring[start:start + n], self.fring[start:start + n],
-                          self.scale[start:start + n]), np.ones(n)
+                          self.scale[start:start + n]), self._pending_scale(start, n)
+
+    def _pending_scale(self, start, n):
+        """The per-row factor ring rows ``start:start+n`` are still to be multiplied by
+        once read: their ``scale``, or 1 with a factored layout (whose rows are written
+        back already scaled)."""
+        return np.ones(n) if self.layout.factored else self.scale[start:start + n]
 
     def _gathered(self, idx):
         """With a factored layout: ring rows ``idx`` as full rows, scaled (a reused
@@ -445,8 +451,7 @@ class DeferredStore:
         for (start, n, sl), q in zip(self.entries, self.q):
             slots.append(sl)
             ring_idx.append(np.arange(start, start + n))
-            scale = self.scale[start:start + n] if not self.layout.factored else np.ones(n)
-            coefs.append(scale[:, None] * q[None, :, 0])
+            coefs.append(self._pending_scale(start, n)[:, None] * q[None, :, 0])
         slots, ring_idx, coefs = (np.concatenate(a) for a in (slots, ring_idx, coefs))
         order = np.argsort(slots, kind="stable")
         slots, ring_idx, coefs = slots[order], ring_idx[order], coefs[order]

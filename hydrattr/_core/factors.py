@@ -120,13 +120,3 @@ class FactorLayout:
             fo = factors[:, f:f + o + i]
             torch.mul(fo[:, :o, None], fo[:, None, o:], out=out[:, off:off + o * i].view(n, o, i))
         return out
-
-    def column_sum(self, dense, factors):
-        """The full rows' sum over samples, ``(P,)``, without materialising them."""
-        out = torch.empty(self.n_params, dtype=dense.dtype, device=dense.device)
-        for s0, s1, r0 in self.segments:
-            out[s0:s1] = dense[:, r0:r0 + s1 - s0].sum(0)
-        for off, o, i, f in self.blocks:
-            out[off:off + o * i] = (factors[:, f:f + o].T @ factors[:, f + o:f + o + i]
-                                    ).reshape(-1)
-        return out

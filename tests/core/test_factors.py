@@ -1,6 +1,5 @@
 """``FactorLayout``: per-sample gradients with some Linear weights held as factors,
-against the full rows built directly (exact: copies and single products, so equality to
-float64 rounding of one product)."""
+against the full rows built directly (exact: copies and single products)."""
 import pytest
 import torch
 
@@ -33,8 +32,6 @@ def test_split_and_materialize_give_the_full_rows_back():
     dense, factors = lay.split(full, pairs)
     out = lay.materialize(dense, factors, torch.empty_like(full))
     torch.testing.assert_close(out, full, rtol=0, atol=0)
-    torch.testing.assert_close(lay.column_sum(dense, factors), full.sum(0), rtol=1e-14,
-                               atol=1e-13)
     assert lay.dense_offset(33) == 7 and lay.block_at(23)[3] == 9 and lay.block_at(24) is None
     with pytest.raises(KeyError):
         lay.dense_offset(10)
