@@ -26,6 +26,7 @@ import torch
 from ._core.functional import per_sample_grads, take_batch_rows
 from ._core.deferred import DeferredStore, ring_rows
 from ._core.factors import FactorLayout, factor_pays
+from ._core.factorlog import FactorLogStore
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
 from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
@@ -72,6 +73,7 @@ class FusedRecorder(TrajectoryRecorder):
 
     STORE_KIND = "auto"
     FACTOR_LINEAR = True  # DeferredStore's ring holds Linear weights' terms as factors
+    LOG_FACTORS = True  # in-memory stores: those factors go to a log, never summed into rows
 
     def __init__(self, dataset, store=None, rows_map=None, per_sample="auto",
                  last_epochs=None, hooks=True, record_rng=False, storage="memory",
@@ -140,6 +142,10 @@ class FusedRecorder(TrajectoryRecorder):
         times the store's memory (high momentum, few rows), then :class:`LazyStore` (two
         vectors a row)."""
         if self._kind == "deferred" or (self._kind == "auto" and self._ring_fits(net, layout)):
+            if self.LOG_FACTORS and layout is not None and self.store.kind in ("dense", "half"):
+                return FactorLogStore(self.store, self.spec_.group_sizes,
+                                      ring_rows=self._ring_rows(net),
+                                      capacity=self.store.shape[0] * max(net.max_epochs, 1))
             return DeferredStore(self.store, self.spec_.group_sizes,
                                  ring_rows=self._ring_rows(net), directory=self.directory)
         return LazyStore(self.store, self.spec_.group_sizes, velocity=self._momentum != 0.0,

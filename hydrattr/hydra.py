@@ -172,8 +172,9 @@ class HydraAttributor(BaseAttributor):
     trained_mask_ : ndarray of bool
         Rows that entered at least one gradient step (rows held out by
         ``train_split`` have exactly zero contribution).
-    store_ : SampleStore or None
-        Fast-mode per-sample state.
+    store_ : SampleStore, FactoredStore or None
+        Fast-mode per-sample state (a ``FactoredStore`` keeps the ``Linear`` weights'
+        blocks as logged factor pairs; both have ``matmul_t``).
     window_start_ : int
         First optimizer step whose per-sample terms count (0 unless ``last_epochs``).
     fit_path_ : {"fused", "two_pass"} or None
@@ -283,7 +284,9 @@ class HydraAttributor(BaseAttributor):
 
     def _fill_store(self, store):
         """The fast-mode store: finished by the fused recorder when it filled it for this
-        window, else filled by the two-pass sweep over the recorded trajectory."""
+        window (a :class:`~hydrattr._core.factorlog.FactoredStore` where it logged
+        ``Linear`` factors), else ``store`` filled by the two-pass sweep over the
+        recorded trajectory."""
         import time
 
         rec, self._fused_recorder = getattr(self, "_fused_recorder", None), None
@@ -295,7 +298,7 @@ class HydraAttributor(BaseAttributor):
             self.hooks_fallback_ = rec.hook_fallback_
             if not rec.window_lost_ and lazy.start == self.window_start_ and \
                     len(lazy) == len(self.trajectory_):
-                lazy.finish()
+                filled = lazy.finish()  # store, or a FactoredStore
                 self.fit_path_ = "fused"
                 self._fit_filler = type(lazy).__name__  # which store filler (for tests)
                 layout = getattr(lazy, "layout", None)  # the Linear weights held as factors
@@ -304,7 +307,7 @@ class HydraAttributor(BaseAttributor):
                                      "step_grads_s": rec.seconds_["step_grads"],
                                      "commit_s": lazy.seconds["commit"],
                                      "finish_s": lazy.seconds["finish"]}
-                return
+                return filled
             from ._fused import zero_store
 
             lazy.release()
@@ -316,6 +319,7 @@ class HydraAttributor(BaseAttributor):
                              device=self._device, progress=self._progress(),
                              start=self.window_start_)
         self._fit_profile = {"store_pass_s": time.perf_counter() - tic}
+        return store
 
     def _check_last_step(self, last_grad):
         # a checkpointed trajectory recomputes theta(t) with a copy of the trained net;
@@ -348,8 +352,7 @@ class HydraAttributor(BaseAttributor):
         self.fit_path_ = self.hooks_fallback_ = None
         self.window_start_ = self.trajectory_.start_of_last_epochs(self.last_epochs)
         if store is not None:
-            self._fill_store(store)
-            self.store_ = store
+            self.store_ = self._fill_store(store)
             self._store_last_epochs = self.last_epochs
             self.trajectory_ = None  # everything fast mode needs is in the store
 

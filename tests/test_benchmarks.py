@@ -56,7 +56,7 @@ def saved(tmp_path, stem):
 
 def test_bench_fast(tmp_path):
     run("perf/bench_fast", "--epochs", 1, "--n-train", 256, "--n-test", 8, "--tag", "t",
-        "--fit-paths", "two_pass", "fused_full", "fused", "--filler", "deferred",
+        "--fit-paths", "two_pass", "fused_full", "fused_ring", "fused", "--filler", "deferred",
         tmp_path=tmp_path)
     res = saved(tmp_path, "bench_fast_t")
     assert res["weights_identical_to_plain_fit"] and res["C_finite"]
@@ -66,6 +66,9 @@ def test_bench_fast(tmp_path):
     # differs from one product to the next (up to ~1e-4 of the largest entry seen); a
     # wrong term is off by O(1)
     assert len(res["fits"]["fused"]["factored_linear_weights"]) == 3
+    assert len(res["fits"]["fused_ring"]["factored_linear_weights"]) == 3
+    assert res["fits"]["fused"]["store_filler"] == "FactorLogStore"
+    assert res["fits"]["fused_ring"]["store_filler"] == "DeferredStore"
     assert res["fits"]["fused_full"]["factored_linear_weights"] == []
     assert max(res["C_max_rel_diff_to_last_path"].values()) < 1e-3
 

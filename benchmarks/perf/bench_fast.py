@@ -9,10 +9,12 @@ in the same process, one after the other:
    ``two_pass`` (training while recording every step's parameters, then a second pass
    that recomputes per-sample gradients with ``vmap`` into the store), ``fused`` (the
    default: per-sample gradients from the training backward committed to the store
-   during training, coefficients brought forward lazily) and ``fused_full`` (the same
-   with the ``Linear`` weights' terms held as full rows in the filler's ring instead of
-   as factors, as before the factored ring), each with its profile (where the time
-   went) and the peak resident memory of that fit;
+   during training, coefficients brought forward lazily, the ``Linear`` weights' terms
+   logged as factors and never summed into full rows), ``fused_ring`` (those factors
+   held in the filler's ring and written back to full rows before each fold, as before
+   the factor log; still the path for ``storage="memmap"``) and ``fused_full`` (full
+   rows in the ring, as before the factored ring), each with its profile (where the
+   time went) and the peak resident memory of that fit;
 3. ``attribute`` on ``--n-test`` test points (the fused fit's store), and the largest
    difference between the two paths' ``C``;
 
@@ -54,7 +56,7 @@ def main(argv=None):
                    help="the fused fit's store filler (auto: the library's choice; the "
                         "others force DeferredStore or LazyStore, for comparisons)")
     p.add_argument("--fit-paths", nargs="+", default=["two_pass", "fused"],
-                   choices=["two_pass", "fused", "fused_full"],
+                   choices=["two_pass", "fused", "fused_ring", "fused_full"],
                    help="fits to time (the last is attributed)")
     add_data_arg(p)
     p.add_argument("--note", default="", help="a line for the markdown (e.g. 'shared machine')")
@@ -90,8 +92,10 @@ def main(argv=None):
         att = None
         release_memory()
         FusedRecorder.FACTOR_LINEAR = path != "fused_full"
+        FusedRecorder.LOG_FACTORS = path == "fused"
         att = HydraAttributor(mnist_lenet(args.epochs), mode="fast", storage=args.storage,
-                              trajectory=args.trajectory, fit_path=path.split("_full")[0],
+                              trajectory=args.trajectory,
+                              fit_path="two_pass" if path == "two_pass" else "fused",
                               random_state=0, verbose=0)
         with PeakMemory() as mem:
             t = time.perf_counter()

@@ -109,7 +109,9 @@ class DeferredStore:
 
     def __init__(self, store, group_sizes, ring_rows=256, directory=None, tol=None):
         self.store = store
-        self.layout = FactorLayout(store.shape[1])  # nothing factored
+        # the terms' form (``layout``) and the ring's (the same here; a subclass may
+        # hold the factors elsewhere)
+        self.layout = self._ring_layout = FactorLayout(store.shape[1])  # nothing factored
         self.fring = None  # the ring's factor part (rows, factor_width), compute dtype
         self.group_sizes = [int(s) for s in group_sizes]
         self.slices = group_slices(self.group_sizes, store.shape[1])
@@ -146,14 +148,14 @@ class DeferredStore:
         if layout.n_params != self.store.shape[1]:
             raise ValueError(f"DeferredStore.set_layout: the layout has {layout.n_params} "
                              f"coordinates, the store {self.store.shape[1]}.")
-        self.layout = layout
+        self.layout = self._ring_layout = layout
         rows = self.ring.shape[0]
         self.ring = self._new_ring(rows)
         self.fring = self._new_fring(rows)
 
     def _new_ring(self, rows):
         s = self.store
-        width = self.layout.dense_width
+        width = self._ring_layout.dense_width
         if s.kind == "memmap":
             return SampleStore(rows, width, kind="memmap", dtype=s.dtype,
                                directory=self.directory).data
@@ -161,9 +163,9 @@ class DeferredStore:
         return torch.empty(rows, width, dtype=dtype)
 
     def _new_fring(self, rows):
-        if not self.layout.factored:
+        if not self._ring_layout.factored:
             return None
-        return torch.empty(rows, self.layout.factor_width, dtype=self.compute_dtype)
+        return torch.empty(rows, self._ring_layout.factor_width, dtype=self.compute_dtype)
 
     def _alloc(self, n):
         """Start of ``n`` contiguous free ring rows (the ring grows when there are none)."""
@@ -214,7 +216,7 @@ class DeferredStore:
         """``(g, scale)``: ring rows ``start:start+n`` as full compute-dtype rows and the
         per-row factor they are still to be multiplied by (with a factored layout the
         rows are written back into a reused block, already scaled)."""
-        if not self.layout.factored:
+        if not self._ring_layout.factored:
             return self._ring_rows(start, n), self._pending_scale(start, n)
         return self._full(self.ring[start:start + n], self.fring[start:start + n],
                           self.scale[start:start + n]), self._pending_scale(start, n)
@@ -223,7 +225,7 @@ class DeferredStore:
         """The per-row factor ring rows ``start:start+n`` are still to be multiplied by
         once read: their ``scale``, or 1 with a factored layout (whose rows are written
         back already scaled)."""
-        return np.ones(n) if self.layout.factored else self.scale[start:start + n]
+        return np.ones(n) if self._ring_layout.factored else self.scale[start:start + n]
 
     def _gathered(self, idx):
         """With a factored layout: ring rows ``idx`` as full rows, scaled (a reused
@@ -242,7 +244,7 @@ class DeferredStore:
         scale = torch.from_numpy(scale).to(self.compute_dtype) \
             if self.store.kind == "half" else None
         out = self._block("_gbuf", dense.shape[0], self.store.shape[1])
-        return self.layout.materialize(dense, factors, out, scale)
+        return self._ring_layout.materialize(dense, factors, out, scale)
 
     # -- steps ---------------------------------------------------------------------------
     def __len__(self):
@@ -316,13 +318,13 @@ class DeferredStore:
         if not len(slots):
             return
         n = len(slots)
-        width = self.layout.dense_width
-        if (factors is None) == self.layout.factored or \
+        width = self._ring_layout.dense_width
+        if (factors is None) == self._ring_layout.factored or \
                 (values is not None and tuple(values.shape) != (n, width)) or \
-                (factors is not None and tuple(factors.shape) != (n, self.layout.factor_width)):
+                (factors is not None and tuple(factors.shape) != (n, self._ring_layout.factor_width)):
             raise ValueError(
                 f"DeferredStore.commit: expected {n} rows of {width} dense values"
-                + (f" and {self.layout.factor_width} factors" if self.layout.factored
+                + (f" and {self._ring_layout.factor_width} factors" if self._ring_layout.factored
                    else "") + f", got values {None if values is None else tuple(values.shape)}"
                 f" and factors {None if factors is None else tuple(factors.shape)}.")
         tic = time.perf_counter()
@@ -471,7 +473,7 @@ class DeferredStore:
                     part[empty] = 0.0
             lo, hi = np.searchsorted(slots, [s, e])
             for k in range(lo, hi):  # row by row: the ring row is read once, not gathered
-                if not self.layout.factored:
+                if not self._ring_layout.factored:
                     g = self._ring_rows(int(ring_idx[k]), 1)[0]
                 else:  # full rows written back a few dozen at a time
                     if (k - lo) % 64 == 0:

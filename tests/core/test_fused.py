@@ -393,17 +393,28 @@ def _close(C, C_ref, rtol=1e-10):
     np.testing.assert_allclose(C, C_ref, rtol=0, atol=rtol * scale)
 
 
-@pytest.fixture(params=["lazy", "deferred", "deferred-full"])
+@pytest.fixture(params=["lazy", "deferred", "deferred-ring", "deferred-full"])
 def store_kind(request, monkeypatch):
     """Each fused-fit test with both store fillers (``auto`` picks LazyStore for these
-    small runs: DeferredStore's ring would outgrow the store), DeferredStore with its
-    ring holding the Linear weights' factors (the default) and full rows."""
+    small runs: DeferredStore's ring would outgrow the store), DeferredStore with the
+    Linear weights' factors in a log (FactorLogStore, the default for in-memory stores),
+    in its ring (the default for memmap), and as full rows."""
     from hydrattr._fused import FusedRecorder
 
     kind = request.param.split("-")[0]
     monkeypatch.setattr(FusedRecorder, "STORE_KIND", kind)
     monkeypatch.setattr(FusedRecorder, "FACTOR_LINEAR", request.param != "deferred-full")
+    monkeypatch.setattr(FusedRecorder, "LOG_FACTORS", request.param == "deferred")
     return request.param
+
+
+def _filler(store_kind, storage="dense"):
+    """The filler class name a fused fit under ``store_kind`` uses."""
+    if store_kind == "lazy":
+        return "LazyStore"
+    if store_kind == "deferred" and storage != "memmap":
+        return "FactorLogStore"
+    return "DeferredStore"
 
 
 @pytest.mark.parametrize("kw", [
@@ -421,12 +432,14 @@ def test_fused_equals_two_pass(store_kind, kw, tmp_path):
         kw = dict(kw, store_dir=str(tmp_path))
     two, fused, C2, C = _both(_net(), X, y, Xt, yt, **kw)
     assert fused.fit_path_ == "fused" and fused.hooks_fallback_ is None
-    assert fused._fit_filler == {"lazy": "LazyStore", "deferred": "DeferredStore",
-                                 "deferred-full": "DeferredStore"}[store_kind]
-    # both Linear layers of the MLP (6 -> 8 -> 3) held as factors in the ring
-    assert fused._fit_factored == ([(0, 8, 6), (56, 3, 8)] if store_kind == "deferred"
-                                   else [])
+    assert fused._fit_filler == _filler(store_kind, kw.get("storage", "dense"))
+    # both Linear layers of the MLP (6 -> 8 -> 3) held as factors in the log or ring
+    assert fused._fit_factored == ([(0, 8, 6), (56, 3, 8)]
+                                   if store_kind in ("deferred", "deferred-ring") else [])
     assert fused.trajectory_ is None and fused.store_.kind == two.store_.kind
+    assert type(fused.store_).__name__ == (
+        "FactoredStore" if _filler(store_kind, kw.get("storage", "dense")) == "FactorLogStore"
+        else "SampleStore")
     _close(C, C2, rtol=2e-3 if kw.get("storage") == "half" else 1e-10)
     if "track" in kw:
         assert np.isnan(C).sum() == np.isnan(C2).sum() == (N - 30) * 5
@@ -448,7 +461,7 @@ def test_deferred_fill_folds_a_long_float32_run(storage):
         <= 1.5 * n
     two, fused, C2, C = _both(net, X.astype(np.float32), y, Xt.astype(np.float32), yt,
                               storage=storage)
-    assert fused.fit_path_ == "fused" and fused._fit_filler == "DeferredStore"
+    assert fused.fit_path_ == "fused" and fused._fit_filler == "FactorLogStore"
     assert len(fused._fit_factored) == 2
     _close(C, C2, rtol=2e-3 if storage == "half" else 1e-5)
 
@@ -566,14 +579,16 @@ class _Again(nn.Module):
         return self.fc2(torch.tanh(h))
 
 
-def test_a_factored_layer_run_again_adds_its_extra_terms(monkeypatch):
+@pytest.mark.parametrize("log", [True, False], ids=["log", "ring"])
+def test_a_factored_layer_run_again_adds_its_extra_terms(monkeypatch, log):
     """A factored layer run on more than one position or more than once in a step (the
     layout is decided from the first step; here every Linear weight is factored however
-    the step ran it): its further rank-one terms go to extra ring rows of the same
-    slots, and C is the two-pass one."""
+    the step ran it): its further rank-one terms go to extra log entries (or ring rows)
+    of the same slots, and C is the two-pass one."""
     from hydrattr._fused import FusedRecorder
 
     monkeypatch.setattr(FusedRecorder, "STORE_KIND", "deferred")
+    monkeypatch.setattr(FusedRecorder, "LOG_FACTORS", log)
     monkeypatch.setattr(PerSampleHooks, "factorable", lambda self: [
         (off, o, i) for off, (_, _, (o, i)) in sorted(self._seen.items())])
     X, y = _data()
@@ -618,7 +633,7 @@ def test_auto_filler_is_sized_for_the_factored_ring(twice):
     if twice:
         assert fused._fit_filler == "LazyStore"
     else:
-        assert fused._fit_filler == "DeferredStore"
+        assert fused._fit_filler == "FactorLogStore"
         assert fused._fit_factored == [(0, 64, 40), (40 * 64 + 64, K, 64)]
     _close(C, C2)
 
