@@ -148,8 +148,8 @@ class FusedRecorder(TrajectoryRecorder):
                                       capacity=self.store.shape[0] * max(net.max_epochs, 1))
             return DeferredStore(self.store, self.spec_.group_sizes,
                                  ring_rows=self._ring_rows(net), directory=self.directory)
-        return LazyStore(self.store, self.spec_.group_sizes, velocity=self._momentum != 0.0,
-                         directory=self.directory)
+        return LazyStore(self.store.ensure_zero(), self.spec_.group_sizes,
+                         velocity=self._momentum != 0.0, directory=self.directory)
 
     def _ring_rows(self, net):
         n_rows = self.store.shape[0]
@@ -309,7 +309,7 @@ class FusedRecorder(TrajectoryRecorder):
         if not isinstance(self.lazy_, DeferredStore) or self._kind != "auto" or \
                 self._ring_fits(self._net, layout):
             return isinstance(self.lazy_, DeferredStore)
-        self.lazy_ = LazyStore(self.store, self.spec_.group_sizes,
+        self.lazy_ = LazyStore(self.store.ensure_zero(), self.spec_.group_sizes,
                                velocity=self._momentum != 0.0, directory=self.directory)
         for call, args in self._log:
             getattr(self.lazy_, call)(*args)

@@ -262,8 +262,11 @@ class HydraAttributor(BaseAttributor):
                 f"trajectory='memory'.")
         if self.mode == "fast" and self.storage != "replay":
             self.rows_ = select_rows(self.track, n, self.random_state, "track")
+            # the fused fit's fillers write every row (the factor log never touches it),
+            # so its pages are left untouched; the two-pass fit zeroes it (_fill_store)
             self._new_store = SampleStore(len(self.rows_), n_params, kind=self.storage,
-                                          dtype=self.param_dtype_, directory=self.store_dir)
+                                          dtype=self.param_dtype_, directory=self.store_dir,
+                                          zero=self.fit_path != "fused")
 
     def _make_recorder(self, dataset, record_rng):
         self._fused_recorder = None
@@ -312,6 +315,7 @@ class HydraAttributor(BaseAttributor):
 
             lazy.release()
             zero_store(store)  # the window began elsewhere: fill it again from the record
+        store.ensure_zero()
         tic = time.perf_counter()
         with module_mode(self.net_.module_, training=True):
             build_fast_store(self.trajectory_, self._loss_fn(), self._data_fn(), store,

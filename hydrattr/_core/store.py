@@ -32,18 +32,26 @@ class SampleStore:
         Where ``"memmap"`` writes its file (a temporary directory when None). Its space
         is reserved (``os.posix_fallocate``) at creation: ``OSError`` naming the
         directory when there is no room.
+    zero : bool, default=True
+        False: a dense or half store is allocated without being written (no memory is
+        touched until a filler writes it; :meth:`ensure_zero` zeroes it when needed).
     """
 
-    def __init__(self, n_rows, n_params, kind="dense", dtype=torch.float32, directory=None):
+    def __init__(self, n_rows, n_params, kind="dense", dtype=torch.float32, directory=None,
+                 zero=True):
         if kind not in STORE_KINDS:
             raise ValueError(f"storage must be one of {STORE_KINDS + ('replay',)}, got {kind!r}")
         self.kind = kind
         self.dtype = dtype
         self.shape = (int(n_rows), int(n_params))
+        # zero=False: an in-memory store left unwritten (its pages untouched) until a
+        # filler writes every row or calls ensure_zero
+        self.zeroed = bool(zero) or kind == "memmap"
+        new = torch.zeros if self.zeroed else torch.empty
         if kind == "dense":
-            self.data = torch.zeros(self.shape, dtype=dtype)
+            self.data = new(self.shape, dtype=dtype)
         elif kind == "half":
-            self.data = torch.zeros(self.shape, dtype=torch.float16)
+            self.data = new(self.shape, dtype=torch.float16)
         else:  # a zero-filled file without a name: gone however the process ends
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             f = anonymous_file(directory, "hydrattr-store-")
@@ -53,6 +61,13 @@ class SampleStore:
                 f.close()
                 raise
             self.data = map_file(f, np_dtype, self.shape, mode="r+")
+
+    def ensure_zero(self):
+        """Zero the store if it was created with ``zero=False``; returns it."""
+        if not self.zeroed:
+            self.data.zero_()
+            self.zeroed = True
+        return self
 
     def add(self, rows, values):
         """``store[rows] += values`` (rows unique within a call)."""
