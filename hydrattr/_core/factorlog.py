@@ -229,7 +229,7 @@ class FactoredStore:
         self.layout = layout
         self.log = log
         self.shape = (dense.shape[0], layout.n_params)
-        slots = np.asarray(slots, dtype=np.int64)
+        self.slots = slots = np.asarray(slots, dtype=np.int64)
         self.order = np.argsort(slots, kind="stable")
         self.indptr = np.concatenate([[0], np.cumsum(np.bincount(slots,
                                                                   minlength=self.shape[0]))])
@@ -245,36 +245,49 @@ class FactoredStore:
     @property
     def nbytes(self):
         return int(self.dense.nbytes + self.log.numel() * self.log.element_size()
-                   + self.order.nbytes + self.indptr.nbytes)
+                   + self.slots.nbytes + self.order.nbytes + self.indptr.nbytes)
 
-    def rows(self, start, stop, out=None):
-        """Full rows ``start:stop`` of ``S`` (compute dtype), into ``out`` if given."""
+    def _pairs(self, start, stop, blocks, views):
+        """Write each block ``b`` in ``blocks`` (indices into ``layout.blocks``) of rows
+        ``start:stop`` into ``views[b]`` (n, n_out, n_in): one batched product of each
+        row's logged pairs, zero-padded to the row with the most entries."""
         n = stop - start
         dt = self.log.dtype
-        if out is None:
-            out = torch.empty(n, self.shape[1], dtype=dt)
-        d = self.dense.data[start:stop]
-        d = torch.from_numpy(np.asarray(d)) if isinstance(d, np.ndarray) else d
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        idx = torch.from_numpy(self.order[lo:hi])
         counts = np.diff(self.indptr[start:stop + 1])
-        width = int(counts.max()) if n and len(idx) else 0
+        width = int(counts.max()) if n and hi > lo else 0
+        if width == 0:
+            for b in blocks:
+                views[b].zero_()
+            return
+        entries = self.log.index_select(0, torch.from_numpy(self.order[lo:hi]))
         row = torch.from_numpy(np.repeat(np.arange(n), counts))
         pos = torch.from_numpy(np.arange(hi - lo) - np.repeat(self.indptr[start:stop] - lo,
                                                              counts))
-        entries = self.log.index_select(0, idx)
-        for s0, s1, r0 in self.layout.segments:
-            out[:, s0:s1].copy_(d[:, r0:r0 + s1 - s0])
-        for off, o, i, f in self.layout.blocks:
-            blk = out[:, off:off + o * i].view(n, o, i)
-            if width == 0:
-                blk.zero_()
-                continue
+        for b in blocks:
+            off, o, i, f = self.layout.blocks[b]
             go = torch.zeros(n, width, o, dtype=dt)
             x = torch.zeros(n, width, i, dtype=dt)
             go[row, pos] = entries[:, f:f + o]
             x[row, pos] = entries[:, f + o:f + o + i]
-            blk.copy_(torch.bmm(go.transpose(1, 2), x))
+            views[b].copy_(torch.bmm(go.transpose(1, 2), x))
+
+    def _dense_rows(self, start, stop):
+        d = self.dense.data[start:stop]
+        d = torch.from_numpy(np.asarray(d)) if isinstance(d, np.ndarray) else d
+        return d.to(self.log.dtype)
+
+    def rows(self, start, stop, out=None):
+        """Full rows ``start:stop`` of ``S`` (compute dtype), into ``out`` if given."""
+        n = stop - start
+        if out is None:
+            out = torch.empty(n, self.shape[1], dtype=self.log.dtype)
+        d = self._dense_rows(start, stop)
+        for s0, s1, r0 in self.layout.segments:
+            out[:, s0:s1].copy_(d[:, r0:r0 + s1 - s0])
+        views = {b: out[:, off:off + o * i].view(n, o, i)
+                 for b, (off, o, i, _) in enumerate(self.layout.blocks)}
+        self._pairs(start, stop, list(views), views)
         return out
 
     @property
@@ -282,16 +295,76 @@ class FactoredStore:
         """Every row of ``S`` as one dense tensor (n, P): for checks on small stores."""
         return self.rows(0, self.shape[0])
 
-    def matmul_t(self, other, chunk_rows=256, progress=None):
-        """``S @ other.T`` (``other`` of shape (m, n_params)), chunk by chunk of rows."""
-        other = other.detach().to("cpu", self.log.dtype)
-        out = torch.empty(self.shape[0], other.shape[0], dtype=self.log.dtype)
+    def _rank_one(self, other, b, chunk=64):
+        """``(u, v)`` with ``other``'s block ``b`` of every row equal to ``u_j v_j^T`` to
+        100 eps of its norm (a ``Linear`` layer's per-sample gradient, run once on one
+        position), else None."""
+        off, o, i, _ = self.layout.blocks[b]
+        m = other.shape[0]
+        tol = 100 * float(torch.finfo(other.dtype).eps)
+        us, vs = [], []
+        for s in range(0, m, chunk):
+            A = other[s:s + chunk, off:off + o * i].reshape(-1, o, i)
+            r = A.norm(dim=2).argmax(1)
+            v = A[torch.arange(A.shape[0]), r]  # (k, i): one row of each block
+            vn = (v * v).sum(1)
+            u = torch.bmm(A, v[:, :, None])[..., 0] / torch.where(vn > 0, vn, 1.0)[:, None]
+            res = (A - u[:, :, None] * v[:, None, :]).flatten(1).norm(dim=1)
+            if bool((res > tol * A.flatten(1).norm(dim=1)).any()):
+                return None
+            us.append(u)
+            vs.append(v)
+        return torch.cat(us), torch.cat(vs)
+
+    def matmul_t(self, other, chunk_rows=256, progress=None, chunk_entries=8192):
+        """``S @ other.T`` (``other`` of shape (m, n_params)).
+
+        A block whose logged pairs take fewer numbers a row than the block itself, and
+        whose rows of ``other`` are each rank one (per-test-point gradients of a
+        ``Linear`` layer run once), is multiplied as factors: ``sum_e (go_e . u_j)
+        (x_e . v_j)`` over each row's entries. The dense part and every other block are
+        materialised chunk by chunk of rows and multiplied by ``other``'s columns."""
+        dt = self.log.dtype
+        other = other.detach().to("cpu", dt)
+        m = other.shape[0]
+        per_row = self.log.shape[0] / max(self.shape[0], 1)
+        factored = {}
+        for b, (off, o, i, _) in enumerate(self.layout.blocks):
+            if per_row * (o + i) < o * i:
+                uv = self._rank_one(other, b)
+                if uv is not None:
+                    factored[b] = uv
+        self.factored_blocks_ = sorted(factored)  # which blocks the last call factored
+        rest = [b for b in range(len(self.layout.blocks)) if b not in factored]
+        # the materialised rows' columns: the dense part, then each remaining block
+        cols = [other[:, s0:s1] for s0, s1, _ in self.layout.segments]
+        cols += [other[:, off:off + o * i] for b in rest
+                 for off, o, i, _ in [self.layout.blocks[b]]]
+        G = torch.cat(cols, 1) if cols else other[:, :0]
+        width = G.shape[1]
+        out = torch.zeros(self.shape[0], m, dtype=dt)
         buf = None
         for start in range(0, self.shape[0], chunk_rows):
             stop = min(start + chunk_rows, self.shape[0])
-            if buf is None or buf.shape[0] != stop - start:
-                buf = torch.empty(stop - start, self.shape[1], dtype=self.log.dtype)
-            torch.matmul(self.rows(start, stop, out=buf), other.T, out=out[start:stop])
+            n = stop - start
+            if buf is None or buf.shape[0] != n:
+                buf = torch.empty(n, width, dtype=dt)
+            buf[:, :self.layout.dense_width].copy_(self._dense_rows(start, stop))
+            pos, views = self.layout.dense_width, {}
+            for b in rest:
+                _, o, i, _ = self.layout.blocks[b]
+                views[b] = buf[:, pos:pos + o * i].view(n, o, i)
+                pos += o * i
+            self._pairs(start, stop, rest, views)
+            torch.matmul(buf, G.T, out=out[start:stop])
             if progress is not None:
-                progress.update(stop - start)
+                progress.update(n)
+        slots = torch.from_numpy(self.slots)
+        for b, (u, v) in factored.items():
+            _, o, i, f = self.layout.blocks[b]
+            for e0 in range(0, self.log.shape[0], chunk_entries):
+                e1 = min(e0 + chunk_entries, self.log.shape[0])
+                A = self.log[e0:e1, f:f + o] @ u.T
+                A.mul_(self.log[e0:e1, f + o:f + o + i] @ v.T)
+                out.index_add_(0, slots[e0:e1], A)
         return out

@@ -133,3 +133,42 @@ def test_factor_log_refuses_what_it_cannot_hold():
         ds.commit([0], torch.zeros(1, ds.layout.dense_width), None)
     with pytest.raises(ValueError, match="dense or half"):
         FactorLogStore(SampleStore(4, 3, kind="memmap"), [3])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rank_one_test_gradients_are_multiplied_as_factors(dtype, rtol):
+    """A (30 x 40) block logged at about 12 entries a row (840 numbers against 1,200):
+    test gradients whose block is rank one in every row are multiplied as factors, and
+    the product equals the materialised rows' (to float rounding); one row that is not
+    rank one sends the block back to materialising, with the same product."""
+    rs = np.random.RandomState(3)
+    sizes = [1230, 5]
+    layout = FactorLayout(sum(sizes), [(10, 30, 40)])
+    T, n, B = 60, 20, 4
+    rows = _rows(T, rs)
+    coef = fast_coefficients(SGDHyper.from_rows(rows))
+    expand = ParamSpec(["a", "b"], [(1230,), (5,)], sizes).expand
+    ds = FactorLogStore(SampleStore(n, sum(sizes), dtype=dtype), sizes, ring_rows=8)
+    want = torch.zeros(n, sum(sizes), dtype=torch.float64)
+    for t in range(T):
+        ds.step(rows[t])
+        if t == 0:
+            ds.set_layout(layout)
+        slots = rs.choice(n, B, replace=False)
+        dense, factors, full = _terms(rs, B, layout)
+        ds.commit(slots, dense.to(dtype), factors.to(dtype))
+        want[torch.as_tensor(slots)] += expand(coef[t]) * full
+    S = ds.finish()
+    m = 6
+    G = torch.as_tensor(rs.randn(m, sum(sizes)))
+    G[:, 10:1210] = (torch.as_tensor(rs.randn(m, 30, 1))
+                     * torch.as_tensor(rs.randn(m, 1, 40))).reshape(m, -1)
+    ref = want @ G.T
+    atol = rtol * float(ref.abs().max()) * 10
+    got = S.matmul_t(G.to(dtype), chunk_rows=7, chunk_entries=50).double()
+    assert S.factored_blocks_ == [0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=atol)
+    G[2, 10:1210] += 1e-3 * torch.as_tensor(rs.randn(1200))  # rank two
+    got = S.matmul_t(G.to(dtype), chunk_rows=7).double()
+    assert S.factored_blocks_ == []
+    torch.testing.assert_close(got, want @ G.T, rtol=0, atol=atol)
