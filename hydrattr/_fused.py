@@ -73,7 +73,9 @@ class FusedRecorder(TrajectoryRecorder):
 
     STORE_KIND = "auto"
     FACTOR_LINEAR = True  # DeferredStore's ring holds Linear weights' terms as factors
-    LOG_FACTORS = True  # in-memory stores: those factors go to a log, never summed into rows
+    # in-memory stores: those factors go to a log, never summed into rows, where the log
+    # takes less memory than their blocks ("always": wherever it can; tests)
+    LOG_FACTORS = True
 
     def __init__(self, dataset, store=None, rows_map=None, per_sample="auto",
                  last_epochs=None, hooks=True, record_rng=False, storage="memory",
@@ -142,7 +144,7 @@ class FusedRecorder(TrajectoryRecorder):
         times the store's memory (high momentum, few rows), then :class:`LazyStore` (two
         vectors a row)."""
         if self._kind == "deferred" or (self._kind == "auto" and self._ring_fits(net, layout)):
-            if self.LOG_FACTORS and layout is not None and self.store.kind in ("dense", "half"):
+            if self._log_pays(net, layout):
                 return FactorLogStore(self.store, self.spec_.group_sizes,
                                       ring_rows=self._ring_rows(net),
                                       capacity=self.store.shape[0] * max(net.max_epochs, 1))
@@ -150,6 +152,20 @@ class FusedRecorder(TrajectoryRecorder):
                                  ring_rows=self._ring_rows(net), directory=self.directory)
         return LazyStore(self.store.ensure_zero(), self.spec_.group_sizes,
                          velocity=self._momentum != 0.0, directory=self.directory)
+
+    def _log_pays(self, net, layout):
+        """Whether :class:`FactorLogStore` holds the factored blocks in less memory than
+        the store would: a float32 (float64) log of ``factor_width`` numbers a row per
+        epoch against the blocks' coordinates in the store's item size (dense and half
+        stores only)."""
+        if not self.LOG_FACTORS or layout is None or self.store.kind not in ("dense", "half"):
+            return False
+        if self.LOG_FACTORS == "always":  # tests
+            return True
+        item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
+        log_item = 8 if self.store.dtype == torch.float64 else 4
+        blocks = layout.n_params - layout.dense_width
+        return max(int(net.max_epochs), 1) * layout.factor_width * log_item <= blocks * item
 
     def _ring_rows(self, net):
         n_rows = self.store.shape[0]
