@@ -679,3 +679,21 @@ def test_adam_takes_the_two_pass_route():
     two, fused, C2, C = _both(net, X, y, Xt, yt)
     assert fused.fit_path_ == "two_pass"
     _close(C, C2, rtol=1e-12)
+
+
+def test_a_fitted_factored_store_pickles(monkeypatch):
+    """A fit whose store keeps the Linear blocks as a factor log (FactoredStore) pickles
+    and attributes bitwise as before, and equals the two-pass C."""
+    import pickle
+
+    from hydrattr._fused import FusedRecorder
+
+    monkeypatch.setattr(FusedRecorder, "STORE_KIND", "deferred")
+    monkeypatch.setattr(FusedRecorder, "LOG_FACTORS", "always")
+    X, y = _data()
+    Xt, yt = _data(5, seed=1)
+    two, fused, C2, C = _both(_net(), X, y, Xt, yt)
+    assert type(fused.store_).__name__ == "FactoredStore"
+    again = pickle.loads(pickle.dumps(fused))
+    np.testing.assert_array_equal(again.attribute(Xt, yt), C)
+    _close(C, C2)
