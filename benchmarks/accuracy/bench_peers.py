@@ -319,6 +319,29 @@ def m_hydra_exact(ctx):
     return a.attribute(ctx.Xt, ctx.yt), f"mode='exact', {how(a, len(ctx.Xt))}"
 
 
+def _exact_last(share):
+    """``hydra-exact-last<pct>``: exact mode over the last ``share`` of the epochs only
+    (``last_epochs``): the exact derivative of the truncated weighting, one adjoint
+    sweep of that window per block of test points."""
+    def run(ctx):
+        import math
+
+        from hydrattr import HydraAttributor
+
+        b, how = _sweep_batch(ctx)
+        k = max(1, math.ceil(share * ctx.args.epochs))
+        a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
+                            last_epochs=k, test_batch_size=b, random_state=ctx.args.seed,
+                            verbose=0).fit(ctx.X, ctx.y)
+        return a.attribute(ctx.Xt, ctx.yt), (f"mode='exact', last_epochs={k} of "
+                                              f"{ctx.args.epochs}: {how(a, len(ctx.Xt))}")
+    return run
+
+
+for _pct in (25, 50):
+    method(f"hydra-exact-last{_pct}", "hydrattr")(_exact_last(_pct / 100))
+
+
 def _lowrank(rank):
     """``hydra-lowrank`` (``rank=0.9``: the directions that keep 90% of the unit-scaled
     test gradients' energy; bench_lowrank: 59 of 200 test points on the MLP, 121 of
