@@ -327,6 +327,8 @@ class FactoredStore:
         dt = self.log.dtype
         other = other.detach().to("cpu", dt)
         m = other.shape[0]
+        if m == 0:
+            return torch.zeros(self.shape[0], 0, dtype=dt)
         per_row = self.log.shape[0] / max(self.shape[0], 1)
         factored = {}
         for b, (off, o, i, _) in enumerate(self.layout.blocks):
