@@ -342,29 +342,35 @@ for _pct in (25, 50):
     method(f"hydra-exact-last{_pct}", "hydrattr")(_exact_last(_pct / 100))
 
 
-def _lowrank(rank):
+def _lowrank(rank, share=None):
     """``hydra-lowrank`` (``rank=0.9``: the directions that keep 90% of the unit-scaled
     test gradients' energy; bench_lowrank: 59 of 200 test points on the MLP, 121 of
     2,000) and ``hydra-lowrank-<k>`` (the ``k`` leading directions, one adjoint sweep
     whatever the number of test points; bench_lowrank, tanh MLP at 1,500 rows: Spearman
-    with exact mode 0.66 at k=32, 0.82 at k=64, 0.87 for rank=0.9's 81 directions)."""
+    with exact mode 0.66 at k=32, 0.82 at k=64, 0.87 for rank=0.9's 81 directions);
+    ``-last<pct>``: over the last ``share`` of the epochs only (``last_epochs``)."""
     def run(ctx):
+        import math
+
         from hydrattr import HydraAttributor
 
         b, how = _sweep_batch(ctx)
+        k = None if share is None else max(1, math.ceil(share * ctx.args.epochs))
         a = HydraAttributor(make_net(ctx.kind, len(ctx.X), ctx.args), mode="exact",
-                            rank=rank, test_batch_size=b, random_state=ctx.args.seed,
-                            verbose=0).fit(ctx.X, ctx.y)
+                            rank=rank, last_epochs=k, test_batch_size=b,
+                            random_state=ctx.args.seed, verbose=0).fit(ctx.X, ctx.y)
         C = a.attribute(ctx.Xt, ctx.yt)
-        return C, (f"mode='exact', rank={rank}: {how(a, a.rank_, 'directions')} for "
-                   f"{len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their "
+        window = "" if k is None else f", last_epochs={k} of {ctx.args.epochs}"
+        return C, (f"mode='exact', rank={rank}{window}: {how(a, a.rank_, 'directions')} "
+                   f"for {len(ctx.Xt)} test points ({a.truncation_error_:.3f} of their "
                    f"unit-scaled energy left out)")
     return run
 
 
 method("hydra-lowrank", "hydrattr")(_lowrank(0.9))
-for _k in (32, 64):
+for _k in (32, 64, 128):
     method(f"hydra-lowrank-{_k}", "hydrattr")(_lowrank(_k))
+method("hydra-lowrank-128-last50", "hydrattr")(_lowrank(128, 0.5))
 
 
 def _hydra_ensemble(ctx, mode, **kw):
