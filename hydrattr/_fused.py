@@ -30,17 +30,7 @@ from ._core.factorlog import FactorLogStore
 from ._core.fused import LazyStore, LeanTrajectory, PerSampleHooks
 from ._skorch import TrajectoryRecorder, is_adam, make_loss_fn, module_flags, module_mode
 
-__all__ = ["FusedRecorder", "zero_store"]
-
-
-def zero_store(store, chunk_rows=4096):
-    """Set every entry of a :class:`~hydrattr._core.store.SampleStore` to zero."""
-    data = store.data
-    if isinstance(data, np.ndarray):
-        for s in range(0, data.shape[0], chunk_rows):
-            data[s:s + chunk_rows] = 0
-    else:
-        data.zero_()
+__all__ = ["FusedRecorder"]
 
 
 class FusedRecorder(TrajectoryRecorder):
@@ -162,10 +152,15 @@ class FusedRecorder(TrajectoryRecorder):
             return False
         if self.LOG_FACTORS == "always":  # tests
             return True
-        item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
-        log_item = 8 if self.store.dtype == torch.float64 else 4
+        item, log_item = self._item_sizes()
         blocks = layout.n_params - layout.dense_width
         return max(int(net.max_epochs), 1) * layout.factor_width * log_item <= blocks * item
+
+    def _item_sizes(self):
+        """Bytes per number of the store and of the fillers' factors (their compute
+        dtype: float64 with a float64 store, else float32)."""
+        item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
+        return item, (8 if self.store.dtype == torch.float64 else 4)
 
     def _ring_rows(self, net):
         n_rows = self.store.shape[0]
@@ -176,8 +171,7 @@ class FusedRecorder(TrajectoryRecorder):
     def _ring_fits(self, net, layout):
         """Whether :class:`DeferredStore`'s ring, its rows in ``layout``'s form (None: full
         rows), takes at most 1.5 times the store's memory."""
-        item = 2 if self.store.kind == "half" else self.store.dtype.itemsize
-        factor_item = 8 if item == 8 else 4  # the factors: the filler's compute dtype
+        item, factor_item = self._item_sizes()
         n_params = self.store.shape[1]
         row = n_params * item if layout is None else \
             layout.dense_width * item + layout.factor_width * factor_item

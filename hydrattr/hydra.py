@@ -315,10 +315,8 @@ class HydraAttributor(BaseAttributor):
                                      "commit_s": lazy.seconds["commit"],
                                      "finish_s": lazy.seconds["finish"]}
                 return filled
-            from ._fused import zero_store
-
             lazy.release()
-            zero_store(store)  # the window began elsewhere: fill it again from the record
+            store.zero()  # the window began elsewhere: fill it again from the record
         store.ensure_zero()
         tic = time.perf_counter()
         with module_mode(self.net_.module_, training=True):

@@ -126,7 +126,7 @@ class DeferredStore:
         self._transitions = {}
         self.n_steps = 0
         self.start = 0
-        self.b = None  # the last step's injection (G, 2)
+        self.M = self.b = None  # the last step's transition (G, 2, 2) and injection (G, 2)
         self.w = np.ones((n_groups, 2))  # the fold's metric (_metric)
         # the ring of waiting terms: entries (start, n, slots), their q (m, G, 2)
         self.ring = self._new_ring(max(int(ring_rows), 1))
@@ -267,7 +267,7 @@ class DeferredStore:
             self.kappa[far] = 1.0
         if len(self.q):
             self.q = np.einsum("gij,mgj->mgi", M, self.q)
-        self.b = b
+        self.M, self.b = M, b
         self.w = self._metric(h)
         self.n_steps += 1
         return self.n_steps - 1

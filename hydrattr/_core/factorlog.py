@@ -32,7 +32,6 @@ import torch
 
 from .deferred import DeferredStore
 from .factors import FactorLayout
-from .fused import cached_transition
 from .sgd import group_slices
 from .store import SampleStore
 
@@ -108,7 +107,6 @@ class FactorLogStore(DeferredStore):
                                  dtype=full.dtype)
         self.layout = layout
         self._ring_layout = FactorLayout(layout.dense_width)
-        self.dense_sizes = sizes
         self.slices = group_slices(sizes, layout.dense_width)
         self.ring = self._new_ring(self.ring.shape[0])
         self.fring = None
@@ -121,7 +119,7 @@ class FactorLogStore(DeferredStore):
 
     def step(self, h):
         t = super().step(h)
-        self.steps_mb.append(cached_transition(h, self._transitions))
+        self.steps_mb.append((self.M, self.b))
         return t
 
     def reset(self):

@@ -62,12 +62,19 @@ class SampleStore:
                 raise
             self.data = map_file(f, np_dtype, self.shape, mode="r+")
 
+    def zero(self, chunk_rows=4096):
+        """Set every entry to zero (a memmap chunk by chunk); returns the store."""
+        if isinstance(self.data, np.ndarray):
+            for s in range(0, self.shape[0], chunk_rows):
+                self.data[s:s + chunk_rows] = 0
+        else:
+            self.data.zero_()
+        self.zeroed = True
+        return self
+
     def ensure_zero(self):
         """Zero the store if it was created with ``zero=False``; returns it."""
-        if not self.zeroed:
-            self.data.zero_()
-            self.zeroed = True
-        return self
+        return self if self.zeroed else self.zero()
 
     def add(self, rows, values):
         """``store[rows] += values`` (rows unique within a call)."""

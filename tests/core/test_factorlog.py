@@ -20,28 +20,11 @@ from hydrattr._core.fused import sgd_transition, hyper_of
 from hydrattr._core.sgd import SGDHyper, fast_coefficients
 from hydrattr._core.store import SampleStore
 
-FSIZES = [14, 9]  # a (3 x 4) block in group 0, a (2 x 3) block in group 1
-FBLOCKS = [(2, 3, 4), (16, 2, 3)]
+from .test_deferred import FBLOCKS, FSIZES, _rows
+from .test_deferred import _factored_terms as _terms
+
 KINDS = [("dense", torch.float64, 1e-12), ("dense", torch.float32, 1e-5),
          ("half", torch.float32, 2e-3)]
-
-
-def _rows(T, rs):
-    rows = []
-    for t in range(T):
-        rows.append({"lr": [float(0.1 * 0.5 ** (t // 150)), float(rs.uniform(0.01, 0.2))],
-                     "momentum": [0.9, 0.5], "dampening": [0.1, 0.0],
-                     "weight_decay": [1e-2, 0.0], "nesterov": [False, True],
-                     "first": [t == 0, t == 0]})
-    return rows
-
-
-def _terms(rs, B, layout):
-    dense = torch.as_tensor(rs.randn(B, layout.dense_width))
-    factors = torch.as_tensor(rs.randn(B, layout.factor_width))
-    full = layout.materialize(dense, factors, torch.empty(B, layout.n_params,
-                                                           dtype=torch.float64))
-    return dense, factors, full
 
 
 def test_backward_coefficients_equal_fast_coefficients():
